@@ -1,0 +1,329 @@
+"""`ImageDataModule`: from a folder or manifest of images to cached, split, augmented batches.
+
+`prepare_data` does the disk work once (scan, decode into the cache, write the split); `setup` reads the
+same files back on every process, so every DDP rank and every rerun trains on identical splits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from datamodules import phantoms, splits
+from datamodules.cache import CachedImages, ImageCache
+from datamodules.errors import DataError
+from datamodules.images import IMAGE_EXTENSIONS, ResizeMode
+from datamodules.sources import (
+    Problem,
+    SourceTable,
+    check_classes,
+    is_manifest,
+    read_manifest,
+    scan_folder,
+    scan_manifest,
+)
+from datamodules.splits import SplitConfig
+from datamodules.transforms import AugmentationSpec, build_pipeline
+
+EMBEDDED = "embedded:chd"
+DEFAULT_EXCLUDE = ["*_mask.*", "*_mask_[0-9]*.*"]
+
+
+class CachedImageDataset(Dataset):
+    """Images from the memory-mapped cache: (H, W, C) uint8 tensors and integer labels.
+
+    The map is opened lazily in each worker process (never pickled), so all workers read the same pages
+    of the OS page cache instead of holding copies.
+    """
+
+    def __init__(self, view: CachedImages, slots: np.ndarray, labels: np.ndarray, transform=None):
+        self.view = view
+        self.slots = slots
+        self.labels = labels
+        self.transform = transform
+        self._images: np.memmap | None = None
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_images": None}
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if self._images is None:
+            self._images = self.view.open()
+        image = self._images[self.slots[i]]  # (H, W, C) view into the map
+        image = self.transform(image=image)["image"] if self.transform is not None else np.array(image)
+        return torch.from_numpy(np.ascontiguousarray(image)), int(self.labels[i])
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Albumentations keeps its own RNG: give every worker (and every epoch's workers) a distinct stream."""
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None)
+    if transform is not None:
+        transform.set_random_seed(torch.initial_seed() % 2**32)
+
+
+@dataclass
+class ResolvedData:
+    """The dataset after scanning, decoding and splitting: what `setup` builds loaders from."""
+
+    frame: pl.DataFrame  # relpath, path, label, patient_id, split, slot, target
+    view: CachedImages
+    split_file: Path
+    skipped: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class ImageDataModule(LightningDataModule):
+    """Labelled medical images from a folder or manifest, split and cached.
+
+    Args:
+        source: a folder with one sub-folder per class, a CSV/TSV/parquet manifest (`path,label` and optional
+            `patient_id`, `split`), or "embedded:chd" for the built-in phantom dataset.
+        classes: the class names, in the order the model's outputs use. Required except for "embedded:chd".
+        image_size: model input size, an int (square) or [height, width].
+        channels: 3 for RGB backbones, 1 for grayscale ones.
+        resize: "squash" (as the studies) or "letterbox" (keep aspect ratio, pad).
+        split: ratios, seed and grouping of the train/val/test split.
+        augmentation: preset name or list of albumentations transforms for training.
+        batch_size: per-device batch size.
+        num_workers: DataLoader worker processes.
+        sampler: "shuffle", or "weighted" to draw classes equally often (class imbalance).
+        on_bad_image: "error" stops before training listing every bad input; "skip" drops them and writes
+            the list to the run directory.
+        columns: manifest column names if they differ, e.g. {split: official_split}.
+        root: folder that relative manifest paths are relative to (default: the manifest's folder).
+        exclude: file-name patterns never used as images (segmentation masks by default); reported.
+        predict_source: folder or manifest of images for `predict` (default: the test split).
+        artifacts_dir: where caches, splits and the embedded dataset go.
+        pin_memory: pin host memory for GPU transfer (default: on when CUDA is available).
+        persistent_workers: keep workers alive between epochs (default: on when num_workers > 0).
+    """
+
+    def __init__(
+        self,
+        source: str = EMBEDDED,
+        classes: list[str] | None = None,
+        image_size: int | list[int] = 224,
+        channels: Literal[1, 3] = 3,
+        resize: ResizeMode = "squash",
+        split: SplitConfig = SplitConfig(),  # noqa: B008 -- a frozen default, never mutated
+        augmentation: AugmentationSpec = "none",
+        batch_size: int = 32,
+        num_workers: int = 2,
+        sampler: Literal["shuffle", "weighted"] = "shuffle",
+        on_bad_image: Literal["error", "skip"] = "error",
+        columns: dict[str, str] | None = None,
+        root: str | None = None,
+        exclude: list[str] | None = None,
+        predict_source: str | None = None,
+        artifacts_dir: str = "artifacts",
+        pin_memory: bool | None = None,
+        persistent_workers: bool | None = None,
+    ):
+        super().__init__()
+        if source == EMBEDDED and classes is None:
+            classes = list(phantoms.CLASSES)
+        self.save_hyperparameters()
+        self.source = source
+        self.classes = list(classes) if classes is not None else None
+        size = [image_size, image_size] if isinstance(image_size, int) else list(image_size)
+        if len(size) != 2 or min(size) < 8:
+            raise DataError(f"data.image_size must be an int or [height, width] of at least 8 pixels, got {image_size!r}")
+        self.image_size = (int(size[0]), int(size[1]))
+        self.channels = channels
+        self.resize = resize
+        self.split_cfg = SplitConfig(**split) if isinstance(split, dict) else split
+        self.augmentation = augmentation
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.sampler = sampler
+        self.on_bad_image = on_bad_image
+        self.columns = columns or {}
+        self.root = root
+        self.exclude = DEFAULT_EXCLUDE if exclude is None else exclude
+        self.predict_source = predict_source
+        self.artifacts = Path(artifacts_dir)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers
+        self.data: ResolvedData | None = None
+        self.datasets: dict[str, Dataset] = {}
+        # Fail on a bad pipeline at config time, not in a worker process an epoch later.
+        self.train_transform = build_pipeline(augmentation, self.image_size, channels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes or [])
+
+    def _source_path(self) -> Path:
+        if self.source == EMBEDDED:
+            return phantoms.ensure_dataset(self.artifacts / "datasets" / "chd_phantom")
+        return Path(self.source).expanduser()
+
+    def _scan(self, source: Path) -> SourceTable:
+        if is_manifest(source):
+            root = Path(self.root).expanduser() if self.root else None
+            table = scan_manifest(source, self.classes, self.columns, root)
+            base = root if root is not None else source.parent
+        else:
+            table = scan_folder(source, self.classes, self.exclude)
+            base = source
+        base = base.resolve()
+        table.frame = table.frame.with_columns(
+            relpath=pl.Series([os.path.relpath(p, base) for p in table.frame["path"]], dtype=pl.String)
+        )
+        return table
+
+    def _cache(self) -> ImageCache:
+        return ImageCache(self.artifacts / "cache", self.image_size, self.channels, self.resize)
+
+    def resolve(self) -> ResolvedData:
+        """Scan, decode (once, into the cache), handle bad inputs and load or create the split file."""
+        if self.data is not None:
+            return self.data
+        source = self._source_path()
+        table = self._scan(source)
+        frame = table.frame
+        view, slots, bad = self._cache().resolve(frame["path"].to_list())
+        problems = table.problems + [Problem(p, r) for p, r in bad.items()]
+        if problems and self.on_bad_image == "error":
+            listing = "\n".join(f"  - {p.path}: {p.reason}" for p in problems)
+            raise DataError(
+                f"{len(problems)} unusable input(s) in '{source}'; stopping before training:\n{listing}\n"
+                "Fix or remove these files, or set data.on_bad_image: skip to train without them "
+                "(the list is then written to the run directory as skipped_images.csv)."
+            )
+        frame = frame.with_columns(slot=pl.Series(slots)).filter(pl.col("slot") >= 0)
+        check_classes(frame, self.classes, str(source))
+        name = source.stem if source.is_file() else source.name
+        split_file, split = splits.load_or_create(
+            frame.select("relpath", "label", "patient_id", "split"),
+            self.split_cfg, self.classes, self.artifacts / "splits", name or "dataset", str(source),
+        )
+        joined = split.join(frame.select("relpath", "path", "slot"), on="relpath", how="left")
+        target = {c: i for i, c in enumerate(self.classes)}
+        joined = joined.with_columns(target=pl.col("label").replace_strict(target, return_dtype=pl.Int64))
+        self.data = ResolvedData(joined, view, split_file, problems, table.notes)
+        return self.data
+
+    def prepare_data(self) -> None:
+        self.resolve()
+
+    def setup(self, stage: str | None = None) -> None:
+        first = self.data is None
+        data = self.resolve()
+        if first:
+            for note in data.notes:
+                rank_zero_info(f"[data] note: {note}")
+            if data.skipped:
+                rank_zero_info(f"[data] skipped {len(data.skipped)} unusable inputs (data.on_bad_image: skip)")
+            rank_zero_info(f"[data] split {data.split_file}\n{splits.count_table(data.frame, self.classes)}")
+            self._record_in_run_dir(data)
+        for name in splits.SPLITS:
+            if name not in self.datasets:
+                part = data.frame.filter(pl.col("split") == name)
+                transform = self.train_transform if name == "train" else None
+                self.datasets[name] = CachedImageDataset(
+                    data.view, part["slot"].to_numpy(), part["target"].to_numpy(), transform
+                )
+        if self.train_transform is not None:
+            self.train_transform.set_random_seed(torch.initial_seed() % 2**32)
+
+    def _record_in_run_dir(self, data: ResolvedData) -> None:
+        """Write the split reference, class counts and skipped inputs next to the run's checkpoints."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.global_rank != 0 or trainer.log_dir is None:
+            return
+        run_dir = Path(trainer.log_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        meta = splits.read_split_metadata(data.split_file)
+        (run_dir / "split.json").write_text(
+            json.dumps({"file": str(data.split_file.resolve()), **meta}, indent=2)
+        )
+        splits.count_table(data.frame, self.classes).write_csv(run_dir / "split_counts.csv")
+        if data.skipped:
+            pl.DataFrame(
+                {"path": [p.path for p in data.skipped], "reason": [p.reason for p in data.skipped]}
+            ).write_csv(run_dir / "skipped_images.csv")
+
+    def class_counts(self, split: str = "train") -> list[int]:
+        """Images per class in one split, in `classes` order (for class-weighted losses)."""
+        frame = self.resolve().frame.filter(pl.col("split") == split)
+        counts = dict(frame.group_by("target").len().iter_rows())
+        return [int(counts.get(i, 0)) for i in range(self.num_classes)]
+
+    def _loader(self, name: str, train: bool = False, dataset: Dataset | None = None) -> DataLoader:
+        if dataset is None:
+            if name not in self.datasets:
+                self.setup()
+            dataset = self.datasets[name]
+        if len(dataset) == 0:
+            raise DataError(f"the {name} split is empty; check data.split.ratios and the split table above.")
+        kwargs: dict[str, Any] = dict(
+            batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            worker_init_fn=_seed_worker if self.num_workers > 0 else None,
+        )
+        if train:
+            world = getattr(getattr(self, "trainer", None), "world_size", 1) or 1
+            # A final batch of one image breaks BatchNorm in training; drop it only in that case.
+            kwargs["drop_last"] = (len(dataset) // world) % self.batch_size == 1
+            if self.sampler == "weighted":
+                labels = torch.as_tensor(dataset.labels)
+                weights = 1.0 / torch.bincount(labels, minlength=self.num_classes).clamp_min(1).double()
+                kwargs["sampler"] = WeightedRandomSampler(weights[labels], len(labels), replacement=True)
+            else:
+                kwargs["shuffle"] = True
+        return DataLoader(dataset, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.predict_source is None:
+            return self._loader("test")
+        return self._loader("predict", dataset=self.predict_dataset())
+
+    def predict_dataset(self) -> CachedImageDataset:
+        """Unlabelled images from `predict_source` (a folder, searched recursively, or a manifest's path column)."""
+        src = Path(self.predict_source).expanduser()
+        if is_manifest(src):
+            manifest = read_manifest(src)
+            col = self.columns.get("path", "path")
+            if col not in manifest.columns:
+                raise DataError(f"data.predict_source: manifest '{src}' has no '{col}' column (columns: {manifest.columns})")
+            paths = [str((src.parent / p).resolve()) if not Path(p).is_absolute() else p for p in manifest[col].to_list()]
+        elif src.is_dir():
+            paths = sorted(str(p.resolve()) for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        else:
+            raise DataError(f"data.predict_source '{src}' is neither a folder nor a CSV/parquet manifest")
+        if not paths:
+            raise DataError(f"data.predict_source '{src}' contains no images")
+        view, slots, bad = self._cache().resolve(paths)
+        if bad and self.on_bad_image == "error":
+            listing = "\n".join(f"  - {p}: {r}" for p, r in bad.items())
+            raise DataError(f"{len(bad)} unusable image(s) in '{src}':\n{listing}\nFix them or set data.on_bad_image: skip.")
+        keep = slots >= 0
+        self.predict_paths = [p for p, k in zip(paths, keep, strict=True) if k]
+        return CachedImageDataset(view, slots[keep], np.full(int(keep.sum()), -1), None)
+
+    def split_paths(self, split: str) -> list[str]:
+        return self.resolve().frame.filter(pl.col("split") == split)["path"].to_list()

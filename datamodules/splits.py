@@ -1,0 +1,233 @@
+"""Train/val/test splits as data: computed once from a seed, written to parquet, read back by every process.
+
+A split file is named by a hash of everything it depends on (the file list with labels and patient ids,
+the ratios, the seed, the method), so the same inputs always map to the same file, a rerun or another
+DDP rank reads exactly the rows the first one wrote, and changed inputs can never reuse a stale split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import polars as pl
+
+from datamodules.errors import DataError
+
+SPLITS = ("train", "val", "test")
+PRESETS = {"70/20/10": (0.7, 0.2, 0.1), "80/10/10": (0.8, 0.1, 0.1)}
+_ALIASES = {
+    "train": "train", "training": "train",
+    "val": "val", "valid": "val", "validation": "val", "dev": "val",
+    "test": "test", "testing": "test", "holdout": "test",
+}
+SPLIT_FORMAT_VERSION = 1
+
+
+@dataclass
+class SplitConfig:
+    """How the images are divided.
+
+    Attributes:
+        ratios: train/val/test fractions: a preset ("70/20/10", "80/10/10"), any "a/b/c" string, or a list.
+        seed: the split's random seed; the same seed and inputs always give the same split file.
+        group_by_patient: keep all images of a patient in one split when `patient_id` is known.
+        use_manifest_split: take the manifest's own `split` column (train/val/test) instead of computing one.
+    """
+
+    ratios: str | list[float] = "70/20/10"
+    seed: int = 42
+    group_by_patient: bool = True
+    use_manifest_split: bool = False
+
+
+def parse_ratios(ratios: str | list[float] | tuple[float, ...]) -> tuple[float, float, float]:
+    """'70/20/10', '0.8/0.1/0.1' or [0.7, 0.2, 0.1] -> (0.7, 0.2, 0.1); refuses what cannot be a split."""
+    if isinstance(ratios, str):
+        if ratios in PRESETS:
+            return PRESETS[ratios]
+        try:
+            values = [float(x) for x in ratios.split("/")]
+        except ValueError:
+            raise DataError(f"data.split.ratios: cannot read {ratios!r}; use e.g. '70/20/10' or [0.7, 0.2, 0.1]") from None
+        if sum(values) > 1.5:  # given as percentages
+            values = [v / 100 for v in values]
+    else:
+        values = [float(x) for x in ratios]
+    if len(values) != 3:
+        raise DataError(f"data.split.ratios needs three numbers (train/val/test), got {ratios!r}")
+    if any(v < 0 for v in values) or values[0] <= 0:
+        raise DataError(f"data.split.ratios: {ratios!r} must be non-negative with a positive train share")
+    if abs(sum(values) - 1.0) > 1e-6:
+        raise DataError(
+            f"data.split.ratios {ratios!r} sum to {sum(values):.4g}, not 1. Use e.g. '70/20/10' or '80/10/10'."
+        )
+    return values[0], values[1], values[2]
+
+
+def _targets(n: int, ratios: tuple[float, float, float]) -> np.ndarray:
+    """Largest-remainder allocation of n items to the splits: each within one item of n * ratio."""
+    raw = np.array(ratios) * n
+    out = np.floor(raw).astype(int)
+    for k in np.argsort(-(raw - out), kind="stable")[: n - out.sum()]:
+        out[k] += 1
+    return out
+
+
+def _ratio_text(ratios: tuple[float, float, float]) -> str:
+    return "/".join(f"{100 * r:g}" for r in ratios)
+
+
+def _stratified(labels: np.ndarray, classes: list[str], ratios, rng: np.random.Generator) -> np.ndarray:
+    out = np.empty(len(labels), dtype=object)
+    for c in classes:
+        idx = np.flatnonzero(labels == c)
+        t = _targets(len(idx), ratios)
+        if any(t[k] == 0 for k in range(3) if ratios[k] > 0):
+            need = int(np.ceil(1 / min(r for r in ratios if r > 0)))
+            raise DataError(
+                f"class '{c}' has {len(idx)} images: too few to stratify a {_ratio_text(ratios)} split "
+                f"(every split needs at least one; that takes about {need}). Add images, merge the class, "
+                "or change data.split.ratios."
+            )
+        perm = rng.permutation(idx)
+        out[perm[: t[0]]] = "train"
+        out[perm[t[0] : t[0] + t[1]]] = "val"
+        out[perm[t[0] + t[1] :]] = "test"
+    return out
+
+
+def _grouped(labels: np.ndarray, groups: np.ndarray, classes: list[str], ratios, rng) -> np.ndarray:
+    """Stratified split where no group (patient) spans two splits.
+
+    Greedy: groups in random order, largest first, each to the split where it overflows the per-class
+    targets least (ties: the split missing the most of its classes). Single-image groups come last and
+    fill the targets exactly, so with enough of them every class lands within one image of its ratio.
+    """
+    cidx = {c: i for i, c in enumerate(classes)}
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    counts = np.zeros((len(uniq), len(classes)), dtype=int)
+    np.add.at(counts, (inverse, np.array([cidx[x] for x in labels])), 1)
+    targets = np.stack([_targets(int(counts[:, k].sum()), ratios) for k in range(len(classes))], axis=1)
+    current = np.zeros_like(targets)
+    order = rng.permutation(len(uniq))
+    order = order[np.argsort(-counts[order].sum(1), kind="stable")]
+    where = np.empty(len(uniq), dtype=int)
+    for g in order:
+        vec = counts[g]
+        overflow = np.maximum(current + vec - targets, 0).sum(1)
+        deficit = (np.maximum(targets - current, 0) * (vec > 0)).sum(1)
+        allowed = np.array([r > 0 for r in ratios])
+        score = np.where(allowed, overflow * 1_000_000 - deficit, np.iinfo(np.int64).max)
+        s = int(np.argmin(score))
+        where[g] = s
+        current[s] += vec
+    for k, c in enumerate(classes):
+        empty = [SPLITS[s] for s in range(3) if ratios[s] > 0 and current[s, k] == 0]
+        if empty:
+            n_groups = int((counts[:, k] > 0).sum())
+            raise DataError(
+                f"class '{c}' has {int(counts[:, k].sum())} images from {n_groups} patients: too few to give "
+                f"every split of a {_ratio_text(ratios)} patient-grouped split one ({', '.join(empty)} would be "
+                "empty). Add patients, set data.split.group_by_patient: false (accepting leakage), or change "
+                "the ratios."
+            )
+    return np.array(SPLITS, dtype=object)[where[inverse]]
+
+
+def split_key(frame: pl.DataFrame, cfg: SplitConfig, classes: list[str]) -> str:
+    """Hash of everything the split depends on; names the split file."""
+    h = hashlib.sha256()
+    h.update(json.dumps({
+        "v": SPLIT_FORMAT_VERSION, "ratios": parse_ratios(cfg.ratios), "seed": cfg.seed,
+        "group": cfg.group_by_patient, "manifest": cfg.use_manifest_split, "classes": classes,
+    }, sort_keys=True).encode())
+    for row in frame.select("relpath", "label", "patient_id", "split").sort("relpath").iter_rows():
+        h.update(("\x1f".join("" if v is None else v for v in row) + "\x1e").encode())
+    return h.hexdigest()[:16]
+
+
+def compute_split(frame: pl.DataFrame, cfg: SplitConfig, classes: list[str]) -> pl.DataFrame:
+    """Assign every row of `frame` (relpath, label, patient_id, split) to train/val/test.
+
+    Rows are sorted by relative path first, so the result depends on the files and the seed only, not on
+    the order a manifest or the file system lists them in.
+    """
+    frame = frame.sort("relpath")
+    if cfg.use_manifest_split:
+        raw = frame["split"].to_list()
+        bad = sorted({str(v) for v in raw if v is None or str(v).strip().lower() not in _ALIASES})
+        if bad:
+            raise DataError(
+                f"data.split.use_manifest_split is on but the manifest's split column has values {bad[:10]}; "
+                "each row needs one of train/val/test (aliases: training, valid, validation, testing)."
+            )
+        assigned = [_ALIASES[str(v).strip().lower()] for v in raw]
+    else:
+        ratios = parse_ratios(cfg.ratios)
+        rng = np.random.default_rng(cfg.seed)
+        labels = frame["label"].to_numpy().astype(object)
+        pid = frame["patient_id"]
+        if cfg.group_by_patient and pid.null_count() < len(pid):
+            # an image without a patient id is its own group: it cannot leak anything
+            groups = np.array([p if p is not None else f"\x00{r}" for p, r in zip(pid.to_list(), frame["relpath"].to_list(), strict=True)], dtype=object)
+            assigned = _grouped(labels, groups, classes, ratios, rng)
+        else:
+            assigned = _stratified(labels, classes, ratios, rng)
+    out = frame.select("relpath", "label", "patient_id").with_columns(split=pl.Series(list(assigned), dtype=pl.String))
+    return out
+
+
+def write_split(split: pl.DataFrame, path: Path, meta: dict) -> None:
+    """Atomic write with the seed, ratios and key in the parquet metadata (identical bytes for identical input)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    split.write_parquet(tmp, metadata={k: json.dumps(v) for k, v in sorted(meta.items())}, statistics=False)
+    os.replace(tmp, path)
+
+
+def read_split_metadata(path: Path) -> dict:
+    return {k: json.loads(v) for k, v in pl.read_parquet_metadata(path).items() if k in {
+        "key", "seed", "ratios", "group_by_patient", "use_manifest_split", "classes", "source", "assignment_hash",
+    }}
+
+
+def load_or_create(
+    frame: pl.DataFrame, cfg: SplitConfig, classes: list[str], splits_dir: Path, name: str, source: str
+) -> tuple[Path, pl.DataFrame]:
+    """Return the split file for these inputs, computing and writing it only if it does not exist yet."""
+    key = split_key(frame, cfg, classes)
+    path = splits_dir / f"{name}-{key}.parquet"
+    if not path.exists():
+        split = compute_split(frame, cfg, classes)
+        assignment = hashlib.sha256(
+            "".join(f"{r}\x1f{s}\x1e" for r, s in split.select("relpath", "split").iter_rows()).encode()
+        ).hexdigest()[:16]
+        write_split(split, path, {
+            "key": key, "seed": cfg.seed, "ratios": list(parse_ratios(cfg.ratios)),
+            "group_by_patient": cfg.group_by_patient, "use_manifest_split": cfg.use_manifest_split,
+            "classes": classes, "source": source, "assignment_hash": assignment,
+        })
+    return path, pl.read_parquet(path)
+
+
+def count_table(split: pl.DataFrame, classes: list[str]) -> pl.DataFrame:
+    """Per-split class counts: one row per class, a column per split, plus totals."""
+    counts = split.group_by("label", "split").len()
+    rows = []
+    for c in [*classes, "total"]:
+        sub = counts if c == "total" else counts.filter(pl.col("label") == c)
+        row = {"class": c}
+        for s in SPLITS:
+            row[s] = int(sub.filter(pl.col("split") == s)["len"].sum())
+        row["all"] = sum(row[s] for s in SPLITS)
+        rows.append(row)
+    return pl.DataFrame(rows)
+
+
+SplitName = Literal["train", "val", "test"]
