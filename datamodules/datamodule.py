@@ -62,9 +62,12 @@ class CachedImageDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         if self._images is None:
             self._images = self.view.open()
-        image = self._images[self.slots[i]]  # (H, W, C) view into the map
-        image = self.transform(image=image)["image"] if self.transform is not None else np.array(image)
-        return torch.from_numpy(np.ascontiguousarray(image)), int(self.labels[i])
+        image = self._images[self.slots[i]]  # (H, W, C) read-only view into the map
+        if self.transform is not None:
+            image = self.transform(image=image)["image"]
+        if not (image.flags.writeable and image.flags.c_contiguous):
+            image = np.array(image)  # copy out of the map (when no transform already made a new array)
+        return torch.from_numpy(image), int(self.labels[i])
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -159,6 +162,7 @@ class ImageDataModule(LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers
         self.data: ResolvedData | None = None
+        self._announced = False
         self.datasets: dict[str, Dataset] = {}
         # Fail on a bad pipeline at config time, not in a worker process an epoch later.
         self.train_transform = build_pipeline(augmentation, self.image_size, channels)
@@ -222,9 +226,9 @@ class ImageDataModule(LightningDataModule):
         self.resolve()
 
     def setup(self, stage: str | None = None) -> None:
-        first = self.data is None
         data = self.resolve()
-        if first:
+        if not self._announced:
+            self._announced = True
             for note in data.notes:
                 rank_zero_info(f"[data] note: {note}")
             if data.skipped:

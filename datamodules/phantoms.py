@@ -21,13 +21,13 @@ import numpy as np
 from datamodules.cache import file_lock
 
 CLASSES = ("normal", "ASD", "VSD", "PDA")
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 # (heart centre x, heart half-width, heart half-height, vessel count, knob radius); x grows to image right
 _CLASS_SHAPE = {
-    "normal": (0.06, 0.25, 0.20, 5, 0.0),
-    "ASD": (-0.05, 0.34, 0.22, 11, 0.0),
-    "VSD": (0.13, 0.35, 0.27, 11, 0.0),
-    "PDA": (0.06, 0.27, 0.21, 8, 0.10),
+    "normal": (0.05, 0.26, 0.20, 6, 0.0),
+    "ASD": (-0.03, 0.31, 0.21, 9, 0.0),
+    "VSD": (0.10, 0.32, 0.24, 9, 0.0),
+    "PDA": (0.05, 0.27, 0.20, 8, 0.075),
 }
 
 
@@ -62,14 +62,14 @@ def render(label: str, index: int, size: int = 128, seed: int = 0) -> tuple[np.n
         y0 = -0.55 + 0.2 * k
         arc = np.abs(yy - (y0 + 0.12 * xx**2)) < 0.018
         img[arc & lungs] += 0.06
-    heart = _ellipse(xx, yy, hx * jitter(0.2), 0.33 * jitter(0.05), hw * jitter(0.07), hh * jitter(0.07))
+    heart = _ellipse(xx, yy, hx + rng.normal(0, 0.04), 0.33 * jitter(0.05), hw * jitter(0.1), hh * jitter(0.1))
     if knob > 0:
         heart |= _ellipse(xx, yy, 0.17 * jitter(0.1), -0.14 * jitter(0.1), knob * jitter(0.1), knob * jitter(0.1))
     img[heart] = 0.62
     vessels = np.zeros((size, size), np.float32)
     for side in (-1, 1):
         hilum = np.array([side * 0.16, -0.05])
-        for _ in range(int(round(n_vessels * jitter(0.2)))):
+        for _ in range(int(round(n_vessels * jitter(0.3)))):
             angle = rng.uniform(-0.6 * np.pi, 0.6 * np.pi) + (np.pi if side < 0 else 0)
             length = rng.uniform(0.25, 0.5)
             end = hilum + length * np.array([np.cos(angle), np.sin(angle)])
@@ -77,7 +77,7 @@ def render(label: str, index: int, size: int = 128, seed: int = 0) -> tuple[np.n
             cv2.line(vessels, tuple(int(v) for v in p0), tuple(int(v) for v in p1), 0.14, max(1, size // 96))
     img = img + vessels * lungs
     img = cv2.GaussianBlur(img.astype(np.float32), (0, 0), size / 110)
-    img = img * rng.uniform(0.85, 1.15) + rng.normal(0, 0.025, img.shape)  # exposure and quantum noise
+    img = img * rng.uniform(0.8, 1.2) + rng.normal(0, 0.04, img.shape)  # exposure and quantum noise
     img = np.clip(img, 0, 1) ** rng.uniform(0.85, 1.15)
     return (img * 255).round().astype(np.uint8), heart
 

@@ -1,0 +1,72 @@
+"""Callbacks that write a run's results next to its checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+
+def run_dir_of(trainer: Trainer) -> Path:
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+class TestResultsWriter(Callback):
+    """After `test`: test_metrics.json/.csv, the confusion matrix and per-image predictions in the run dir."""
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        results = getattr(pl_module, "test_results", None)
+        if not results or trainer.global_rank != 0:
+            return
+        out = run_dir_of(trainer)
+        out.mkdir(parents=True, exist_ok=True)
+        classes = results["classes"]
+        summary = {
+            "metrics": results["metrics"],
+            "confusion_matrix": {"rows_true_cols_pred": classes, "counts": results["confusion_matrix"]},
+            "positive_class": results["positive_class"],
+            "n_images": int(len(results["targets"])),
+            "checkpoint": trainer.ckpt_path,
+        }
+        (out / "test_metrics.json").write_text(json.dumps(summary, indent=2))
+        pl.DataFrame([{"metric": k, "value": v} for k, v in results["metrics"].items()]).write_csv(out / "test_metrics.csv")
+        cm = pl.DataFrame({"true": classes, **{f"pred_{c}": [row[j] for row in results["confusion_matrix"]]
+                                               for j, c in enumerate(classes)}})
+        cm.write_csv(out / "test_confusion_matrix.csv")
+        probs, targets = results["probs"], results["targets"]
+        dm = trainer.datamodule
+        paths = dm.split_paths("test") if hasattr(dm, "split_paths") and trainer.world_size == 1 else None
+        frame = pl.DataFrame({
+            **({"path": paths} if paths is not None and len(paths) == len(targets) else {}),
+            "label": [classes[int(t)] for t in targets],
+            "predicted": [classes[int(i)] for i in probs.argmax(1)],
+            **{f"p_{c}": probs[:, j].tolist() for j, c in enumerate(classes)},
+        })
+        frame.write_parquet(out / "test_predictions.parquet")
+
+
+class PredictionWriter(BasePredictionWriter):
+    """`predict` writes predictions.csv: path (when known), predicted class and one probability per class."""
+
+    def __init__(self):
+        super().__init__(write_interval="epoch")
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        probs = torch.cat([p for p in predictions]).float().cpu() if predictions else torch.zeros(0, len(pl_module.classes))
+        classes = pl_module.classes
+        dm = trainer.datamodule
+        paths = getattr(dm, "predict_paths", None) if getattr(dm, "predict_source", None) else dm.split_paths("test")
+        frame = pl.DataFrame({
+            **({"path": paths} if paths is not None and len(paths) == len(probs) and trainer.world_size == 1 else {}),
+            "predicted": [classes[int(i)] for i in probs.argmax(1)] if len(probs) else [],
+            **{f"p_{c}": probs[:, j].tolist() for j, c in enumerate(classes)},
+        })
+        out = run_dir_of(trainer)
+        out.mkdir(parents=True, exist_ok=True)
+        name = "predictions.csv" if trainer.world_size == 1 else f"predictions_rank{trainer.global_rank}.csv"
+        frame.write_csv(out / name)
+        print(f"[predict] wrote {len(frame)} predictions to {out / name}")

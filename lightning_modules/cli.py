@@ -1,0 +1,218 @@
+"""`MedselCLI`: the LightningCLI behind `cli.py fit/validate/test/predict` and every sweep trial.
+
+Besides LightningCLI's config handling it gives each run its own directory (`artifacts/runs/<name>/<version>`)
+with the resolved config, split reference, best/last checkpoints, CSV metrics and an offline W&B run, and
+lets `test`/`validate`/`predict` reuse a finished run by passing its saved config.yaml.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger, Logger
+
+from datamodules import ImageDataModule
+from lightning_modules.callbacks import PredictionWriter, TestResultsWriter
+from lightning_modules.classifier import ImageClassifier
+from lightning_modules.registry import ConfigError
+
+_RUN_DIR_ENV = "MEDSEL_RUN_DIR"
+_RUN_DIR_OWNER_ENV = "MEDSEL_RUN_DIR_OWNER_PID"
+
+
+@dataclass
+class RunConfig:
+    """Where a run goes and how it is tracked.
+
+    Attributes:
+        name: experiment name; runs go to `<root>/<name>/<date-time-id>`.
+        root: folder of all runs.
+        dir: this run's folder. Set automatically and saved in the run's config.yaml, so passing that file
+            to `test`/`validate`/`predict` reuses the run (and its best checkpoint).
+        monitor: metric that picks the best checkpoint (any logged key, e.g. val/loss, val/mcc).
+        mode: "min" or "max" for `monitor`.
+        early_stopping_patience: stop after this many epochs without improvement of `monitor` (None: off).
+        wandb: "offline" (default; sync later with `wandb sync`), "online", or "disabled".
+        wandb_project: W&B project.
+        wandb_group: W&B group (a sweep sets its name).
+        wandb_job_type: W&B job type (a sweep sets stage1/stage2).
+        wandb_tags: W&B tags.
+    """
+
+    name: str = "run"
+    root: str = "artifacts/runs"
+    dir: str | None = None
+    monitor: str = "val/loss"
+    mode: Literal["min", "max"] = "min"
+    early_stopping_patience: int | None = None
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "medsel"
+    wandb_group: str | None = None
+    wandb_job_type: str | None = None
+    wandb_tags: list[str] = field(default_factory=list)
+
+
+def _new_version() -> str:
+    for env in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"):  # every process of a multi-node job agrees on these
+        if os.environ.get(env) and os.environ.get(env) != "none":
+            return f"{env.split('_')[0].lower()}-{os.environ[env]}"
+    return f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:4]}"
+
+
+def resolve_run_dir(run: RunConfig) -> Path:
+    """The run directory; DDP child processes inherit the one their launcher chose."""
+    if run.dir:
+        return Path(run.dir)
+    inherited = os.environ.get(_RUN_DIR_ENV)
+    if inherited and os.environ.get(_RUN_DIR_OWNER_ENV) != str(os.getpid()):
+        return Path(inherited)
+    path = Path(run.root) / run.name / _new_version()
+    os.environ[_RUN_DIR_ENV] = str(path)
+    os.environ[_RUN_DIR_OWNER_ENV] = str(os.getpid())
+    return path
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Saves config.yaml for `fit`, and config_<stage>.yaml for later stages so the fit config survives."""
+
+    def setup(self, trainer: Trainer, pl_module, stage: str) -> None:
+        stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn enum
+        self.config_filename = "config.yaml" if stage == "fit" else f"config_{stage}.yaml"
+        super().setup(trainer, pl_module, stage)
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """One W&B run per run directory: `test` after `fit` logs into the same W&B run."""
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in f"{run_dir.parent.name}-{run_dir.name}")[-120:]
+
+
+def build_loggers(run: RunConfig, run_dir: Path, stage: str) -> list[Logger]:
+    """CSV metrics for `fit` (later stages must not overwrite metrics.csv; they write their own files)
+    and W&B unless disabled."""
+    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="")] if stage == "fit" else []
+    if run.wandb != "disabled":
+        from lightning.pytorch.loggers import WandbLogger
+
+        # Offline unless asked otherwise: never prompts for a login, works on air-gapped machines.
+        os.environ.setdefault("WANDB_SILENT", "true")
+        loggers.append(WandbLogger(
+            save_dir=str(run_dir), project=run.wandb_project, name=f"{run.name}/{run_dir.name}",
+            group=run.wandb_group, job_type=run.wandb_job_type, tags=list(run.wandb_tags) or None,
+            offline=run.wandb == "offline", mode=run.wandb, log_model=False,
+            id=wandb_run_id(run_dir), resume="allow",
+        ))
+    return loggers
+
+
+def build_callbacks(run: RunConfig, run_dir: Path) -> list[Callback]:
+    callbacks: list[Callback] = [
+        ModelCheckpoint(
+            dirpath=str(run_dir / "checkpoints"), filename="best", monitor=run.monitor, mode=run.mode,
+            save_top_k=1, save_last=True, auto_insert_metric_name=False,
+        ),
+        TestResultsWriter(),
+        PredictionWriter(),
+    ]
+    if run.early_stopping_patience is not None:
+        callbacks.append(EarlyStopping(monitor=run.monitor, mode=run.mode, patience=run.early_stopping_patience))
+    return callbacks
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.msg)
+
+
+def quiet_lightning() -> None:
+    """Drop Lightning's advertising tips and the CSV logger's warning about the run dir already holding the
+    split files this tool writes there before the first metric."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
+    warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+class MedselCLI(LightningCLI):
+    """LightningCLI over `ImageClassifier` and `ImageDataModule` with run directories.
+
+    Args:
+        args: arguments as a list, or a config dict (sweep trials pass their merged config this way).
+        run: run the subcommand (False: only instantiate, as a sweep trial does).
+        **kwargs: passed to LightningCLI.
+    """
+
+    def __init__(self, args: Any = None, run: bool = True, **kwargs: Any):
+        self.run_dir: Path | None = None
+        quiet_lightning()
+        super().__init__(
+            ImageClassifier,
+            ImageDataModule,
+            save_config_callback=RunConfigSaver,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"max_epochs": 15, "devices": 1, "log_every_n_steps": 5},
+            auto_configure_optimizers=False,
+            seed_everything_default=42,
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_class_arguments(RunConfig, "run")
+        parser.link_arguments("data.image_size", "model.image_size")
+        parser.link_arguments("data.channels", "model.in_chans")
+        parser.link_arguments("data", "model.classes", compute_fn=lambda dm: dm.classes, apply_on="instantiate")
+
+    def _cfg(self):
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self._cfg()
+        run = RunConfig(**{k: v for k, v in vars(cfg.run).items() if not k.startswith("__")})
+        self.run_dir = resolve_run_dir(run)
+        cfg.run.dir = str(self.run_dir)
+        if self.subcommand == "fit" and (self.run_dir / "checkpoints" / "best.ckpt").exists() and not cfg.get("ckpt_path"):
+            raise ConfigError(
+                f"run.dir '{self.run_dir}' already holds a trained model. Leave run.dir unset for a new run, "
+                "choose another folder, or pass --ckpt_path to resume it."
+            )
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        cfg = self._cfg()
+        run = RunConfig(**{k: v for k, v in vars(cfg.run).items() if not k.startswith("__")})
+        if config.get("logger") in (None, True):
+            config["logger"] = build_loggers(run, self.run_dir, self.subcommand or "fit")
+        if config.get("enable_checkpointing") is False:
+            callbacks = callbacks + [c for c in build_callbacks(run, self.run_dir) if not isinstance(c, ModelCheckpoint)]
+        else:
+            callbacks = callbacks + build_callbacks(run, self.run_dir)
+        config["default_root_dir"] = str(self.run_dir)
+        return super()._instantiate_trainer(config, callbacks)
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if subcommand in ("validate", "test", "predict") and not kwargs.get("ckpt_path"):
+            best = self.run_dir / "checkpoints" / "best.ckpt"
+            if not best.exists():
+                raise ConfigError(
+                    f"`{subcommand}` needs a trained model: pass the run's saved config "
+                    "(--config artifacts/runs/<name>/<version>/config.yaml, its best checkpoint is used) "
+                    "or --ckpt_path path/to/model.ckpt."
+                )
+            kwargs["ckpt_path"] = str(best)
+        return kwargs
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
+            print(f"\n[run] finished: {self.run_dir}\n[run] best checkpoint: {best}\n"
+                  f"[run] evaluate it: python cli.py test --config {self.run_dir / 'config.yaml'}")
