@@ -217,6 +217,7 @@ class ImageCache:
                     entries[h] = (-1, a)
                     new_rows.append((h, -1, a))
         if new_rows:
+            self.dir.mkdir(parents=True, exist_ok=True)
             index = pl.concat([index, pl.DataFrame(new_rows, schema=_INDEX_SCHEMA, orient="row")])
             _write_atomic(index, self.index_file)
             n_bad = sum(r[2] is not None for r in new_rows)

@@ -110,6 +110,7 @@ class ImageDataModule(LightningDataModule):
         root: folder that relative manifest paths are relative to (default: the manifest's folder).
         exclude: file-name patterns never used as images (segmentation masks by default); reported.
         predict_source: folder or manifest of images for `predict` (default: the test split).
+        source_hint: where to get the data, printed when `source` does not exist (study configs set it).
         artifacts_dir: where caches, splits and the embedded dataset go.
         pin_memory: pin host memory for GPU transfer (default: on when CUDA is available).
         persistent_workers: keep workers alive between epochs (default: on when num_workers > 0).
@@ -135,6 +136,7 @@ class ImageDataModule(LightningDataModule):
         artifacts_dir: str = "artifacts",
         pin_memory: bool | None = None,
         persistent_workers: bool | None = None,
+        source_hint: str | None = None,
     ):
         super().__init__()
         if source == EMBEDDED and classes is None:
@@ -158,6 +160,7 @@ class ImageDataModule(LightningDataModule):
         self.root = root
         self.exclude = DEFAULT_EXCLUDE if exclude is None else exclude
         self.predict_source = predict_source
+        self.source_hint = source_hint
         self.artifacts = Path(artifacts_dir)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers
@@ -198,6 +201,8 @@ class ImageDataModule(LightningDataModule):
         if self.data is not None:
             return self.data
         source = self._source_path()
+        if self.source_hint and not source.exists():
+            raise DataError(f"data.source '{source}' does not exist. {self.source_hint}")
         table = self._scan(source)
         frame = table.frame
         view, slots, bad = self._cache().resolve(frame["path"].to_list())
@@ -235,6 +240,11 @@ class ImageDataModule(LightningDataModule):
                 rank_zero_info(f"[data] skipped {len(data.skipped)} unusable inputs (data.on_bad_image: skip)")
             rank_zero_info(f"[data] split {data.split_file}\n{splits.count_table(data.frame, self.classes)}")
             self._record_in_run_dir(data)
+            trainer = getattr(self, "trainer", None)
+            if trainer is not None and trainer.world_size > 1:  # one line per rank: they must all agree
+                meta = splits.read_split_metadata(data.split_file)
+                print(f"[data] rank {trainer.global_rank}/{trainer.world_size} uses split {data.split_file.name} "
+                      f"assignment {meta['assignment_hash']}", flush=True)
         for name in splits.SPLITS:
             if name not in self.datasets:
                 part = data.frame.filter(pl.col("split") == name)
@@ -248,9 +258,10 @@ class ImageDataModule(LightningDataModule):
     def _record_in_run_dir(self, data: ResolvedData) -> None:
         """Write the split reference, class counts and skipped inputs next to the run's checkpoints."""
         trainer = getattr(self, "trainer", None)
-        if trainer is None or trainer.global_rank != 0 or trainer.log_dir is None:
+        # default_root_dir is the run directory; trainer.log_dir would broadcast, and only rank 0 gets here.
+        if trainer is None or trainer.global_rank != 0:
             return
-        run_dir = Path(trainer.log_dir)
+        run_dir = Path(trainer.default_root_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         meta = splits.read_split_metadata(data.split_file)
         (run_dir / "split.json").write_text(

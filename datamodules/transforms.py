@@ -13,6 +13,7 @@ inside the model, so pipelines must not contain `Normalize` or change the image 
 from __future__ import annotations
 
 import difflib
+import inspect
 from typing import Any
 
 import albumentations as A
@@ -57,6 +58,13 @@ def _transform_names() -> list[str]:
     return sorted(n for n in dir(A) if isinstance(getattr(A, n), type) and issubclass(getattr(A, n), A.BasicTransform))
 
 
+def _argument_names(cls: type) -> set[str]:
+    params = inspect.signature(cls).parameters
+    names = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    schema = getattr(cls, "InitSchema", None)
+    return names | set(getattr(schema, "model_fields", {}) or {})
+
+
 def build_pipeline(spec: AugmentationSpec, size: tuple[int, int], channels: int = 3) -> A.Compose | None:
     """Build and check an augmentation pipeline.
 
@@ -92,6 +100,12 @@ def build_pipeline(spec: AugmentationSpec, size: tuple[int, int], channels: int 
         if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
             close = difflib.get_close_matches(name, _transform_names(), n=3)
             raise DataError(f"{where}: '{name}' is not an albumentations transform." + (f" Did you mean {close}?" if close else ""))
+        known = _argument_names(cls)
+        unknown = sorted(set(kwargs) - known)
+        if unknown:  # albumentations only warns about these; a misspelled key must not pass silently
+            hints = {u: difflib.get_close_matches(u, sorted(known), n=1) for u in unknown}
+            raise DataError(f"{where} ({name}): unknown argument(s) {unknown}" + "".join(
+                f"; did you mean '{h[0]}' for '{u}'?" for u, h in hints.items() if h) + f". Valid: {sorted(known)}")
         try:
             transforms.append(cls(**kwargs))
         except Exception as e:  # albumentations validates with pydantic; its errors are readable

@@ -12,7 +12,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 
 def run_dir_of(trainer: Trainer) -> Path:
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    """The run directory (MedselCLI sets default_root_dir to it). Not `trainer.log_dir`: that is a collective
+    call, and these callbacks run on rank 0 only."""
+    return Path(trainer.default_root_dir)
 
 
 class TestResultsWriter(Callback):

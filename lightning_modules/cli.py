@@ -42,7 +42,8 @@ class RunConfig:
         monitor: metric that picks the best checkpoint (any logged key, e.g. val/loss, val/mcc).
         mode: "min" or "max" for `monitor`.
         early_stopping_patience: stop after this many epochs without improvement of `monitor` (None: off).
-        wandb: "offline" (default; sync later with `wandb sync`), "online", or "disabled".
+        wandb: "offline" (sync later with `wandb sync`), "online", or "disabled". Default: $WANDB_MODE if set,
+            else offline — a run never asks for a W&B login.
         wandb_project: W&B project.
         wandb_group: W&B group (a sweep sets its name).
         wandb_job_type: W&B job type (a sweep sets stage1/stage2).
@@ -55,7 +56,7 @@ class RunConfig:
     monitor: str = "val/loss"
     mode: Literal["min", "max"] = "min"
     early_stopping_patience: int | None = None
-    wandb: Literal["offline", "online", "disabled"] = "offline"
+    wandb: Literal["offline", "online", "disabled"] | None = None
     wandb_project: str = "medsel"
     wandb_group: str | None = None
     wandb_job_type: str | None = None
@@ -100,7 +101,10 @@ def build_loggers(run: RunConfig, run_dir: Path, stage: str) -> list[Logger]:
     """CSV metrics for `fit` (later stages must not overwrite metrics.csv; they write their own files)
     and W&B unless disabled."""
     loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="")] if stage == "fit" else []
-    if run.wandb != "disabled":
+    mode = run.wandb or os.environ.get("WANDB_MODE", "offline")
+    if mode not in ("offline", "online", "disabled"):
+        raise ConfigError(f"run.wandb / $WANDB_MODE must be offline, online or disabled, got {mode!r}")
+    if mode != "disabled":
         from lightning.pytorch.loggers import WandbLogger
 
         # Offline unless asked otherwise: never prompts for a login, works on air-gapped machines.
@@ -108,7 +112,7 @@ def build_loggers(run: RunConfig, run_dir: Path, stage: str) -> list[Logger]:
         loggers.append(WandbLogger(
             save_dir=str(run_dir), project=run.wandb_project, name=f"{run.name}/{run_dir.name}",
             group=run.wandb_group, job_type=run.wandb_job_type, tags=list(run.wandb_tags) or None,
-            offline=run.wandb == "offline", mode=run.wandb, log_model=False,
+            offline=mode == "offline", mode=mode, log_model=False,
             id=wandb_run_id(run_dir), resume="allow",
         ))
     return loggers

@@ -1,0 +1,121 @@
+"""Split properties, on the real COVID-CT data and on synthetic tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from datamodules import DataError, ImageDataModule
+from datamodules.splits import SplitConfig, compute_split, count_table, load_or_create, parse_ratios
+
+CLASSES = ["NonCOVID", "COVID"]
+
+
+def covid_module(covid_ct, artifacts, **split) -> ImageDataModule:
+    return ImageDataModule(
+        source=str(covid_ct / "metadata.csv"), classes=CLASSES, image_size=32, artifacts_dir=str(artifacts),
+        split=SplitConfig(**split), num_workers=0,
+    )
+
+
+@pytest.mark.parametrize("ratios", ["70/20/10", "80/10/10"])
+@pytest.mark.parametrize("grouped", [True, False])
+def test_ratios_within_one_sample_per_class(covid_ct, shared_artifacts, ratios, grouped):
+    dm = covid_module(covid_ct, shared_artifacts, ratios=ratios, group_by_patient=grouped)
+    frame = dm.resolve().frame
+    table = count_table(frame, CLASSES)
+    r = parse_ratios(ratios)
+    for row in table.filter(pl.col("class") != "total").iter_rows(named=True):
+        for k, name in enumerate(["train", "val", "test"]):
+            assert abs(row[name] - row["all"] * r[k]) <= 1.0, (ratios, grouped, row)
+    assert table.filter(pl.col("class") == "total")["all"][0] == 746
+
+
+def test_no_patient_in_two_splits(covid_ct, shared_artifacts):
+    frame = covid_module(covid_ct, shared_artifacts, ratios="70/20/10").resolve().frame
+    per_patient = frame.group_by("patient_id").agg(pl.col("split").n_unique().alias("n"))
+    assert per_patient["n"].max() == 1
+    assert per_patient.height == 384
+
+
+def test_same_seed_gives_byte_identical_file(covid_ct, tmp_path):
+    a = covid_module(covid_ct, tmp_path / "a", seed=7).resolve().split_file
+    b = covid_module(covid_ct, tmp_path / "b", seed=7).resolve().split_file
+    assert a.name == b.name
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_different_seed_gives_different_split(covid_ct, shared_artifacts):
+    a = covid_module(covid_ct, shared_artifacts, seed=1).resolve()
+    b = covid_module(covid_ct, shared_artifacts, seed=2).resolve()
+    assert a.split_file != b.split_file
+    joined = a.frame.select("relpath", "split").join(b.frame.select("relpath", "split"), on="relpath")
+    assert (joined["split"] != joined["split_right"]).sum() > 50
+
+
+def test_split_file_is_read_back_not_recomputed(covid_ct, shared_artifacts, monkeypatch):
+    first = covid_module(covid_ct, shared_artifacts, seed=11).resolve()
+    import datamodules.splits as splits_mod
+
+    def boom(*a, **k):
+        raise AssertionError("split recomputed although its file exists")
+
+    monkeypatch.setattr(splits_mod, "compute_split", boom)
+    again = covid_module(covid_ct, shared_artifacts, seed=11).resolve()
+    assert again.frame.select("relpath", "split").equals(first.frame.select("relpath", "split"))
+
+
+def test_manifest_split_column(covid_ct, shared_artifacts):
+    dm = ImageDataModule(
+        source=str(covid_ct / "metadata.csv"), classes=CLASSES, image_size=32, artifacts_dir=str(shared_artifacts),
+        columns={"split": "official_split"}, split=SplitConfig(use_manifest_split=True),
+    )
+    counts = count_table(dm.resolve().frame, CLASSES).filter(pl.col("class") == "total").row(0, named=True)
+    assert (counts["train"], counts["val"], counts["test"]) == (425, 118, 203)
+
+
+def test_split_ignores_row_order():
+    rng = np.random.default_rng(0)
+    frame = pl.DataFrame({
+        "relpath": [f"img{i:03d}.png" for i in range(200)],
+        "label": rng.choice(["a", "b"], 200).tolist(),
+        "patient_id": [f"p{i // 3}" for i in range(200)],
+        "split": [None] * 200,
+    }, schema={"relpath": pl.String, "label": pl.String, "patient_id": pl.String, "split": pl.String})
+    cfg = SplitConfig(ratios="70/20/10", seed=3)
+    a = compute_split(frame, cfg, ["a", "b"])
+    b = compute_split(frame.sample(fraction=1.0, shuffle=True, seed=9), cfg, ["a", "b"])
+    assert a.equals(b)
+
+
+@pytest.mark.parametrize("ratios, message", [
+    ("70/20/20", "sum to 1.1"),
+    ([0.5, 0.5], "three numbers"),
+    ("0/50/50", "positive train share"),
+    ("seventy", "cannot read"),
+])
+def test_impossible_ratios_are_refused(ratios, message):
+    with pytest.raises(DataError, match=message):
+        parse_ratios(ratios)
+
+
+def test_class_too_small_to_stratify(tmp_path):
+    frame = pl.DataFrame({
+        "relpath": [f"{c}{i}.png" for c, n in (("a", 40), ("b", 4)) for i in range(n)],
+        "label": ["a"] * 40 + ["b"] * 4,
+        "patient_id": [None] * 44, "split": [None] * 44,
+    }, schema={"relpath": pl.String, "label": pl.String, "patient_id": pl.String, "split": pl.String})
+    with pytest.raises(DataError, match="class 'b' has 4 images: too few to stratify a 70/20/10"):
+        load_or_create(frame, SplitConfig(), ["a", "b"], tmp_path, "x", "x")
+    grouped = frame.with_columns(patient_id=pl.Series([f"p{i % 20}" for i in range(40)] + ["q1"] * 4))
+    with pytest.raises(DataError, match="class 'b' has 4 images from 1 patients"):
+        load_or_create(grouped, SplitConfig(), ["a", "b"], tmp_path, "x", "x")
+
+
+def test_split_file_records_seed_and_hash(covid_ct, shared_artifacts):
+    from datamodules.splits import read_split_metadata
+
+    data = covid_module(covid_ct, shared_artifacts, seed=5).resolve()
+    meta = read_split_metadata(data.split_file)
+    assert meta["seed"] == 5 and meta["key"] in data.split_file.name and len(meta["assignment_hash"]) == 16
