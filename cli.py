@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     from lightning_modules.registry import ConfigError
 
     command = argv[0] if argv else ""
+    from sweeps.sweep import SweepError
+
     try:
         if command == "sweep":
             from sweeps.cli import main as sweep_main
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
         MedselCLI(args=None if from_shell else argv)
         return 0
-    except (DataError, ConfigError) as e:
+    except (DataError, ConfigError, SweepError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -17,6 +17,25 @@ def run_dir_of(trainer: Trainer) -> Path:
     return Path(trainer.default_root_dir)
 
 
+class ModelInfoWriter(Callback):
+    """At fit start: model.json with the network, classes, input size and parameter count (sweeps rank ties
+    by parameter count; serving reads the preprocessing from here)."""
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.global_rank != 0:
+            return
+        out = run_dir_of(trainer)
+        out.mkdir(parents=True, exist_ok=True)
+        hp = pl_module.hparams
+        info = {
+            "num_parameters": int(pl_module.num_parameters()),
+            "network": hp.get("network"), "classes": list(pl_module.classes), "image_size": hp.get("image_size"),
+            "in_chans": hp.get("in_chans"), "loss": hp.get("loss"),
+            "positive_class": pl_module.classes[pl_module.positive_index] if len(pl_module.classes) == 2 else None,
+        }
+        (out / "model.json").write_text(json.dumps(info, indent=2))
+
+
 class TestResultsWriter(Callback):
     """After `test`: test_metrics.json/.csv, the confusion matrix and per-image predictions in the run dir."""
 

@@ -12,6 +12,7 @@ from dataclasses import asdict
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import CatMetric, MaxMetric, MeanMetric
@@ -87,6 +88,9 @@ class ImageClassifier(LightningModule):
         self.val_metrics = ClassificationMetrics(k, self.positive_index, "val/")
         self.test_metrics = ClassificationMetrics(k, self.positive_index, "test/")
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(nan_strategy="disable"), MeanMetric(), MeanMetric()
+        # Negative log-likelihood of the predicted probabilities: unlike val/loss it means the same thing
+        # whatever the training loss, so stage-2 candidates trained with CE, MSE or MAE can be compared on it.
+        self.val_nll, self.test_nll = MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
         self.val_confusion, self.test_confusion = confusion_matrix(k), confusion_matrix(k)
         # Per-image test outputs for intervals and reports, gathered across DDP ranks by torchmetrics.
@@ -148,15 +152,21 @@ class ImageClassifier(LightningModule):
             # Study 002, 1.2.5: overfitting = train accuracy - validation accuracy, after the epoch.
             self.log("val/overfit", values["train/acc"] - self.last_val["val/acc"], sync_dist=True)
 
+    @staticmethod
+    def _nll(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.nll_loss(probs.clamp_min(1e-7).log(), target)
+
     def validation_step(self, batch, batch_idx: int) -> None:
         loss, probs, target = self._step(batch)
         self.val_loss.update(loss, weight=len(target))
+        self.val_nll.update(self._nll(probs, target), weight=len(target))
         self.val_metrics.update(probs, target)
         self.val_confusion.update(probs.argmax(1), target)
 
     def on_validation_epoch_end(self) -> None:
-        values = {"val/loss": self.val_loss.compute(), **self.val_metrics.compute()}
+        values = {"val/loss": self.val_loss.compute(), "val/nll": self.val_nll.compute(), **self.val_metrics.compute()}
         self.val_loss.reset()
+        self.val_nll.reset()
         self.val_metrics.reset()
         self.val_confusion.reset()
         if self.trainer.sanity_checking:
@@ -170,13 +180,14 @@ class ImageClassifier(LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         loss, probs, target = self._step(batch)
         self.test_loss.update(loss, weight=len(target))
+        self.test_nll.update(self._nll(probs, target), weight=len(target))
         self.test_metrics.update(probs, target)
         self.test_confusion.update(probs.argmax(1), target)
         self.test_probs.update(probs)
         self.test_targets.update(target.float())
 
     def on_test_epoch_end(self) -> None:
-        values = {"test/loss": self.test_loss.compute(), **self.test_metrics.compute()}
+        values = {"test/loss": self.test_loss.compute(), "test/nll": self.test_nll.compute(), **self.test_metrics.compute()}
         self.log_dict(values, sync_dist=True)
         self.test_results = {
             "metrics": {k.removeprefix("test/"): float(v) for k, v in values.items()},
@@ -186,7 +197,7 @@ class ImageClassifier(LightningModule):
             "classes": self.classes,
             "positive_class": self.classes[self.positive_index] if len(self.classes) == 2 else None,
         }
-        for m in (self.test_loss, self.test_metrics, self.test_confusion, self.test_probs, self.test_targets):
+        for m in (self.test_loss, self.test_nll, self.test_metrics, self.test_confusion, self.test_probs, self.test_targets):
             m.reset()
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:

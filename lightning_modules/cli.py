@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import CSVLogger, Logger
 
 from datamodules import ImageDataModule
-from lightning_modules.callbacks import PredictionWriter, TestResultsWriter
+from lightning_modules.callbacks import ModelInfoWriter, PredictionWriter, TestResultsWriter
 from lightning_modules.classifier import ImageClassifier
 from lightning_modules.registry import ConfigError
 
@@ -124,6 +124,7 @@ def build_callbacks(run: RunConfig, run_dir: Path) -> list[Callback]:
             dirpath=str(run_dir / "checkpoints"), filename="best", monitor=run.monitor, mode=run.mode,
             save_top_k=1, save_last=True, auto_insert_metric_name=False,
         ),
+        ModelInfoWriter(),
         TestResultsWriter(),
         PredictionWriter(),
     ]

@@ -57,7 +57,7 @@ def test_fit_then_test_writes_a_complete_run_dir(tmp_path):
     proc = run_cli("test", "--config", str(run_dir / "config.yaml"), "--trainer.enable_progress_bar=false")
     assert proc.returncode == 0, proc.stdout[-3000:]
     results = json.loads((run_dir / "test_metrics.json").read_text())
-    assert set(results["metrics"]) == {"loss", "acc", "balanced_acc", "precision", "sensitivity", "specificity", "f1", "mcc", "auroc"}
+    assert set(results["metrics"]) == {"loss", "nll", "acc", "balanced_acc", "precision", "sensitivity", "specificity", "f1", "mcc", "auroc"}
     assert sum(map(sum, results["confusion_matrix"]["counts"])) == results["n_images"] == 24
     assert (run_dir / "test_metrics.csv").exists() and (run_dir / "config_test.yaml").exists()
     assert pl.read_csv(run_dir / "metrics.csv").height == history.height  # test did not overwrite the training log

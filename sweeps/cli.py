@@ -1,0 +1,41 @@
+"""`python cli.py sweep --config configs/sweep_<study>.yaml [--workers N] [--storage URL] [...]`.
+
+Every key of the sweep config can also be given on the command line (`--stage1.defaults.max_epochs 3`).
+Rerunning the same command resumes the sweep from its Optuna storage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from sweeps.config import SweepConfig
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="cli.py sweep", description=__doc__, exit_on_error=True)
+    parser.add_argument("--config", action=ActionConfigFile, help="sweep config YAML")
+    parser.add_class_arguments(SweepConfig, None)
+    return parser
+
+
+def _to_sweep(parser: ArgumentParser, cfg) -> SweepConfig:
+    init = parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
+    return SweepConfig(**{f.name: getattr(init, f.name) for f in fields(SweepConfig)})
+
+
+def sweep_from_dict(values: dict[str, Any]) -> SweepConfig:
+    """Rebuild a SweepConfig in a worker process from its `asdict` form."""
+    parser = build_parser()
+    return _to_sweep(parser, parser.parse_object(values))
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
+    sweep = _to_sweep(parser, parser.parse_args(argv))
+    from sweeps.sweep import run
+
+    run(sweep)
+    return 0

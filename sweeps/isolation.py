@@ -1,0 +1,131 @@
+"""Run each trial in its own process, so an exception, NaN loss, out-of-memory or crash fails that trial only.
+
+Single-device trials fork from a forkserver that has torch, lightning and timm imported already, so a
+trial's fixed start-up cost is a fork, not a Python start and a torch import. Multi-device trials run as
+`python cli.py fit --config <trial config>`: Lightning's DDP launcher re-executes that command per rank.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PRELOAD = ["torch", "lightning.pytorch", "timm", "torchmetrics", "albumentations", "polars",
+           "lightning_modules.cli", "datamodules", "sweeps.isolation"]
+
+
+@dataclass
+class Outcome:
+    """How a trial process ended: ok, pruned, or failed with a reason a user can read."""
+
+    status: str  # "ok" | "failed"
+    reason: str = ""
+
+
+def _context() -> mp.context.BaseContext:
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def _die_with_worker(worker: int) -> None:
+    """An orphaned trial (its worker was killed) stops instead of training on unobserved. The worker is not
+    this process's parent (the forkserver is), so its pid is watched directly."""
+
+    def watch():
+        while True:
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                os._exit(3)
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _redirect_output(log_file: Path) -> None:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+
+
+def _write(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload))
+
+
+def _child(job: str, payload: Any, result_file: str, log_file: str, worker: int) -> None:
+    _die_with_worker(worker)
+    _redirect_output(Path(log_file))
+    os.chdir(payload.get("cwd", os.getcwd()) if isinstance(payload, dict) else os.getcwd())
+    try:
+        from lightning_modules.cli import MedselCLI
+
+        if job == "fit":
+            cli = MedselCLI(args=payload["config"], run=False)
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        else:  # test a finished run with its best checkpoint, exactly as `cli.py test --config` does
+            MedselCLI(args=["test", "--config", payload["config_path"], "--trainer.enable_progress_bar=false",
+                            *payload.get("extra", [])])
+        _write(Path(result_file), {"status": "ok"})
+    except BaseException as e:  # noqa: BLE001 -- every failure becomes the trial's recorded reason
+        traceback.print_exc()
+        _write(Path(result_file), {"status": "failed", "reason": f"{type(e).__name__}: {e}"[:2000]})
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def run_in_process(job: str, payload: dict[str, Any], workdir: Path) -> Outcome:
+    """Run a fit or test job in a forked child; returns how it ended."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    result_file = workdir / f".{job}_result.json"
+    result_file.unlink(missing_ok=True)
+    ctx = _context()
+    proc = ctx.Process(target=_child, args=(job, {**payload, "cwd": os.getcwd()}, str(result_file), str(workdir / f"{job}.log"), os.getpid()))
+    proc.start()
+    proc.join()
+    return _read_outcome(result_file, proc.exitcode, workdir / f"{job}.log")
+
+
+def run_in_subprocess(config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None) -> Outcome:
+    """Run a fit as `python cli.py fit --config` (needed for DDP trials: its launcher re-executes the command)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg_path = workdir / "trial_config.yaml"
+    cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    log = workdir / "fit.log"
+    with open(log, "ab") as fh:
+        proc = subprocess.run([sys.executable, str(REPO / "cli.py"), "fit", "--config", str(cfg_path)],
+                              stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    if proc.returncode == 0:
+        return Outcome("ok")
+    return Outcome("failed", _reason_from_log(log, proc.returncode))
+
+
+def _reason_from_log(log: Path, code: int) -> str:
+    tail = log.read_text(errors="replace").strip().splitlines()[-30:] if log.exists() else []
+    error_lines = [line for line in tail if "Error" in line or "error:" in line or "Exception" in line]
+    if code is not None and code < 0:
+        return f"killed by signal {-code}" + (" (out of memory?)" if -code == 9 else "")
+    return (error_lines[-1] if error_lines else f"exit code {code}")[:2000]
+
+
+def _read_outcome(result_file: Path, exitcode: int | None, log: Path) -> Outcome:
+    if result_file.exists():
+        data = json.loads(result_file.read_text())
+        return Outcome(data["status"], data.get("reason", ""))
+    return Outcome("failed", _reason_from_log(log, exitcode if exitcode is not None else -1))

@@ -1,0 +1,201 @@
+"""What a sweep leaves behind in `artifacts/sweeps/<name>/`: leaderboards (parquet, CSV, Markdown), plots,
+winner.yaml, report.md, and a W&B summary run with the leaderboards as tables."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import polars as pl  # noqa: E402
+import yaml  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+
+LEADERBOARD_METRICS = [
+    "val/acc", "val/loss", "val/nll", "val/overfit", "val/sensitivity", "val/specificity", "val/precision", "val/f1",
+    "val/mcc", "val/auroc", "val/balanced_acc", "train/acc",
+]
+STUDY_TABLE = [("Accuracy", "acc"), ("Balanced acc.", "balanced_acc"), ("Precision", "precision"),
+               ("Sensitivity", "sensitivity"), ("Specificity", "specificity"), ("F1", "f1"), ("MCC", "mcc"),
+               ("AUROC", "auroc")]
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "—" if math.isnan(v) else f"{v:.4f}"
+    return "—" if v is None else str(v)
+
+
+def markdown_table(frame: pl.DataFrame) -> str:
+    if frame.is_empty():
+        return "_(empty)_\n"
+    head = "| " + " | ".join(frame.columns) + " |"
+    sep = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in frame.iter_rows()]
+    return "\n".join([head, sep, *body]) + "\n"
+
+
+def display_board(board: pl.DataFrame) -> pl.DataFrame:
+    """Leaderboard for reading: `mean ± half-width` strings instead of two columns per metric."""
+    cols = []
+    for c in board.columns:
+        if c.endswith(" ±95%"):
+            continue
+        if f"{c} ±95%" in board.columns:
+            cols.append(pl.struct(c, f"{c} ±95%").map_elements(
+                lambda s, c=c: _fmt(s[c]) + ("" if s[f"{c} ±95%"] is None or math.isnan(s[f"{c} ±95%"]) else f" ± {s[f'{c} ±95%']:.4f}"),
+                return_dtype=pl.String).alias(c))
+        else:
+            cols.append(pl.col(c))
+    return board.select(cols)
+
+
+def write_table(frame: pl.DataFrame, stem: Path) -> None:
+    frame.write_parquet(stem.with_suffix(".parquet"))
+    frame.write_csv(stem.with_suffix(".csv"))
+    stem.with_suffix(".md").write_text(markdown_table(display_board(frame)))
+
+
+def _score_column(board: pl.DataFrame, selection) -> tuple[str, str]:
+    if selection.rule == "rank_score":
+        return "rank_score", "study 002 overall score (higher is better)"
+    return selection.metric, f"{selection.metric} ({selection.direction})"
+
+
+def plot_stage1(board: pl.DataFrame, selection, path: Path) -> None:
+    score, score_label = _score_column(board, selection)
+    names = board["candidate"].to_list()[::-1]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(names) + 2), sharey=True)
+    axes[0].barh(names, board[score].to_list()[::-1], color="#4C72B0")
+    axes[0].set_xlabel(score_label)
+    acc = board["val/acc"].to_list()[::-1]
+    err = [0 if e is None or math.isnan(e) else e for e in board["val/acc ±95%"].to_list()[::-1]] if "val/acc ±95%" in board.columns else None
+    axes[1].barh(names, acc, xerr=err, color="#55A868", capsize=3)
+    axes[1].set_xlabel("validation accuracy (± 95% over repeats)")
+    axes[1].set_xlim(0, 1)
+    fig.suptitle("Stage 1: base architecture")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_stage2(board: pl.DataFrame, selection, path: Path) -> None:
+    score, score_label = _score_column(board, selection)
+    opts = list(dict.fromkeys(board.sort("optimizer")["optimizer"].to_list()))
+    losses = list(dict.fromkeys(board.sort("loss")["loss"].to_list()))
+    grid = [[math.nan] * len(losses) for _ in opts]
+    for row in board.iter_rows(named=True):
+        grid[opts.index(row["optimizer"])][losses.index(row["loss"])] = row[score]
+    fig, ax = plt.subplots(figsize=(1.6 * len(losses) + 2.5, 1.1 * len(opts) + 1.8))
+    im = ax.imshow(grid, cmap="viridis")
+    ax.set_xticks(range(len(losses)), losses)
+    ax.set_yticks(range(len(opts)), opts)
+    ax.set_xlabel("loss")
+    ax.set_ylabel("optimizer")
+    for i in range(len(opts)):
+        for j in range(len(losses)):
+            if not math.isnan(grid[i][j]):
+                ax.text(j, i, f"{grid[i][j]:.3g}", ha="center", va="center", color="white", fontsize=10)
+    fig.colorbar(im, ax=ax, label=score_label)
+    ax.set_title("Stage 2: optimizer x loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_winner_config(trial_config: Path, path: Path, run_name: str) -> None:
+    """A fit config that reproduces the winner: the trial's resolved config without sweep-only settings."""
+    cfg = yaml.safe_load(trial_config.read_text())
+    run = cfg.get("run") or {}
+    run.update({"dir": None, "name": run_name, "wandb_group": None, "wandb_job_type": None, "wandb_tags": []})
+    cfg["run"] = run
+    trainer = cfg.get("trainer") or {}
+    callbacks = trainer.get("callbacks") or []
+    trainer["callbacks"] = [c for c in callbacks if not str(c.get("class_path", "")).startswith("sweeps.")] or None
+    trainer["enable_progress_bar"] = True
+    path.write_text("# Reproduces the sweep's winner: python cli.py fit --config " + str(path) + "\n"
+                    + yaml.safe_dump(cfg, sort_keys=False))
+
+
+def status_counts(study) -> dict[str, int]:
+    counts = {s.name.lower(): 0 for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get("duplicate_of") is not None:
+            counts["duplicates"] = counts.get("duplicates", 0) + 1
+        elif t.state.name.lower() in counts:
+            counts[t.state.name.lower()] += 1
+    return counts
+
+
+def val_test_table(summary: dict[str, Any]) -> pl.DataFrame:
+    """Study 002, 3.2: each metric on validation and test and the absolute difference."""
+    test = (summary.get("test") or {}).get("metrics", {})
+    rows = []
+    for title, key in STUDY_TABLE:
+        v, t = summary["val"].get(f"val/{key}"), test.get(key)
+        rows.append({"metric": title, "validation": v, "test": t,
+                     "|difference|": abs(v - t) if v is not None and t is not None else None})
+    return pl.DataFrame(rows)
+
+
+def study_table(summary: dict[str, Any]) -> pl.DataFrame:
+    """The winner's test results laid out like the studies' result tables."""
+    test = (summary.get("test") or {}).get("metrics", {})
+    model = f"{summary['base_architecture']} ({summary['optimizer']}, {summary['loss']})"
+    return pl.DataFrame([{"Model": model, **{title: test.get(key) for title, key in STUDY_TABLE}}])
+
+
+def write_all(sweep, out: Path, stages: dict[str, tuple], summary: dict[str, Any]) -> None:
+    """Leaderboards, plots, report.md and the W&B summary run."""
+    lines = [f"# Sweep `{sweep.name}`\n", f"Storage: `{sweep.storage_url}` — browse it with "
+             f"`optuna-dashboard {sweep.storage_url}`.\n",
+             f"Selection rule: **{sweep.selection.rule}**"
+             + (f" ({sweep.selection.metric}, {sweep.selection.direction})" if sweep.selection.rule == "metric" else
+                " (study 002: " + ", ".join(f"{t.weight:g} x {t.metric}" for t in sweep.selection.terms) + ")")
+             + f"; repeats per grid point: {sweep.repeats}.\n"]
+    for name, (study, trials, board) in stages.items():
+        write_table(board, out / f"{name}_leaderboard")
+        trials.write_parquet(out / f"{name}_trials.parquet")
+        plot = out / ("stage1.png" if name == "stage1" else "stage2_heatmap.png")
+        (plot_stage1 if name == "stage1" else plot_stage2)(board, sweep.selection, plot)
+        counts = status_counts(study)
+        lines += [f"## {name.replace('stage', 'Stage ')}\n",
+                  "Trials: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".\n",
+                  markdown_table(display_board(board)), f"\n![{name}]({plot.name})\n"]
+        failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))]
+        if failed:
+            lines.append("Failed trials:\n\n" + "\n".join(
+                f"- trial {t.number} {t.params or t.system_attrs.get('fixed_params')}: {t.user_attrs.get('fail_reason')}" for t in failed) + "\n")
+    lines += [f"## Winner\n\n**{summary['base_architecture']}** with **{summary['optimizer']}** and **{summary['loss']}** "
+              f"(trial {summary['trial']}, {summary['params']:,} parameters). Reproduce it with "
+              f"`python cli.py fit --config {out / 'winner.yaml'}`.\n"]
+    if summary.get("test"):
+        lines += ["### Validation vs test (study 002, 3.2)\n", markdown_table(val_test_table(summary)),
+                  "\n### Test results, as the studies report them\n", markdown_table(study_table(summary))]
+    (out / "report.md").write_text("\n".join(lines))
+    log_to_wandb(sweep, out, stages, summary)
+
+
+def log_to_wandb(sweep, out: Path, stages: dict[str, tuple], summary: dict[str, Any]) -> None:
+    mode = sweep.wandb or os.environ.get("WANDB_MODE", "offline")
+    if mode == "disabled":
+        return
+    import wandb
+
+    run = wandb.init(project="medsel", group=sweep.name, job_type="summary", name=f"{sweep.name}-leaderboard",
+                     dir=str(out), mode=mode, config={"sweep": sweep.name, "selection": sweep.selection.rule},
+                     reinit="finish_previous")
+    for name, (_, _, board) in stages.items():
+        shown = display_board(board)
+        run.log({f"{name}_leaderboard": wandb.Table(columns=shown.columns, data=[list(map(_fmt, r)) for r in shown.iter_rows()])})
+        image = out / ("stage1.png" if name == "stage1" else "stage2_heatmap.png")
+        if image.exists():
+            run.log({f"{name}_plot": wandb.Image(str(image))})
+    if summary.get("test"):
+        run.summary.update({f"test/{k}": v for k, v in summary["test"]["metrics"].items()})
+    run.finish()
