@@ -32,10 +32,10 @@ class Candidate:
         overrides: any other fit-config keys for this candidate, e.g. {data: {batch_size: 16}}.
     """
 
-    network: str | dict[str, Any]
+    network: str | dict
     label: str | None = None
     image_size: int | list[int] | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)
+    overrides: dict = field(default_factory=dict)  # plain dict: jsonargparse keeps {class_path: ...} raw
 
     @property
     def name(self) -> str:
@@ -57,7 +57,7 @@ class StageDefaults:
         image_size: input size (candidates may override).
     """
 
-    optimizer: str | dict[str, Any] | None = "rmsprop"
+    optimizer: str | dict | None = "rmsprop"
     lr: float | None = None
     loss: str | None = "ce"
     batch_size: int | None = 32
@@ -153,7 +153,7 @@ class SweepConfig:
 
     name: str
     base_config: str
-    overrides: dict[str, Any] = field(default_factory=dict)
+    overrides: dict = field(default_factory=dict)
     stage1: Stage1 = field(default_factory=Stage1)
     stage2: Stage2 = field(default_factory=Stage2)
     selection: Selection = field(default_factory=Selection)

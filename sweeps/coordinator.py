@@ -60,14 +60,29 @@ class Stage:
         return {k: list(dict.fromkeys(p[k] for p in self.grid)) for k in self.param_names}
 
 
-def make_storage(url: str) -> optuna.storages.BaseStorage:
-    """An RDB storage; SQLite waits for its write lock instead of failing under several workers."""
+def make_storage(url: str, attempts: int = 8) -> optuna.storages.BaseStorage:
+    """An RDB storage; SQLite waits for its write lock instead of failing under several workers.
+
+    Machines that start a sweep at the same moment on an empty database race to create Optuna's tables;
+    the loser retries and finds them.
+    """
+    import random
+
+    import sqlalchemy.exc
+
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 120}
     else:
         kwargs["pool_pre_ping"] = True
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 + random.random() * 1.5)
+    raise AssertionError("unreachable")
 
 
 def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
@@ -78,10 +93,21 @@ def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+class EnqueuedGridSampler(optuna.samplers.GridSampler):
+    """The stage's exhaustive grid, realised as enqueued trials that workers claim one by one.
+
+    GridSampler ends a `study.optimize` loop once its grid is exhausted; workers here claim trials
+    explicitly instead of running `optimize`, so there is no loop to stop.
+    """
+
+    def after_trial(self, study, trial, state, values) -> None:
+        return None
+
+
 def open_study(storage, stage: Stage, pruner: optuna.pruners.BasePruner, seed: int = 0) -> optuna.Study:
-    """Create or load the stage's study. Its GridSampler records the exhaustive grid (visible in
+    """Create or load the stage's study. Its grid sampler records the exhaustive grid (visible in
     optuna-dashboard); the trials themselves are the enqueued grid points."""
-    sampler = optuna.samplers.GridSampler(stage.search_space(), seed=seed)
+    sampler = EnqueuedGridSampler(stage.search_space(), seed=seed)
     return optuna.create_study(
         study_name=stage.study_name, storage=storage, sampler=sampler, pruner=pruner,
         direction=stage.direction, load_if_exists=True,
@@ -159,12 +185,27 @@ def recover_stale(study: optuna.Study, grace_seconds: float) -> list[int]:
     return recovered
 
 
+def _tag_grid_id(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Give an enqueued trial the `grid_id` GridSampler would have assigned, so the sampler's bookkeeping
+    (which grid points are visited; what optuna-dashboard shows) matches the enqueued grid."""
+    sampler = study.sampler
+    grids, names = getattr(sampler, "_all_grids", None), getattr(sampler, "_param_names", None)
+    if grids is None or names is None or "grid_id" in trial.system_attrs:
+        return
+    params = grid_params(trial)
+    point = tuple(params.get(n) for n in names)
+    if point in grids:
+        study._storage.set_trial_system_attr(trial._trial_id, "grid_id", grids.index(point))
+        study._storage.set_trial_system_attr(trial._trial_id, "search_space", sampler._search_space)
+
+
 def claim(study: optuna.Study) -> FrozenTrial | None:
     """Atomically take the lowest-numbered WAITING trial (WAITING -> RUNNING), or None."""
     storage = study._storage
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         try:
             if storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
+                _tag_grid_id(study, t)
                 return storage.get_trial(t._trial_id)
         except UpdateFinishedTrialError:
             continue

@@ -20,20 +20,28 @@ class OptunaPruning(Callback):
         study_name: the stage's study.
         trial_id: the Optuna trial id this run belongs to.
         monitor: the metric reported (the stage's objective).
+        pruner: the sweep's pruner ("median" or "hyperband"); Optuna does not store it with the study.
+        max_epochs: epochs per trial (Hyperband's maximum resource).
     """
 
-    def __init__(self, storage: str, study_name: str, trial_id: int, monitor: str = "val/loss"):
+    def __init__(self, storage: str, study_name: str, trial_id: int, monitor: str = "val/loss",
+                 pruner: str = "median", max_epochs: int = 15):
         self.storage = storage
         self.study_name = study_name
         self.trial_id = trial_id
         self.monitor = monitor
+        self.pruner = pruner
+        self.max_epochs = max_epochs
         self._trial = None
 
     def _optuna_trial(self):
         if self._trial is None:
             import optuna
 
-            study = optuna.load_study(study_name=self.study_name, storage=self.storage)
+            from sweeps.coordinator import make_pruner, make_storage
+
+            study = optuna.load_study(study_name=self.study_name, storage=make_storage(self.storage),
+                                      pruner=make_pruner(self.pruner, self.max_epochs))
             self._trial = optuna.trial.Trial(study, self.trial_id)
         return self._trial
 

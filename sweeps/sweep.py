@@ -107,7 +107,7 @@ class TrialRunner:
         pruning = None
         if self.sweep.pruner != "none":
             pruning = {"storage": self.sweep.storage_url, "study_name": self.stage.study_name, "trial_id": tid,
-                       "monitor": self.stage.objective}
+                       "monitor": self.stage.objective, "pruner": self.sweep.pruner, "max_epochs": _max_epochs(self.sweep)}
         cfg = trials.finalize(cfg, self.sweep, run_dir, self.stage.name, self.sweep.seed + params["repeat"], tags, pruning)
         storage.set_trial_user_attr(tid, "run_dir", str(run_dir))
         print(f"[sweep] {self.stage.name} trial {frozen.number}: {label} repeat {params['repeat']} -> {run_dir}", flush=True)
@@ -155,9 +155,13 @@ def _worker_main(sweep_dict: dict, stage_name: str, base: str | None, env: dict[
     run_stage_worker(sweep, stage1(sweep) if stage_name == "stage1" else stage2(sweep), base)
 
 
+def _max_epochs(sweep: SweepConfig) -> int:
+    return int((trials.base_trial_config(sweep).get("trainer") or {}).get("max_epochs") or 15)
+
+
 def _open(sweep: SweepConfig, stage: coord.Stage) -> optuna.Study:
-    max_epochs = int((trials.base_trial_config(sweep).get("trainer") or {}).get("max_epochs") or 15)
-    return coord.open_study(coord.make_storage(sweep.storage_url), stage, coord.make_pruner(sweep.pruner, max_epochs), sweep.seed)
+    pruner = coord.make_pruner(sweep.pruner, _max_epochs(sweep))
+    return coord.open_study(coord.make_storage(sweep.storage_url), stage, pruner, sweep.seed)
 
 
 def run_stage_worker(sweep: SweepConfig, stage: coord.Stage, base: str | None) -> None:
