@@ -235,3 +235,24 @@ def test_sweep_on_covid_ct(tmp_path, covid_ct, shared_artifacts):
     assert_each_grid_point_once(s2, 9)
     winner = json.loads((out / "winner.json").read_text())
     assert winner["test"]["metrics"]["acc"] > 0.6
+
+
+@pytest.mark.slow
+def test_pruning_under_ddp(tmp_path, shared_artifacts):
+    """Trials that are themselves 2-process DDP runs (gloo on CPU): rank 0 asks the pruner, all ranks stop."""
+    cfg = write_sweep(tmp_path, shared_artifacts, pruner="median",
+                      overrides={**FAST, "data": {"num_workers": 0, "artifacts_dir": str(shared_artifacts)},
+                                 "trainer": {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "enable_model_summary": False}},
+                      stage1={"candidates": [{"network": "ctnet10"}, {"network": "resnet10t"}, {"network": "ctnet10", "label": "ctnet_lr0",
+                              "overrides": {"model": {"optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.0}}}}}],
+                              "defaults": {"optimizer": "adam", "loss": "ce", "batch_size": 16, "max_epochs": 4, "image_size": 32}},
+                      stage2={"optimizers": ["adam"], "losses": ["ce"]})
+    proc = run_cli("sweep", "--config", str(cfg), timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    s1, s2 = studies(tmp_path)
+    pruned = s1.get_trials(states=(TrialState.PRUNED,))
+    assert [t.params["candidate"] for t in pruned] == ["ctnet_lr0"]
+    assert pruned[0].user_attrs["epochs_run"] < 4
+    log = (Path(pruned[0].user_attrs["run_dir"]) / "fit.log").read_text()
+    assert "MEMBER: 2/2" in log  # it really ran as two processes
+    assert_each_grid_point_once(s2, 1)
