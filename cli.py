@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return sweep_main(argv[1:])
         if command == "report":
-            from sweeps.report_cli import main as report_main
+            from lightning_modules.evaluation.cli import main as report_main
 
             return report_main(argv[1:])
         if command == "serve":

@@ -37,7 +37,17 @@ class ModelInfoWriter(Callback):
 
 
 class TestResultsWriter(Callback):
-    """After `test`: test_metrics.json/.csv, the confusion matrix and per-image predictions in the run dir."""
+    """After `test`: test_metrics.json/.csv and the confusion matrix in the run dir, then the evaluation report
+    (intervals, calibration, plots, heat maps; see `lightning_modules.evaluation.report`).
+
+    Args:
+        report: what the report contains (None: no report).
+        wandb_mode: W&B mode of the run, for the report's plots and tables.
+    """
+
+    def __init__(self, report=None, wandb_mode: str | None = None):
+        self.report = report
+        self.wandb_mode = wandb_mode
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         results = getattr(pl_module, "test_results", None)
@@ -58,16 +68,14 @@ class TestResultsWriter(Callback):
         cm = pl.DataFrame({"true": classes, **{f"pred_{c}": [row[j] for row in results["confusion_matrix"]]
                                                for j, c in enumerate(classes)}})
         cm.write_csv(out / "test_confusion_matrix.csv")
-        probs, targets = results["probs"], results["targets"]
-        dm = trainer.datamodule
-        paths = dm.split_paths("test") if hasattr(dm, "split_paths") and trainer.world_size == 1 else None
-        frame = pl.DataFrame({
-            **({"path": paths} if paths is not None and len(paths) == len(targets) else {}),
-            "label": [classes[int(t)] for t in targets],
-            "predicted": [classes[int(i)] for i in probs.argmax(1)],
-            **{f"p_{c}": probs[:, j].tolist() for j, c in enumerate(classes)},
-        })
-        frame.write_parquet(out / "test_predictions.parquet")
+        if self.report is not None and self.report.enabled and hasattr(trainer.datamodule, "resolve"):
+            from lightning.pytorch.loggers import WandbLogger
+
+            from lightning_modules.evaluation.report import build_report
+
+            wandb_run = next((lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+            page = build_report(out, pl_module, trainer.datamodule, self.report, self.wandb_mode, wandb_run=wandb_run)
+            print(f"[report] {page}")
 
 
 class PredictionWriter(BasePredictionWriter):

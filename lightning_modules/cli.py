@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from datamodules import ImageDataModule
 from lightning_modules.callbacks import ModelInfoWriter, PredictionWriter, TestResultsWriter
 from lightning_modules.classifier import ImageClassifier
+from lightning_modules.evaluation.report import ReportConfig
 from lightning_modules.registry import ConfigError
 
 _RUN_DIR_ENV = "MEDSEL_RUN_DIR"
@@ -101,9 +102,7 @@ def build_loggers(run: RunConfig, run_dir: Path, stage: str) -> list[Logger]:
     """CSV metrics for `fit` (later stages must not overwrite metrics.csv; they write their own files)
     and W&B unless disabled."""
     loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="")] if stage == "fit" else []
-    mode = run.wandb or os.environ.get("WANDB_MODE", "offline")
-    if mode not in ("offline", "online", "disabled"):
-        raise ConfigError(f"run.wandb / $WANDB_MODE must be offline, online or disabled, got {mode!r}")
+    mode = wandb_mode(run)
     if mode != "disabled":
         from lightning.pytorch.loggers import WandbLogger
 
@@ -118,14 +117,21 @@ def build_loggers(run: RunConfig, run_dir: Path, stage: str) -> list[Logger]:
     return loggers
 
 
-def build_callbacks(run: RunConfig, run_dir: Path) -> list[Callback]:
+def wandb_mode(run: RunConfig) -> str:
+    mode = run.wandb or os.environ.get("WANDB_MODE", "offline")
+    if mode not in ("offline", "online", "disabled"):
+        raise ConfigError(f"run.wandb / $WANDB_MODE must be offline, online or disabled, got {mode!r}")
+    return mode
+
+
+def build_callbacks(run: RunConfig, run_dir: Path, report: ReportConfig | None = None) -> list[Callback]:
     callbacks: list[Callback] = [
         ModelCheckpoint(
             dirpath=str(run_dir / "checkpoints"), filename="best", monitor=run.monitor, mode=run.mode,
             save_top_k=1, save_last=True, auto_insert_metric_name=False,
         ),
         ModelInfoWriter(),
-        TestResultsWriter(),
+        TestResultsWriter(report, wandb_mode(run)),
         PredictionWriter(),
     ]
     if run.early_stopping_patience is not None:
@@ -173,6 +179,7 @@ class MedselCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(RunConfig, "run")
+        parser.add_class_arguments(ReportConfig, "report")
         parser.link_arguments("data.image_size", "model.image_size")
         parser.link_arguments("data.channels", "model.in_chans")
         parser.link_arguments("data", "model.classes", compute_fn=lambda dm: dm.classes, apply_on="instantiate")
@@ -194,12 +201,13 @@ class MedselCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         cfg = self._cfg()
         run = RunConfig(**{k: v for k, v in vars(cfg.run).items() if not k.startswith("__")})
+        report = ReportConfig(**{k: v for k, v in vars(cfg.report).items() if not k.startswith("__")})
         if config.get("logger") in (None, True):
             config["logger"] = build_loggers(run, self.run_dir, self.subcommand or "fit")
         if config.get("enable_checkpointing") is False:
-            callbacks = callbacks + [c for c in build_callbacks(run, self.run_dir) if not isinstance(c, ModelCheckpoint)]
+            callbacks = callbacks + [c for c in build_callbacks(run, self.run_dir, report) if not isinstance(c, ModelCheckpoint)]
         else:
-            callbacks = callbacks + build_callbacks(run, self.run_dir)
+            callbacks = callbacks + build_callbacks(run, self.run_dir, report)
         config["default_root_dir"] = str(self.run_dir)
         return super()._instantiate_trainer(config, callbacks)
 

@@ -16,6 +16,8 @@ import polars as pl  # noqa: E402
 import yaml  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
+from lightning_modules.evaluation.document import Document, fmt  # noqa: E402
+
 LEADERBOARD_METRICS = [
     "val/acc", "val/loss", "val/nll", "val/overfit", "val/sensitivity", "val/specificity", "val/precision", "val/f1",
     "val/mcc", "val/auroc", "val/balanced_acc", "train/acc",
@@ -23,21 +25,6 @@ LEADERBOARD_METRICS = [
 STUDY_TABLE = [("Accuracy", "acc"), ("Balanced acc.", "balanced_acc"), ("Precision", "precision"),
                ("Sensitivity", "sensitivity"), ("Specificity", "specificity"), ("F1", "f1"), ("MCC", "mcc"),
                ("AUROC", "auroc")]
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "—" if math.isnan(v) else f"{v:.4f}"
-    return "—" if v is None else str(v)
-
-
-def markdown_table(frame: pl.DataFrame) -> str:
-    if frame.is_empty():
-        return "_(empty)_\n"
-    head = "| " + " | ".join(frame.columns) + " |"
-    sep = "|" + "|".join("---" for _ in frame.columns) + "|"
-    body = ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in frame.iter_rows()]
-    return "\n".join([head, sep, *body]) + "\n"
 
 
 def display_board(board: pl.DataFrame) -> pl.DataFrame:
@@ -48,7 +35,7 @@ def display_board(board: pl.DataFrame) -> pl.DataFrame:
             continue
         if f"{c} ±95%" in board.columns:
             cols.append(pl.struct(c, f"{c} ±95%").map_elements(
-                lambda s, c=c: _fmt(s[c]) + ("" if s[f"{c} ±95%"] is None or math.isnan(s[f"{c} ±95%"]) else f" ± {s[f'{c} ±95%']:.4f}"),
+                lambda s, c=c: fmt(s[c]) + ("" if s[f"{c} ±95%"] is None or math.isnan(s[f"{c} ±95%"]) else f" ± {s[f'{c} ±95%']:.4f}"),
                 return_dtype=pl.String).alias(c))
         else:
             cols.append(pl.col(c))
@@ -58,7 +45,9 @@ def display_board(board: pl.DataFrame) -> pl.DataFrame:
 def write_table(frame: pl.DataFrame, stem: Path) -> None:
     frame.write_parquet(stem.with_suffix(".parquet"))
     frame.write_csv(stem.with_suffix(".csv"))
-    stem.with_suffix(".md").write_text(markdown_table(display_board(frame)))
+    doc = Document(stem.parent)
+    doc.table(display_board(frame))
+    stem.with_suffix(".md").write_text(doc.markdown())
 
 
 def _score_column(board: pl.DataFrame, selection) -> tuple[str, str]:
@@ -151,33 +140,43 @@ def study_table(summary: dict[str, Any]) -> pl.DataFrame:
 
 
 def write_all(sweep, out: Path, stages: dict[str, tuple], summary: dict[str, Any]) -> None:
-    """Leaderboards, plots, report.md and the W&B summary run."""
-    lines = [f"# Sweep `{sweep.name}`\n", f"Storage: `{sweep.storage_url}` — browse it with "
-             f"`optuna-dashboard {sweep.storage_url}`.\n",
-             f"Selection rule: **{sweep.selection.rule}**"
-             + (f" ({sweep.selection.metric}, {sweep.selection.direction})" if sweep.selection.rule == "metric" else
-                " (study 002: " + ", ".join(f"{t.weight:g} x {t.metric}" for t in sweep.selection.terms) + ")")
-             + f"; repeats per grid point: {sweep.repeats}.\n"]
+    """Leaderboards, plots, report.md/.html (with the winner's evaluation report) and the W&B summary run."""
+    doc = Document(out)
+    doc.h1(f"Sweep {sweep.name}")
+    doc.p(f"Storage `{sweep.storage_url}` — browse it with `optuna-dashboard {sweep.storage_url}`.")
+    rule = (f"{sweep.selection.metric} ({sweep.selection.direction})" if sweep.selection.rule == "metric" else
+            "study 002 overall score: " + ", ".join(f"{t.weight:g} x {t.metric}" for t in sweep.selection.terms))
+    doc.p(f"Selection: **{sweep.selection.rule}** ({rule}); ties go to fewer parameters; {sweep.repeats} repeat(s) "
+          "per grid point (mean ± 95% interval over repeats; `first_in_repeats`: how often it ranked first).")
     for name, (study, trials, board) in stages.items():
         write_table(board, out / f"{name}_leaderboard")
         trials.write_parquet(out / f"{name}_trials.parquet")
         plot = out / ("stage1.png" if name == "stage1" else "stage2_heatmap.png")
         (plot_stage1 if name == "stage1" else plot_stage2)(board, sweep.selection, plot)
         counts = status_counts(study)
-        lines += [f"## {name.replace('stage', 'Stage ')}\n",
-                  "Trials: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".\n",
-                  markdown_table(display_board(board)), f"\n![{name}]({plot.name})\n"]
-        failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))]
+        doc.h2("Stage 1: base architecture" if name == "stage1" else "Stage 2: optimizer x loss")
+        doc.p("Trials: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".")
+        doc.table(display_board(board))
+        doc.image(plot, f"{name} comparison")
+        failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
         if failed:
-            lines.append("Failed trials:\n\n" + "\n".join(
-                f"- trial {t.number} {t.params or t.system_attrs.get('fixed_params')}: {t.user_attrs.get('fail_reason')}" for t in failed) + "\n")
-    lines += [f"## Winner\n\n**{summary['base_architecture']}** with **{summary['optimizer']}** and **{summary['loss']}** "
-              f"(trial {summary['trial']}, {summary['params']:,} parameters). Reproduce it with "
-              f"`python cli.py fit --config {out / 'winner.yaml'}`.\n"]
+            doc.h3("Failed trials")
+            doc.table(pl.DataFrame([{"trial": t.number, "grid point": str(t.system_attrs.get("fixed_params") or t.params),
+                                     "reason": str(t.user_attrs.get("fail_reason"))} for t in failed]))
+    doc.h2("Winner")
+    doc.p(f"**{summary['base_architecture']}** with **{summary['optimizer']}** and **{summary['loss']}** (trial "
+          f"{summary['trial']}, {summary['params']:,} parameters). Reproduce it with "
+          f"`python cli.py fit --config {out / 'winner.yaml'}`.")
     if summary.get("test"):
-        lines += ["### Validation vs test (study 002, 3.2)\n", markdown_table(val_test_table(summary)),
-                  "\n### Test results, as the studies report them\n", markdown_table(study_table(summary))]
-    (out / "report.md").write_text("\n".join(lines))
+        doc.h3("Validation vs test (study 002, 3.2)")
+        doc.table(val_test_table(summary))
+        doc.h3("Test results, laid out like the studies' tables")
+        doc.table(study_table(summary))
+    winner_report = Path(summary["run_dir"]) / "report.json"
+    if winner_report.exists():
+        doc.h2("Evaluation of the winner")
+        doc.extend(Document.load_json(winner_report))
+    doc.write(out / "report", f"Sweep {sweep.name}")
     log_to_wandb(sweep, out, stages, summary)
 
 
@@ -192,7 +191,7 @@ def log_to_wandb(sweep, out: Path, stages: dict[str, tuple], summary: dict[str, 
                      reinit="finish_previous")
     for name, (_, _, board) in stages.items():
         shown = display_board(board)
-        run.log({f"{name}_leaderboard": wandb.Table(columns=shown.columns, data=[list(map(_fmt, r)) for r in shown.iter_rows()])})
+        run.log({f"{name}_leaderboard": wandb.Table(columns=shown.columns, data=[list(map(fmt, r)) for r in shown.iter_rows()])})
         image = out / ("stage1.png" if name == "stage1" else "stage2_heatmap.png")
         if image.exists():
             run.log({f"{name}_plot": wandb.Image(str(image))})

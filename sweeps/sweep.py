@@ -28,6 +28,7 @@ from sweeps import coordinator as coord
 from sweeps import isolation, outputs, ranking, trials
 from sweeps.config import Candidate, SweepConfig
 
+
 class SweepError(RuntimeError):
     """A sweep that cannot go on (e.g. no trial of a stage finished); printed without a traceback."""
 

@@ -79,6 +79,11 @@ class AttentionVGG16(nn.Module):
         self.num_features = 1024
         self.last_attention: torch.Tensor | None = None
 
+    @property
+    def gradcam_layer(self) -> nn.Module:
+        """Grad-CAM explains block4_conv3 (layer 13), the features the attention gate weighs (16x16 at 128 px)."""
+        return self.to_block4
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x13 = self.to_block4(x)
         g = self.to_block5_pool(x13)

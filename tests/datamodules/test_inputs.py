@@ -80,7 +80,7 @@ def test_truncated_file_is_caught_even_when_header_is_intact(tmp_path):
 
 
 def test_manifest_problems(tmp_path):
-    root = make_folder(tmp_path / "data")
+    make_folder(tmp_path / "data")
     manifest = tmp_path / "data" / "labels.csv"
     rows = [f"benign/benign_{i}.png,benign,p{i}" for i in range(12)] + [f"malignant/malignant_{i}.png,malignant,q{i}" for i in range(12)]
     rows += ["malignant/missing.png,malignant,q99", "benign/benign_1.png,benign,p1", "benign/benign_2.png,cyst,p2"]

@@ -6,7 +6,6 @@ import json
 import re
 
 import polars as pl
-import pytest
 import torch
 
 from tests.conftest import REPO, run_cli, small_fit_args

@@ -8,7 +8,13 @@ import torch
 from lightning_modules import ConfigError, ImageClassifier, NetworkConfig
 from lightning_modules.losses import LOSSES
 from lightning_modules.networks import CUSTOM_NETWORKS, build_network
-from lightning_modules.optimizers import OPTIMIZERS, SCHEDULERS, build_optimizer, build_scheduler, optimizer_config
+from lightning_modules.optimizers import (
+    OPTIMIZERS,
+    SCHEDULERS,
+    build_optimizer,
+    build_scheduler,
+    optimizer_config,
+)
 
 # The backbones the four studies compared, as timm names (small variants where a family has several).
 STUDY_BACKBONES = {

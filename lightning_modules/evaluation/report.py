@@ -1,0 +1,262 @@
+"""One report per evaluation: metrics with intervals, calibration, plots and a heat-map gallery.
+
+Written into the run directory as `report.md` (with `report_files/*.png`) and `report.html` (one file,
+images embedded), plus `evaluation.json` with the numbers and `test_predictions.parquet` per image.
+Built at the end of `cli.py test` and rebuilt from a finished run by `cli.py report RUN_DIR`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import polars as pl
+import torch
+from PIL import Image
+
+from datamodules import splits
+from lightning_modules.evaluation import calibration, plots
+from lightning_modules.evaluation.document import Document
+from lightning_modules.evaluation.heatmaps import HeatmapUnavailable, heatmaps, overlay
+from lightning_modules.evaluation.intervals import bootstrap
+from lightning_modules.metrics import METRIC_NAMES
+
+TITLES = {"acc": "Accuracy", "balanced_acc": "Balanced accuracy", "precision": "Precision", "sensitivity": "Sensitivity",
+          "specificity": "Specificity", "f1": "F1", "mcc": "MCC", "auroc": "AUROC"}
+
+
+@dataclass
+class ReportConfig:
+    """What an evaluation report contains.
+
+    Attributes:
+        enabled: build the report after `test`.
+        bootstrap: bootstrap resamples for the intervals.
+        level: interval coverage.
+        calibration_bins: confidence bins for ECE and the reliability diagram.
+        temperature_scaling: fit a temperature on the validation split and report calibration before/after.
+        heatmap: "gradcam", "gradcam++" or "none".
+        heatmaps_per_class: test images per class in the gallery, for correct and for wrong predictions each.
+        seed: bootstrap seed.
+    """
+
+    enabled: bool = True
+    bootstrap: int = 1000
+    level: float = 0.95
+    calibration_bins: int = 10
+    temperature_scaling: bool = True
+    heatmap: Literal["gradcam", "gradcam++", "none"] = "gradcam"
+    heatmaps_per_class: int = 2
+    seed: int = 0
+
+
+def predict_split(model, datamodule, split: str) -> tuple[np.ndarray, np.ndarray, pl.DataFrame]:
+    """Probabilities for one split, in split-file order, with the rows' path/label/patient_id."""
+    frame = datamodule.resolve().frame.filter(pl.col("split") == split)
+    dataset = datamodule.datasets.get(split)
+    if dataset is None:
+        datamodule.setup()
+        dataset = datamodule.datasets[split]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=datamodule.batch_size, shuffle=False, num_workers=0)
+    was = model.training
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for images, _ in loader:
+            out.append(model.predict_step((images.to(model.device),), 0).float().cpu())
+    model.train(was)
+    probs = torch.cat(out).numpy() if out else np.zeros((0, len(model.classes)), np.float32)
+    return probs, frame["target"].to_numpy(), frame.select("path", "label", "patient_id")
+
+
+def _panel(image: np.ndarray, maps: list[np.ndarray], path: Path, min_side: int = 192) -> Path:
+    """Original | overlays side by side, upscaled so small inputs stay visible."""
+    import cv2
+
+    rgb = image if image.shape[2] == 3 else np.repeat(image, 3, axis=2)
+    tiles = [rgb, *[overlay(image, m) for m in maps]]
+    scale = max(1, int(np.ceil(min_side / rgb.shape[0])))
+    tiles = [cv2.resize(t, (t.shape[1] * scale, t.shape[0] * scale), interpolation=cv2.INTER_NEAREST) for t in tiles]
+    gap = np.full((tiles[0].shape[0], 4, 3), 255, np.uint8)
+    Image.fromarray(np.concatenate([x for t in tiles for x in (t, gap)][:-1], axis=1)).save(path)
+    return path
+
+
+def _gallery(model, dataset, probs, targets, cfg: ReportConfig, out: Path) -> tuple[list[tuple[Path, str]], str]:
+    """Most confident correct and wrong test images of each class with their heat maps."""
+    classes = model.classes
+    preds = probs.argmax(1)
+    conf = probs.max(1)
+    picked = []
+    for c in range(len(classes)):
+        for correct in (True, False):
+            idx = np.flatnonzero((targets == c) & ((preds == c) == correct))
+            picked += [(int(i), correct) for i in idx[np.argsort(-conf[idx])][: cfg.heatmaps_per_class]]
+    if not picked:
+        return [], ""
+    images = torch.stack([dataset[i][0] for i, _ in picked])  # (B, H, W, C) uint8
+    cams, attention = heatmaps(model.net, images, [int(preds[i]) for i, _ in picked], cfg.heatmap)
+    items = []
+    for k, (i, correct) in enumerate(picked):
+        maps = [cams[k]] + ([attention[k]] if attention is not None else [])
+        name = f"heatmap_{k:02d}_{classes[targets[i]]}_{'correct' if correct else 'wrong'}.png"
+        caption = (f"true {classes[targets[i]]}, predicted {classes[preds[i]]} (p={conf[i]:.2f}) — "
+                   f"{'correct' if correct else 'WRONG'}")
+        items.append((_panel(images[k].numpy(), maps, out / name), caption))
+    layout = "image | " + cfg.heatmap + (" | attention gate" if attention is not None else "")
+    return items, layout
+
+
+def build_report(run_dir: Path, model, datamodule, cfg: ReportConfig, wandb_mode: str | None = None,
+                 wandb_project: str = "medsel", wandb_run=None) -> Path:
+    """Evaluate `model` on the test split of `datamodule` and write the report into `run_dir`.
+
+    Args:
+        run_dir: the run directory.
+        model: the trained ImageClassifier.
+        datamodule: its ImageDataModule.
+        cfg: what to include.
+        wandb_mode: offline/online/disabled/None: where the plots and tables also go.
+        wandb_project: W&B project for a resumed run.
+        wandb_run: an active W&B run to log into (the test's own logger) instead of resuming one.
+
+    Returns:
+        The path of report.html.
+    """
+    run_dir = Path(run_dir)
+    files = run_dir / "report_files"
+    files.mkdir(parents=True, exist_ok=True)
+    classes = list(model.classes)
+    pos = model.positive_index if len(classes) == 2 else 1
+    probs, targets, rows = predict_split(model, datamodule, "test")
+    groups = rows["patient_id"].to_numpy() if rows["patient_id"].null_count() < rows.height else None
+    overall, per_class = bootstrap(probs, targets, pos, groups, cfg.bootstrap, cfg.level, cfg.seed)
+    rows.with_columns(
+        predicted=pl.Series([classes[i] for i in probs.argmax(1)]),
+        **{f"p_{c}": pl.Series(probs[:, j]) for j, c in enumerate(classes)},
+    ).write_parquet(run_dir / "test_predictions.parquet")
+
+    eces = {"test": calibration.expected_calibration_error(probs, targets, cfg.calibration_bins)}
+    bins = {"test": calibration.reliability(probs, targets, cfg.calibration_bins)}
+    nlls = {"test": calibration.nll(probs, targets)}
+    temperature = None
+    if cfg.temperature_scaling and (datamodule.resolve().frame["split"] == "val").any():
+        val_probs, val_targets, _ = predict_split(model, datamodule, "val")
+        temperature = calibration.fit_temperature(val_probs, val_targets)
+        scaled = calibration.apply_temperature(probs, temperature)
+        name = f"test, T={temperature:.2f}"
+        eces[name] = calibration.expected_calibration_error(scaled, targets, cfg.calibration_bins)
+        bins[name] = calibration.reliability(scaled, targets, cfg.calibration_bins)
+        nlls[name] = calibration.nll(scaled, targets)
+
+    cm = np.zeros((len(classes), len(classes)), dtype=int)
+    np.add.at(cm, (targets, probs.argmax(1)), 1)
+    figures = {
+        "confusion": plots.confusion_matrices(cm, classes, files / "confusion_matrix.png"),
+        "roc": plots.roc_curves(probs, targets, classes, pos, files / "roc.png"),
+        "pr": plots.pr_curves(probs, targets, classes, pos, files / "precision_recall.png"),
+        "reliability": plots.reliability_diagram(bins, eces, files / "reliability.png"),
+        "curves": plots.training_curves(run_dir / "metrics.csv", files / "training_curves.png"),
+    }
+    gallery, layout, heat_note = [], "", ""
+    if cfg.heatmap != "none":
+        try:
+            gallery, layout = _gallery(model, datamodule.datasets["test"], probs, targets, cfg, files)
+        except HeatmapUnavailable as e:
+            heat_note = f"No heat maps: {e}."
+
+    evaluation = {
+        "n_images": int(len(targets)), "resampled": "patients" if groups is not None else "images",
+        "n_groups": int(len(np.unique(groups))) if groups is not None else int(len(targets)),
+        "level": cfg.level, "bootstrap": cfg.bootstrap,
+        "metrics": {k: asdict(v) for k, v in overall.items()},
+        "per_class": {m: {classes[c]: asdict(v) for c, v in enumerate(vals)} for m, vals in per_class.items()},
+        "calibration": {"ece": eces, "nll": nlls, "temperature": temperature, "bins": cfg.calibration_bins},
+        "positive_class": classes[pos] if len(classes) == 2 else None, "classes": classes,
+    }
+    (run_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
+
+    doc = run_document(run_dir, model, datamodule, evaluation, figures, gallery, layout, heat_note)
+    _, page = doc.write(run_dir / "report", f"Evaluation — {run_dir.name}")
+    _log_wandb(run_dir, evaluation, figures, gallery, wandb_mode, wandb_project, wandb_run)
+    return page
+
+
+def metrics_table(evaluation: dict) -> pl.DataFrame:
+    pct = f"{100 * evaluation['level']:g}% interval"
+    return pl.DataFrame([{"metric": TITLES[k], "value": evaluation["metrics"][k]["value"],
+                          pct: f"{evaluation['metrics'][k]['low']:.3f} – {evaluation['metrics'][k]['high']:.3f}"}
+                         for k in METRIC_NAMES])
+
+
+def run_document(run_dir: Path, model, datamodule, evaluation: dict, figures: dict, gallery, layout: str,
+                 heat_note: str) -> Document:
+    classes = evaluation["classes"]
+    doc = Document(run_dir)
+    net = model.hparams.get("network", {}) or {}
+    doc.h1(f"Evaluation of {net.get('name', 'model')} — {run_dir.name}")
+    doc.p(f"Run directory `{run_dir}`; {model.num_parameters():,} parameters; loss `{model.hparams.get('loss')}`; "
+          f"classes {', '.join(classes)}" + (f"; positive class **{evaluation['positive_class']}**." if evaluation["positive_class"] else "."))
+    doc.p("This is a research tool. Its numbers describe this test set, not a clinical validation.")
+    doc.h2("Data split")
+    doc.table(splits.count_table(datamodule.resolve().frame, classes))
+    doc.h2("Test metrics")
+    doc.p(f"{evaluation['n_images']} test images; {100 * evaluation['level']:g}% bootstrap intervals from "
+          f"{evaluation['bootstrap']} resamples of {evaluation['n_groups']} {evaluation['resampled']}"
+          + (" (all images of a patient are drawn together)." if evaluation["resampled"] == "patients" else "."))
+    doc.table(metrics_table(evaluation))
+    if evaluation["per_class"]:
+        doc.h3("Per class (one-vs-rest)")
+        rows = []
+        for c in classes:
+            row = {"class": c}
+            for m in ("sensitivity", "specificity", "precision", "f1"):
+                v = evaluation["per_class"][m][c]
+                row[m] = f"{v['value']:.3f} ({v['low']:.3f} – {v['high']:.3f})"
+            rows.append(row)
+        doc.table(pl.DataFrame(rows))
+    doc.h2("Calibration")
+    cal = evaluation["calibration"]
+    doc.table(pl.DataFrame([{"probabilities": k, "ECE": v, "NLL": cal["nll"][k]} for k, v in cal["ece"].items()]))
+    if cal["temperature"] is not None:
+        doc.p(f"Temperature scaling fitted on the validation split: T = {cal['temperature']:.3f} "
+              f"({'over' if cal['temperature'] > 1 else 'under'}-confident before scaling). Accuracy is unchanged by it.")
+    doc.image(figures["reliability"], "Reliability diagram")
+    doc.h2("Plots")
+    doc.image(figures["confusion"], "Confusion matrix")
+    doc.image(figures["roc"], "ROC curves")
+    doc.image(figures["pr"], "Precision-recall curves")
+    doc.image(figures["curves"], "Training curves")
+    doc.h2("Where the model looks")
+    if gallery:
+        doc.p(f"Panels: {layout}. The most confident correct and wrong test images of each class.")
+        doc.gallery(gallery)
+    else:
+        doc.p(heat_note or "Heat maps are off (report.heatmap: none).")
+    return doc
+
+
+def _log_wandb(run_dir: Path, evaluation: dict, figures: dict, gallery, mode: str | None, project: str, run=None) -> None:
+    if run is None and mode in (None, "disabled"):
+        return
+    import wandb
+
+    from lightning_modules.cli import wandb_run_id
+
+    owned = run is None
+    if owned:
+        run = wandb.init(project=project, id=wandb_run_id(run_dir), resume="allow", dir=str(run_dir), mode=mode,
+                         reinit="finish_previous")
+    table = metrics_table(evaluation)
+    run.log({
+        "report/metrics": wandb.Table(columns=table.columns, data=[list(r) for r in table.iter_rows()]),
+        **{f"report/{k}": wandb.Image(str(p)) for k, p in figures.items() if p is not None},
+        "report/heatmaps": [wandb.Image(str(p), caption=c) for p, c in gallery],
+    })
+    run.summary.update({f"test/{k}_ci_low": v["low"] for k, v in evaluation["metrics"].items()})
+    run.summary.update({f"test/{k}_ci_high": v["high"] for k, v in evaluation["metrics"].items()})
+    if owned:
+        run.finish()
