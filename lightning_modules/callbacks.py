@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import polars as pl
@@ -34,6 +35,31 @@ class ModelInfoWriter(Callback):
             "positive_class": pl_module.classes[pl_module.positive_index] if len(pl_module.classes) == 2 else None,
         }
         (out / "model.json").write_text(json.dumps(info, indent=2))
+
+
+class FitTimer(Callback):
+    """timing.json: wall-clock time of the train+validation loop versus everything around it.
+
+    The process start time is included so sweeps and benchmarks can tell a run's fixed cost (start-up,
+    model build, loggers, data) from its training time.
+    """
+
+    def __init__(self):
+        self.started = None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.started = time.time()
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.train_start = time.time()
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.global_rank != 0:
+            return
+        now = time.time()
+        info = {"fit_start": self.started, "train_start": self.train_start, "train_end": now,
+                "train_seconds": now - self.train_start, "epochs": trainer.current_epoch}
+        (run_dir_of(trainer) / "timing.json").write_text(json.dumps(info, indent=2))
 
 
 class TestResultsWriter(Callback):

@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import CSVLogger, Logger
 
 from datamodules import ImageDataModule
-from lightning_modules.callbacks import ModelInfoWriter, PredictionWriter, TestResultsWriter
+from lightning_modules.callbacks import FitTimer, ModelInfoWriter, PredictionWriter, TestResultsWriter
 from lightning_modules.classifier import ImageClassifier
 from lightning_modules.evaluation.report import ReportConfig
 from lightning_modules.registry import ConfigError
@@ -131,6 +131,7 @@ def build_callbacks(run: RunConfig, run_dir: Path, report: ReportConfig | None =
             save_top_k=1, save_last=True, auto_insert_metric_name=False,
         ),
         ModelInfoWriter(),
+        FitTimer(),
         TestResultsWriter(report, wandb_mode(run)),
         PredictionWriter(),
     ]

@@ -120,6 +120,9 @@ class TrialRunner:
                 outcome = isolation.run_in_process("fit", {"config": cfg}, run_dir)
         seconds = time.perf_counter() - started
         storage.set_trial_user_attr(tid, "seconds", round(seconds, 2))
+        timing = run_dir / "timing.json"
+        if timing.exists():  # train+validation loop time; the rest of `seconds` is the trial's fixed cost
+            storage.set_trial_user_attr(tid, "train_seconds", round(json.loads(timing.read_text())["train_seconds"], 2))
         if outcome.status != "ok":
             storage.set_trial_user_attr(tid, "fail_reason", outcome.reason)
             study.tell(trial, state=TrialState.FAIL)
