@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return report_main(argv[1:])
         if command == "serve":
-            from sweeps.serve_cli import main as serve_main
+            from lightning_modules.serving.cli import main as serve_main
 
             return serve_main(argv[1:])
         from lightning_modules.cli import MedselCLI

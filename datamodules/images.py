@@ -78,6 +78,23 @@ def resize(arr: np.ndarray, size: tuple[int, int], mode: ResizeMode = "squash") 
     return out.reshape(h, w, channels)
 
 
+def image_size_of(data: bytes) -> tuple[int, int, str]:
+    """(width, height, format) from the header only, without decoding the pixels.
+
+    Raises:
+        ImageDecodeError: empty or not an image.
+    """
+    if len(data) == 0:
+        raise ImageDecodeError("empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.width, img.height, img.format or "?"
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(f"too many pixels: {e}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise ImageDecodeError("not a readable image (unknown or corrupt format)") from None
+
+
 def decode(data: bytes, channels: int = 3) -> np.ndarray:
     """Decode encoded image bytes to (H, W, channels) uint8, fully, so truncated files fail here.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -215,6 +216,15 @@ class ImageClassifier(LightningModule):
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = "val/loss"
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+    @classmethod
+    def load_trained(cls, checkpoint: str | Path, map_location: str | torch.device = "cpu") -> ImageClassifier:
+        """A trained model for inference: weights-only loading, and no ImageNet download (the checkpoint
+        holds every weight), so it works offline whatever the training config said about `pretrained`."""
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        network = {**ckpt["hyper_parameters"]["network"], "pretrained": False, "pretrained_path": None}
+        model = cls.load_from_checkpoint(checkpoint, map_location=map_location, weights_only=True, network=network)
+        return model.eval()
 
     def num_parameters(self) -> int:
         """Total parameters of the network (study 002 breaks score ties towards fewer parameters)."""

@@ -193,6 +193,10 @@ class MedselCLI(LightningCLI):
         run = RunConfig(**{k: v for k, v in vars(cfg.run).items() if not k.startswith("__")})
         self.run_dir = resolve_run_dir(run)
         cfg.run.dir = str(self.run_dir)
+        if self.subcommand in ("validate", "test", "predict"):
+            # The checkpoint supplies every weight: never download ImageNet weights just to overwrite them.
+            cfg.model.network.pretrained = False
+            cfg.model.network.pretrained_path = None
         if self.subcommand == "fit" and (self.run_dir / "checkpoints" / "best.ckpt").exists() and not cfg.get("ckpt_path"):
             raise ConfigError(
                 f"run.dir '{self.run_dir}' already holds a trained model. Leave run.dir unset for a new run, "

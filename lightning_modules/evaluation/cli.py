@@ -29,7 +29,7 @@ def load_run(run_dir: Path, checkpoint: str | None = None) -> tuple[dict, ImageC
     if not ckpt.exists():
         raise ConfigError(f"no checkpoint at '{ckpt}': the run has not finished training")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = ImageClassifier.load_from_checkpoint(ckpt, map_location=device, weights_only=True)
+    model = ImageClassifier.load_trained(ckpt, map_location=device)
     datamodule = ImageDataModule(**(cfg.get("data") or {}))
     return cfg, model, datamodule
 

@@ -1,0 +1,1 @@
+"""`cli.py serve`: an upload page and a JSON API around a trained (or sweep-selected) model."""

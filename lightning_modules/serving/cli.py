@@ -1,0 +1,55 @@
+"""`python cli.py serve --run artifacts/sweeps/<name>` (or a run directory, or a .ckpt file).
+
+Starts a local web server (127.0.0.1 by default): the upload page at `/`, the JSON API at `/predict`,
+`/health`, `/model`, and its OpenAPI schema at `/docs` and `/openapi.json`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from jsonargparse import ArgumentParser
+
+
+@dataclass
+class ServeConfig:
+    """Attributes:
+        run: a sweep folder (serves its winner), a run directory, or a checkpoint file.
+        host: interface to listen on; 127.0.0.1 keeps the server private to this machine.
+        port: TCP port.
+        max_bytes: largest accepted upload in bytes.
+        max_pixels: largest accepted image (width x height).
+        heatmap: Grad-CAM variant for the overlay, or none.
+        device: "cpu", "cuda" (default: cuda when available).
+    """
+
+    run: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_bytes: int = 25 * 1024 * 1024
+    max_pixels: int = 60_000_000
+    heatmap: Literal["gradcam", "gradcam++", "none"] = "gradcam"
+    device: str | None = None
+
+
+def build_app(cfg: ServeConfig):
+    from lightning_modules.serving.app import Limits, create_app
+    from lightning_modules.serving.model import Predictor, locate
+
+    predictor = Predictor(locate(cfg.run), cfg.device, cfg.heatmap)
+    return create_app(predictor, Limits(cfg.max_bytes, cfg.max_pixels))
+
+
+def main(argv: list[str]) -> int:
+    parser = ArgumentParser(prog="cli.py serve", description=__doc__)
+    parser.add_argument("--config", action="config")
+    parser.add_class_arguments(ServeConfig, None)
+    args = parser.parse_args(argv)
+    cfg = ServeConfig(**{k: getattr(args, k) for k in ServeConfig.__dataclass_fields__})
+    import uvicorn
+
+    app = build_app(cfg)
+    print(f"[serve] {app.title}: http://{cfg.host}:{cfg.port}/  (API docs: /docs)", flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+    return 0
