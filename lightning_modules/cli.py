@@ -140,6 +140,20 @@ def build_callbacks(run: RunConfig, run_dir: Path, report: ReportConfig | None =
     return callbacks
 
 
+def _precision(precision, accelerator) -> str | None:
+    """Fast path by default on a GPU (bf16 mixed precision where supported); GPU-only precisions are
+    ignored with a warning on CPU rather than slowing it down or failing deep inside Lightning."""
+    import torch
+
+    on_gpu = torch.cuda.is_available() and str(accelerator or "auto") in ("auto", "gpu", "cuda")
+    if precision is None:
+        return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else None
+    if not on_gpu and any(tag in str(precision) for tag in ("16", "bf16")):
+        warnings.warn(f"trainer.precision={precision} is a GPU setting; this run is on CPU and uses 32-bit.", stacklevel=2)
+        return "32-true"
+    return precision
+
+
 class _DropTips(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "Tip:" not in str(record.msg)
@@ -214,6 +228,7 @@ class MedselCLI(LightningCLI):
         else:
             callbacks = callbacks + build_callbacks(run, self.run_dir, report)
         config["default_root_dir"] = str(self.run_dir)
+        config["precision"] = _precision(config.get("precision"), config.get("accelerator"))
         return super()._instantiate_trainer(config, callbacks)
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:

@@ -284,7 +284,10 @@ def evaluate_on_test(run_dir: Path) -> dict[str, Any]:
     """Evaluate a finished trial once on the test split (as `cli.py test` does); reuse an earlier result."""
     result = run_dir / "test_metrics.json"
     if not result.exists():
-        outcome = isolation.run_in_process("test", {"config_path": str(run_dir / "config.yaml")}, run_dir)
+        # One device: a single ordered pass over the test split. (A DDP launcher would also re-execute this
+        # process's command line, which is the sweep's, not `cli.py test`.)
+        single = ["--trainer.devices=1", "--trainer.strategy=auto", "--trainer.num_nodes=1"]
+        outcome = isolation.run_in_process("test", {"config_path": str(run_dir / "config.yaml"), "extra": single}, run_dir)
         if outcome.status != "ok":
             raise SweepError(f"testing the winner failed: {outcome.reason} (log: {run_dir / 'test.log'})")
     return json.loads(result.read_text())
