@@ -59,15 +59,25 @@ def epoch_rate(loader, epochs: int = 2) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def pss_kib(pids: list[int]) -> int:
+def _rollup(pids: list[int], fields: tuple[str, ...]) -> int:
     total = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/smaps_rollup") as fh:
-                total += next(int(line.split()[1]) for line in fh if line.startswith("Pss:"))
-        except (OSError, StopIteration):
+                total += sum(int(line.split()[1]) for line in fh if line.split(":")[0] in fields)
+        except OSError:
             pass
     return total
+
+
+def pss_kib(pids: list[int]) -> int:
+    """Proportional set size: shared pages split between the processes sharing them (sums to the true total)."""
+    return _rollup(pids, ("Pss",))
+
+
+def uss_kib(pids: list[int]) -> int:
+    """Unique set size: pages only these processes hold — what they cost beyond what they share."""
+    return _rollup(pids, ("Private_Clean", "Private_Dirty"))
 
 
 def children(pid: int) -> list[int]:
@@ -79,24 +89,75 @@ def children(pid: int) -> list[int]:
 MEMORY_CHILD = r"""
 import json, sys, threading, time, os
 sys.path.insert(0, {repo!r})
-from benchmarks.bench_data import pss_kib, children
+from benchmarks.bench_data import pss_kib, uss_kib, children, hwm_kib
 from lightning_modules.cli import MedselCLI
 cfg = json.loads({cfg!r})
 cli = MedselCLI(args=cfg, run=False)
 cli.datamodule.prepare_data()              # the cache exists already: this only checks it
-time.sleep(0.5)
-baseline = pss_kib([os.getpid()])          # imports, model, trainer: everything but the data pipeline
-peak = [baseline]
+baseline = pss_kib([os.getpid()])          # imports, model, trainer: everything before the first batch
+workers_peak = [0]
 stop = threading.Event()
-def watch():
+def watch():                               # workers' memory has no spikes: sampling their PSS is exact enough
     while not stop.is_set():
-        peak[0] = max(peak[0], pss_kib([os.getpid(), *children(os.getpid())]))
-        time.sleep(0.05)
+        workers_peak[0] = max(workers_peak[0], uss_kib(children(os.getpid())))
+        time.sleep(0.1)
 threading.Thread(target=watch, daemon=True).start()
 cli.trainer.fit(cli.model, datamodule=cli.datamodule)
 stop.set()
-print("MEMORY", json.dumps({{"baseline_kib": baseline, "peak_kib": peak[0]}}))
+print("MEMORY", json.dumps({{"baseline_kib": baseline, "main_peak_kib": hwm_kib(os.getpid()), "workers_peak_kib": workers_peak[0]}}))
 """
+
+
+def hwm_kib(pid: int) -> int:
+    """The kernel's exact peak resident set size of one process (VmHWM), spikes included."""
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+
+
+LOADER_CHILD = r"""
+import json, os, sys
+sys.path.insert(0, {repo!r})
+from benchmarks.bench_data import pss_kib, children
+from datamodules import ImageDataModule
+dm = ImageDataModule(**json.loads({kwargs!r}))
+dm.setup("fit")                     # scans and opens the split; no image pixel has been read by this process
+baseline = peak = pss_kib([os.getpid()])
+for _ in range(2):
+    for _batch in dm.train_dataloader():
+        peak = max(peak, pss_kib([os.getpid(), *children(os.getpid())]))
+print("LOADER", baseline, peak)
+"""
+
+
+def loader_memory(kwargs: dict) -> tuple[float, float]:
+    """In a fresh process: PSS before a 2-worker loader starts, and the peak PSS of the process plus its workers
+    over two epochs (MiB). No network runs, so the growth is the data pipeline's alone."""
+    out = subprocess.run([sys.executable, "-c", LOADER_CHILD.format(repo=str(REPO), kwargs=json.dumps(kwargs))],
+                         capture_output=True, text=True, cwd=REPO)
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("LOADER"))
+    _, base, peak = line.split()
+    return int(base) / 1024, int(peak) / 1024
+
+
+def fit_memory(args, classes, workers: int) -> dict:
+    """Baseline PSS before the first batch, the main process's exact peak RSS and the workers' peak unique
+    memory (MiB)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = {
+            "data": {"source": args.source, "classes": classes, "image_size": args.size, "augmentation": args.augmentation,
+                     "batch_size": args.batch_size, "num_workers": workers, "artifacts_dir": args.artifacts,
+                     "split": {"ratios": "80/10/10"}},
+            "model": {"network": {"name": "resnet10t"}},
+            "trainer": {"max_epochs": 1, "accelerator": "cpu", "enable_progress_bar": False, "limit_val_batches": 2},
+            "run": {"root": tmp, "wandb": "disabled"}, "report": {"enabled": False},
+        }
+        out = subprocess.run([sys.executable, "-c", MEMORY_CHILD.format(repo=str(REPO), cfg=json.dumps(cfg))],
+                             capture_output=True, text=True, cwd=REPO)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("MEMORY")), None)
+    if line is None:
+        print(out.stdout[-2000:], out.stderr[-2000:])
+        raise SystemExit("memory measurement failed")
+    return {k: v / 1024 for k, v in json.loads(line.split(" ", 1)[1]).items()}
 
 
 def main() -> None:
@@ -125,10 +186,8 @@ def main() -> None:
 
     frame = dm.resolve().frame.filter(dm.resolve().frame["split"] == "train")
     baseline_ds = DecodeEveryTime(frame["path"].to_list(), frame["target"].to_numpy(), dm.image_size, dm.train_transform)
-    cached_loader = dm.train_dataloader()
-    baseline_loader = DataLoader(baseline_ds, batch_size=args.batch_size, shuffle=True, num_workers=0)
-    cached = epoch_rate(cached_loader, epochs=3)
-    decoded = epoch_rate(baseline_loader, epochs=1)
+    cached = epoch_rate(dm.train_dataloader(), epochs=3)
+    decoded = epoch_rate(DataLoader(baseline_ds, batch_size=args.batch_size, shuffle=True, num_workers=0), epochs=1)
     print("\n1. one core (num_workers=0, torch threads=1), same augmentations:")
     print(f"   decode every epoch : {decoded:8.1f} images/s")
     print(f"   memory-mapped cache: {cached:8.1f} images/s")
@@ -138,29 +197,25 @@ def main() -> None:
                           batch_size=args.batch_size, num_workers=2, artifacts_dir=args.artifacts, split={"ratios": "80/10/10"},
                           persistent_workers=True)
     dm2.setup("fit")
-    two = epoch_rate(dm2.train_dataloader(), epochs=4)
-    print(f"\n2. cached path per CPU core: {cached:.0f} images/s with 1 core; {two:.0f} images/s with 2 loader "
-          f"workers = {two / 2:.0f} per core   (target >= 1500 per core at 224x224)")
+    two_rate = epoch_rate(dm2.train_dataloader(), epochs=4)
+    print(f"\n2. cached path: {cached:.0f} images/s on one core (target >= 1500 per core at 224x224); with 2 loader "
+          f"workers {two_rate:.0f} images/s in all (the main process, which collates and receives the batches, shares "
+          "the same 2 cores)")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = {
-            "data": {"source": args.source, "classes": classes, "image_size": args.size, "augmentation": args.augmentation,
-                     "batch_size": args.batch_size, "num_workers": 2, "artifacts_dir": args.artifacts, "split": {"ratios": "80/10/10"}},
-            "model": {"network": {"name": "resnet10t"}},
-            "trainer": {"max_epochs": 1, "accelerator": "cpu", "enable_progress_bar": False, "limit_val_batches": 2},
-            "run": {"root": tmp, "wandb": "disabled"}, "report": {"enabled": False},
-        }
-        out = subprocess.run([sys.executable, "-c", MEMORY_CHILD.format(repo=str(REPO), cfg=json.dumps(cfg))],
-                             capture_output=True, text=True, cwd=REPO)
-        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("MEMORY")), None)
-        if line is None:
-            print(out.stdout[-2000:], out.stderr[-2000:])
-            raise SystemExit("memory measurement failed")
-        mem = json.loads(line.split(" ", 1)[1])
-    base, peak = mem["baseline_kib"] / 1024, mem["peak_kib"] / 1024
-    print(f"\n3. fit with 2 loader workers (resnet10t, 1 epoch): baseline {base:.0f} MiB, peak {peak:.0f} MiB (PSS, "
-          f"main + workers); growth {peak - base:.0f} MiB = {(peak - base) / cache_mb:.2f} x the {cache_mb:.0f} MiB cache "
-          "(target < 1.5x)")
+    base, peak = loader_memory({"source": args.source, "classes": classes, "image_size": args.size,
+                                "augmentation": args.augmentation, "batch_size": args.batch_size, "num_workers": 2,
+                                "artifacts_dir": args.artifacts, "split": {"ratios": "80/10/10"}, "persistent_workers": True})
+    print("\n3. memory of the data pipeline with 2 loader workers, in a fresh process (PSS of it and its workers, MiB):")
+    print(f"   baseline {base:.0f}, peak {peak:.0f}: growth {peak - base:.0f} MiB = {(peak - base) / cache_mb:.2f} x the "
+          f"{cache_mb:.0f} MiB cache   (target < 1.5x; a copy of the cache per worker alone would be 2x)")
+    zero, two = fit_memory(args, classes, 0), fit_memory(args, classes, 2)
+    print("   in a real fit (resnet10t, batch 32, one epoch), MiB: main process peak RSS (VmHWM, exact) and the "
+          "workers' unique memory")
+    print(f"     0 workers: baseline {zero['baseline_kib']:.0f}, main peak {zero['main_peak_kib']:.0f}")
+    print(f"     2 workers: baseline {two['baseline_kib']:.0f}, main peak {two['main_peak_kib']:.0f}, workers' unique "
+          f"memory {two['workers_peak_kib']:.0f}")
+    print(f"     the network's training (activations, gradients, optimizer state) is "
+          f"{zero['main_peak_kib'] - zero['baseline_kib']:.0f} MiB of each fit's peak")
 
 
 if __name__ == "__main__":
