@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(REPO / "configs" / "sweep_demo.yaml"))
+    ap.add_argument("-v", action="store_true", help="also print the sweep's own timeline")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = yaml.safe_load(Path(args.config).read_text())
@@ -53,7 +54,7 @@ def main() -> None:
           f"total {sum(fixed):.1f} s   (target <= 2 s per trial)")
     print(f"  outside trials (interpreter start, imports, studies, final test, report, plots): {wall - in_trials:.1f} s")
     print(f"  wall / train+val                   : {wall / train:.3f}   (target <= 1.10)")
-    if "-v" in sys.argv:
+    if args.v:
         print("\n".join(timeline))
 
 

@@ -1,7 +1,20 @@
-"""Everything from files on disk to batches: sources, image decoding, the cache, splits, augmentation."""
+"""Everything from files on disk to batches: sources, image decoding, the cache, splits, augmentation.
 
-from datamodules.datamodule import EMBEDDED, ImageDataModule
-from datamodules.errors import DataError
-from datamodules.splits import SplitConfig
+Names are imported lazily, so that importing `datamodules.errors` does not import torch and Lightning.
+"""
 
-__all__ = ["EMBEDDED", "DataError", "ImageDataModule", "SplitConfig"]
+from importlib import import_module
+
+_EXPORTS = {
+    "EMBEDDED": "datamodules.datamodule",
+    "ImageDataModule": "datamodules.datamodule",
+    "DataError": "datamodules.errors",
+    "SplitConfig": "datamodules.splits",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'datamodules' has no attribute {name!r}")

@@ -1,7 +1,21 @@
-"""Training logic: the classification LightningModule and the registries of networks, losses and optimizers."""
+"""Training logic: the classification LightningModule and the registries of networks, losses and optimizers.
 
-from lightning_modules.classifier import ImageClassifier, NonFiniteLossError
-from lightning_modules.networks import NetworkConfig
-from lightning_modules.registry import ConfigError
+Names are imported lazily, so that `from lightning_modules.registry import ConfigError` (used by tools that
+must start fast, such as the sweep's coordinator) does not import torch and Lightning.
+"""
 
-__all__ = ["ConfigError", "ImageClassifier", "NetworkConfig", "NonFiniteLossError"]
+from importlib import import_module
+
+_EXPORTS = {
+    "ConfigError": "lightning_modules.registry",
+    "ImageClassifier": "lightning_modules.classifier",
+    "NonFiniteLossError": "lightning_modules.classifier",
+    "NetworkConfig": "lightning_modules.networks",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lightning_modules' has no attribute {name!r}")

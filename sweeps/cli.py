@@ -35,6 +35,12 @@ def sweep_from_dict(values: dict[str, Any]) -> SweepConfig:
 def main(argv: list[str]) -> int:
     parser = build_parser()
     sweep = _to_sweep(parser, parser.parse_args(argv))
+    from sweeps import isolation
+
+    # Before the heavy imports below: one W&B service for all trials, and the forkserver importing torch,
+    # lightning and timm in parallel with this process.
+    isolation.share_wandb_service(sweep.wandb)
+    isolation.start_forkserver()
     from sweeps.sweep import run
 
     run(sweep)

@@ -22,7 +22,8 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-PRELOAD = ["torch", "lightning.pytorch", "timm", "torchmetrics", "albumentations", "polars",
+PRELOAD = ["torch", "lightning.pytorch", "timm", "torchmetrics", "albumentations", "polars", "wandb",
+           "wandb.sdk.launch",  # imported lazily by every wandb.init (~1-2 s): import it once, here
            "lightning_modules.cli", "datamodules", "sweeps.isolation"]
 
 
@@ -38,6 +39,33 @@ def _context() -> mp.context.BaseContext:
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     return ctx
+
+
+def start_forkserver() -> None:
+    """Start the pre-importing forkserver now, in the background: its imports of torch, lightning and timm
+    then overlap with whatever this process does before the first trial."""
+    _context()
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()
+
+
+def share_wandb_service(mode: str | None) -> None:
+    """Start one W&B service for this process and every trial process it forks (they find it through the
+    environment), instead of one per trial. Call before `start_forkserver`."""
+    if (mode or os.environ.get("WANDB_MODE", "offline")) == "disabled":
+        return
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import wandb
+
+    wandb.setup()
+
+
+def _finish_wandb() -> None:
+    """Forked children leave through os._exit, which skips W&B's exit hook: finish the run explicitly."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
 
 
 def _die_with_worker(worker: int) -> None:
@@ -81,10 +109,15 @@ def _child(job: str, payload: Any, result_file: str, log_file: str, worker: int)
         else:  # test a finished run with its best checkpoint, exactly as `cli.py test --config` does
             MedselCLI(args=["test", "--config", payload["config_path"], "--trainer.enable_progress_bar=false",
                             *payload.get("extra", [])])
+        _finish_wandb()
         _write(Path(result_file), {"status": "ok"})
     except BaseException as e:  # noqa: BLE001 -- every failure becomes the trial's recorded reason
         traceback.print_exc()
         _write(Path(result_file), {"status": "failed", "reason": f"{type(e).__name__}: {e}"[:2000]})
+        try:
+            _finish_wandb()
+        except Exception:  # noqa: BLE001 -- the trial has failed already; its reason is recorded
+            pass
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)

@@ -155,6 +155,7 @@ def _worker_main(sweep_dict: dict, stage_name: str, base: str | None, env: dict[
     os.environ.update(env)
     from sweeps.cli import sweep_from_dict
 
+    isolation.start_forkserver()
     sweep = sweep_from_dict(sweep_dict)
     run_stage_worker(sweep, stage1(sweep) if stage_name == "stage1" else stage2(sweep), base)
 

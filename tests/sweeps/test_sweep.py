@@ -66,7 +66,8 @@ def assert_each_grid_point_once(study, expected: int) -> None:
 
 
 def test_two_stage_sweep_end_to_end(tmp_path, shared_artifacts):
-    cfg = write_sweep(tmp_path, shared_artifacts, repeats=2, stage2={"optimizers": ["rmsprop", "adam"], "losses": ["ce"]})
+    cfg = write_sweep(tmp_path, shared_artifacts, repeats=2, stage2={"optimizers": ["rmsprop", "adam"], "losses": ["ce"]},
+                      wandb="offline")
     proc = run_cli("sweep", "--config", str(cfg))
     assert proc.returncode == 0, proc.stdout[-4000:]
     s1, s2 = studies(tmp_path)
@@ -80,6 +81,12 @@ def test_two_stage_sweep_end_to_end(tmp_path, shared_artifacts):
         trial_cfg = yaml.safe_load((Path(t.user_attrs["run_dir"]) / "config.yaml").read_text())
         assert trial_cfg["model"]["network"]["name"] == winner1
     assert set(board1["first_in_repeats"]) <= {"0/2", "1/2", "2/2"} and "val/acc ±95%" in board1.columns
+    for t in s1.get_trials(states=(TrialState.COMPLETE,)) + s2.get_trials(states=(TrialState.COMPLETE,)):
+        # a finished offline W&B run per trial (an unfinished run file holds only its 7-byte header); the
+        # winner's has a second part with the same run id: its test and report, resumed into that run
+        runs = list((Path(t.user_attrs["run_dir"]) / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert runs and len({r.name for r in runs}) == 1 and all(r.stat().st_size > 1000 for r in runs), runs
+    assert list((tmp_path / "sweeps" / "t" / "wandb").glob("offline-run-*"))  # the leaderboard summary run
     for name in ("stage1_leaderboard.csv", "stage1_leaderboard.md", "stage2_leaderboard.parquet", "stage2_leaderboard.md",
                  "stage1.png", "stage2_heatmap.png", "report.md", "winner.yaml", "winner.ckpt", "optuna.db"):
         assert (out / name).exists(), name
