@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     from lightning_modules.registry import ConfigError
 
     command = argv[0] if argv else ""
-    from sweeps.sweep import SweepError
+    from sweeps.config import SweepError
 
     try:
         if command == "sweep":

@@ -70,7 +70,7 @@ def loader_rate(size: int, batch: int, workers: int) -> float:
     dm.setup("fit")
     loader = dm.train_dataloader()
     n, t0 = 0, None
-    for epoch in range(4):
+    for _epoch in range(4):
         for images, _ in loader:
             if t0 is None:
                 t0 = time.perf_counter()

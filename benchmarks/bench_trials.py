@@ -35,16 +35,17 @@ def main() -> None:
         path = Path(tmp) / "sweep.yaml"
         path.write_text(yaml.safe_dump(cfg))
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, str(REPO / "cli.py"), "sweep", "--config", str(path)], cwd=REPO,
-                              capture_output=True, text=True)
+        proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "sweep", "--config", str(path)], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = [(time.perf_counter() - t0, line.rstrip()) for line in proc.stdout]  # stamped as they arrive
         wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            print(proc.stdout[-3000:], proc.stderr[-3000:])
+        if proc.wait() != 0:
+            print("\n".join(line for _, line in lines[-60:]))
             raise SystemExit("sweep failed")
         storage = f"sqlite:///{Path(tmp) / 'bench' / 'optuna.db'}"
         trials = [t for k in (1, 2) for t in optuna.load_study(study_name=f"bench/stage{k}", storage=storage).get_trials()
                   if "train_seconds" in t.user_attrs]
-        timeline = [line for line in proc.stdout.splitlines() if line.startswith("[sweep]")]
+        timeline = [(t, line) for t, line in lines if line.startswith("[sweep]")]
     train = sum(t.user_attrs["train_seconds"] for t in trials)
     in_trials = sum(t.user_attrs["seconds"] for t in trials)
     fixed = [t.user_attrs["seconds"] - t.user_attrs["train_seconds"] for t in trials]
@@ -52,10 +53,18 @@ def main() -> None:
     print(f"  sum of trials' train+val loop time : {train:7.1f} s")
     print(f"  per-trial fixed cost               : mean {sum(fixed) / len(fixed):.2f} s, max {max(fixed):.2f} s, "
           f"total {sum(fixed):.1f} s   (target <= 2 s per trial)")
-    print(f"  outside trials (interpreter start, imports, studies, final test, report, plots): {wall - in_trials:.1f} s")
+    launches = [t for t, line in timeline if " -> " in line]
+    stage2_winner = next(t for t, line in timeline if "stage 2 winner" in line)
+    start_up, tail = launches[0], wall - stage2_winner
+    print(f"  outside trials                     : {wall - in_trials:7.1f} s, of which")
+    print(f"    start-up (interpreter, imports, W&B service, storage, split) until trial 1 : {start_up:5.1f} s")
+    print(f"    after the last trial (winner's test and evaluation report, plots, outputs) : {tail:5.1f} s")
+    print(f"    between trials (sampling, claims, leaderboards)                             : "
+          f"{wall - in_trials - start_up - tail:5.1f} s")
     print(f"  wall / train+val                   : {wall / train:.3f}   (target <= 1.10)")
+    print(f"  wall / train+val, leaving out the winner's final test and report: {(wall - tail) / train:.3f}")
     if args.v:
-        print("\n".join(timeline))
+        print("\n".join(f"{t:7.1f}s {line}" for t, line in timeline))
 
 
 if __name__ == "__main__":

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from lightning_modules.registry import Registry
+
+if TYPE_CHECKING:  # torch itself is imported when a preset is resolved: the sweep coordinator never needs it
+    import torch
 
 
 @dataclass(frozen=True)

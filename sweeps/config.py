@@ -21,6 +21,10 @@ from typing import Literal
 from lightning_modules.registry import ConfigError
 
 
+class SweepError(RuntimeError):
+    """A sweep that cannot go on (e.g. no trial of a stage finished); printed without a traceback."""
+
+
 @dataclass
 class Candidate:
     """One stage-1 architecture.

@@ -8,15 +8,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import polars as pl
+import yaml
+from optuna.trial import TrialState
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import polars as pl  # noqa: E402
-import yaml  # noqa: E402
-from optuna.trial import TrialState  # noqa: E402
-
-from lightning_modules.evaluation.document import Document, fmt  # noqa: E402
+from lightning_modules.evaluation.document import Document, fmt
 
 LEADERBOARD_METRICS = [
     "val/acc", "val/loss", "val/nll", "val/overfit", "val/sensitivity", "val/specificity", "val/precision", "val/f1",
@@ -56,10 +52,18 @@ def _score_column(board: pl.DataFrame, selection) -> tuple[str, str]:
     return selection.metric, f"{selection.metric} ({selection.direction})"
 
 
+def _figure(figsize: tuple[float, float]):
+    """A pyplot-free (no global state, no GUI backend) figure; matplotlib is imported only when plotting."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
+
+
 def plot_stage1(board: pl.DataFrame, selection, path: Path) -> None:
     score, score_label = _score_column(board, selection)
     names = board["candidate"].to_list()[::-1]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(names) + 2), sharey=True)
+    fig = _figure(figsize=(11, 0.5 * len(names) + 2))
+    axes = fig.subplots(1, 2, sharey=True)
     axes[0].barh(names, board[score].to_list()[::-1], color="#4C72B0")
     axes[0].set_xlabel(score_label)
     acc = board["val/acc"].to_list()[::-1]
@@ -70,7 +74,6 @@ def plot_stage1(board: pl.DataFrame, selection, path: Path) -> None:
     fig.suptitle("Stage 1: base architecture")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_stage2(board: pl.DataFrame, selection, path: Path) -> None:
@@ -80,7 +83,8 @@ def plot_stage2(board: pl.DataFrame, selection, path: Path) -> None:
     grid = [[math.nan] * len(losses) for _ in opts]
     for row in board.iter_rows(named=True):
         grid[opts.index(row["optimizer"])][losses.index(row["loss"])] = row[score]
-    fig, ax = plt.subplots(figsize=(1.6 * len(losses) + 2.5, 1.1 * len(opts) + 1.8))
+    fig = _figure(figsize=(1.6 * len(losses) + 2.5, 1.1 * len(opts) + 1.8))
+    ax = fig.subplots()
     im = ax.imshow(grid, cmap="viridis")
     ax.set_xticks(range(len(losses)), losses)
     ax.set_yticks(range(len(opts)), opts)
@@ -94,7 +98,6 @@ def plot_stage2(board: pl.DataFrame, selection, path: Path) -> None:
     ax.set_title("Stage 2: optimizer x loss")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def write_winner_config(trial_config: Path, path: Path, run_name: str) -> None:
@@ -139,8 +142,22 @@ def study_table(summary: dict[str, Any]) -> pl.DataFrame:
     return pl.DataFrame([{"Model": model, **{title: test.get(key) for title, key in STUDY_TABLE}}])
 
 
-def write_all(sweep, out: Path, stages: dict[str, tuple], summary: dict[str, Any]) -> None:
-    """Leaderboards, plots, report.md/.html (with the winner's evaluation report) and the W&B summary run."""
+def plot_path(out: Path, stage: str) -> Path:
+    return out / ("stage1.png" if stage == "stage1" else "stage2_heatmap.png")
+
+
+def write_boards(sweep, out: Path, stages: dict[str, tuple]) -> None:
+    """Leaderboards (parquet, CSV, Markdown), the trials' tables and the stage plots: everything that does
+    not need the winner's test results, so it can be written while the winner is tested."""
+    for name, (_, trials, board) in stages.items():
+        write_table(board, out / f"{name}_leaderboard")
+        trials.write_parquet(out / f"{name}_trials.parquet")
+        (plot_stage1 if name == "stage1" else plot_stage2)(board, sweep.selection, plot_path(out, name))
+
+
+def write_report(sweep, out: Path, stages: dict[str, tuple], summary: dict[str, Any]) -> None:
+    """report.md/.html: the stages' leaderboards and plots (see `write_boards`), the winner, and the winner's
+    evaluation report."""
     doc = Document(out)
     doc.h1(f"Sweep {sweep.name}")
     doc.p(f"Storage `{sweep.storage_url}` — browse it with `optuna-dashboard {sweep.storage_url}`.")
@@ -148,16 +165,12 @@ def write_all(sweep, out: Path, stages: dict[str, tuple], summary: dict[str, Any
             "study 002 overall score: " + ", ".join(f"{t.weight:g} x {t.metric}" for t in sweep.selection.terms))
     doc.p(f"Selection: **{sweep.selection.rule}** ({rule}); ties go to fewer parameters; {sweep.repeats} repeat(s) "
           "per grid point (mean ± 95% interval over repeats; `first_in_repeats`: how often it ranked first).")
-    for name, (study, trials, board) in stages.items():
-        write_table(board, out / f"{name}_leaderboard")
-        trials.write_parquet(out / f"{name}_trials.parquet")
-        plot = out / ("stage1.png" if name == "stage1" else "stage2_heatmap.png")
-        (plot_stage1 if name == "stage1" else plot_stage2)(board, sweep.selection, plot)
+    for name, (study, _, board) in stages.items():
         counts = status_counts(study)
         doc.h2("Stage 1: base architecture" if name == "stage1" else "Stage 2: optimizer x loss")
         doc.p("Trials: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".")
         doc.table(display_board(board))
-        doc.image(plot, f"{name} comparison")
+        doc.image(plot_path(out, name), f"{name} comparison")
         failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
         if failed:
             doc.h3("Failed trials")
@@ -177,13 +190,14 @@ def write_all(sweep, out: Path, stages: dict[str, tuple], summary: dict[str, Any
         doc.h2("Evaluation of the winner")
         doc.extend(Document.load_json(winner_report))
     doc.write(out / "report", f"Sweep {sweep.name}")
-    log_to_wandb(sweep, out, stages, summary)
 
 
-def log_to_wandb(sweep, out: Path, stages: dict[str, tuple], summary: dict[str, Any]) -> None:
+def start_wandb_summary(sweep, out: Path, stages: dict[str, tuple]):
+    """The sweep's W&B summary run with the leaderboards as tables and the stage plots (None when W&B is
+    disabled); `finish_wandb_summary` adds the winner's test metrics and closes it."""
     mode = sweep.wandb or os.environ.get("WANDB_MODE", "offline")
     if mode == "disabled":
-        return
+        return None
     import wandb
 
     run = wandb.init(project="medsel", group=sweep.name, job_type="summary", name=f"{sweep.name}-leaderboard",
@@ -192,9 +206,15 @@ def log_to_wandb(sweep, out: Path, stages: dict[str, tuple], summary: dict[str, 
     for name, (_, _, board) in stages.items():
         shown = display_board(board)
         run.log({f"{name}_leaderboard": wandb.Table(columns=shown.columns, data=[list(map(fmt, r)) for r in shown.iter_rows()])})
-        image = out / ("stage1.png" if name == "stage1" else "stage2_heatmap.png")
+        image = plot_path(out, name)
         if image.exists():
             run.log({f"{name}_plot": wandb.Image(str(image))})
+    return run
+
+
+def finish_wandb_summary(run, summary: dict[str, Any]) -> None:
+    if run is None:
+        return
     if summary.get("test"):
         run.summary.update({f"test/{k}": v for k, v in summary["test"]["metrics"].items()})
     run.finish()

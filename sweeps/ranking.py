@@ -17,7 +17,6 @@ import math
 
 import numpy as np
 import polars as pl
-from scipy import stats
 
 from sweeps.config import RankTerm, Selection
 
@@ -57,6 +56,8 @@ def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
         return math.nan, math.nan
     if len(arr) == 1:
         return float(arr[0]), math.nan
+    from scipy import stats  # here, not at import: scipy.stats costs the sweep's start-up ~0.5 s
+
     half = stats.t.ppf(0.5 + level / 2, len(arr) - 1) * arr.std(ddof=1) / math.sqrt(len(arr))
     return float(arr.mean()), float(half)
 

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 from lightning_modules.registry import ConfigError
 from sweeps import coordinator as coord
 from sweeps import isolation, outputs, ranking, trials
-from sweeps.config import Candidate, SweepConfig
-
-
-class SweepError(RuntimeError):
-    """A sweep that cannot go on (e.g. no trial of a stage finished); printed without a traceback."""
-
+from sweeps.config import Candidate, SweepConfig, SweepError  # noqa: F401 -- SweepError re-exported
 
 GRID_KEYS = {"stage1": ["candidate"], "stage2": ["optimizer", "loss"]}
 
@@ -268,15 +264,24 @@ def run(sweep: SweepConfig) -> dict[str, Any]:
         "trial": int(winner_row["trial"]), "run_dir": str(winner_dir), "params": int(winner_row["params"]),
         "selection": sweep.selection.rule, "val": {k: v for k, v in winner_row.items() if k.startswith(("val/", "train/"))},
     }
-    if sweep.test_winner:
-        summary["test"] = evaluate_on_test(winner_dir)
-    outputs.write_winner_config(winner_dir / "config.yaml", out / "winner.yaml", f"{sweep.name}-winner")
-    ckpt = winner_dir / "checkpoints" / "best.ckpt"
-    if ckpt.exists():
-        shutil.copy2(ckpt, out / "winner.ckpt")
-        shutil.copy2(winner_dir / "model.json", out / "winner_model.json")
+    stages = {"stage1": (study1, trials1, board1), "stage2": (study2, trials2, board2)}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # The winner is tested in its own process; meanwhile this one writes what does not depend on the test.
+        test = pool.submit(evaluate_on_test, winner_dir) if sweep.test_winner else None
+        outputs.write_winner_config(winner_dir / "config.yaml", out / "winner.yaml", f"{sweep.name}-winner")
+        ckpt = winner_dir / "checkpoints" / "best.ckpt"
+        if ckpt.exists():
+            shutil.copy2(ckpt, out / "winner.ckpt")
+            shutil.copy2(winner_dir / "model.json", out / "winner_model.json")
+        outputs.write_boards(sweep, out, stages)
+        wandb_run = outputs.start_wandb_summary(sweep, out, stages)
+        try:
+            if test is not None:
+                summary["test"] = test.result()
+        finally:
+            outputs.finish_wandb_summary(wandb_run, summary)
     (out / "winner.json").write_text(json.dumps(summary, indent=2, default=str))
-    outputs.write_all(sweep, out, {"stage1": (study1, trials1, board1), "stage2": (study2, trials2, board2)}, summary)
+    outputs.write_report(sweep, out, stages, summary)
     print(f"[sweep] done: {out}/report.md, winner config {out}/winner.yaml", flush=True)
     return summary
 

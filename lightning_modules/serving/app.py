@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -88,8 +88,8 @@ def create_app(predictor: Predictor, limits: Limits | None = None) -> FastAPI:
 
     @app.post("/predict", response_model=Prediction, response_model_by_alias=True, responses=ERRORS)
     def predict(
-        file: UploadFile = File(..., description="an image file (PNG, JPEG, BMP or TIFF)"),
-        heatmap: bool = Query(False, description="also return a Grad-CAM overlay"),
+        file: Annotated[UploadFile, File(description="an image file (PNG, JPEG, BMP or TIFF)")],
+        heatmap: Annotated[bool, Query(description="also return a Grad-CAM overlay")] = False,
     ) -> Prediction:
         ctype = (file.content_type or "application/octet-stream").split(";")[0].strip().lower()
         if ctype not in ACCEPTED_TYPES:
