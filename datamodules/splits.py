@@ -12,7 +12,6 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import polars as pl
@@ -228,6 +227,3 @@ def count_table(split: pl.DataFrame, classes: list[str]) -> pl.DataFrame:
         row["all"] = sum(row[s] for s in SPLITS)
         rows.append(row)
     return pl.DataFrame(rows)
-
-
-SplitName = Literal["train", "val", "test"]

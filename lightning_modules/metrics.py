@@ -29,8 +29,6 @@ from torchmetrics.classification import (
 )
 
 METRIC_NAMES = ("acc", "balanced_acc", "precision", "sensitivity", "specificity", "f1", "mcc", "auroc")
-# Which way is better, for selection rules and leaderboards.
-HIGHER_IS_BETTER = {**dict.fromkeys(METRIC_NAMES, True), "loss": False, "overfit": False}
 
 
 class BinaryBalancedAccuracy(BinaryStatScores):
