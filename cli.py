@@ -17,11 +17,9 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    from datamodules.errors import DataError
-    from lightning_modules.registry import ConfigError
+    from errors import MedselError
 
     command = argv[0] if argv else ""
-    from sweeps.config import SweepError
 
     try:
         if command == "sweep":
@@ -29,18 +27,18 @@ def main(argv: list[str] | None = None) -> int:
 
             return sweep_main(argv[1:])
         if command == "report":
-            from lightning_modules.evaluation.cli import main as report_main
+            from evaluation.cli import main as report_main
 
             return report_main(argv[1:])
         if command == "serve":
-            from lightning_modules.serving.cli import main as serve_main
+            from serving.cli import main as serve_main
 
             return serve_main(argv[1:])
-        from lightning_modules.cli import MedselCLI
+        from runs.cli import MedselCLI
 
         MedselCLI(args=None if from_shell else argv)
         return 0
-    except (DataError, ConfigError, SweepError) as e:
+    except MedselError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -89,7 +89,7 @@ MEMORY_CHILD = r"""
 import json, sys, threading, time, os
 sys.path.insert(0, {repo!r})
 from benchmarks.bench_data import pss_kib, uss_kib, children, hwm_kib
-from lightning_modules.cli import MedselCLI
+from runs.cli import MedselCLI
 cfg = json.loads({cfg!r})
 cli = MedselCLI(args=cfg, run=False)
 cli.datamodule.prepare_data()              # the cache exists already: this only checks it

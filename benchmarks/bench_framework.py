@@ -23,7 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lightning_modules.cli import MedselCLI  # noqa: E402
+from runs.cli import MedselCLI  # noqa: E402
 from lightning_modules.losses import build_loss  # noqa: E402
 from lightning_modules.networks import NetworkConfig, build_network  # noqa: E402
 

@@ -1,6 +1,7 @@
 """Everything from files on disk to batches: sources, image decoding, the cache, splits, augmentation.
 
-Names are imported lazily, so that importing `datamodules.errors` does not import torch and Lightning.
+Names are imported lazily, so that importing one light module (e.g. `datamodules.splits`) does not import
+torch and Lightning.
 """
 
 from importlib import import_module
@@ -8,7 +9,6 @@ from importlib import import_module
 _EXPORTS = {
     "EMBEDDED": "datamodules.datamodule",
     "ImageDataModule": "datamodules.datamodule",
-    "DataError": "datamodules.errors",
     "SplitConfig": "datamodules.splits",
 }
 __all__ = list(_EXPORTS)

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from datamodules import phantoms, splits
 from datamodules.cache import CachedImages, ImageCache
-from datamodules.errors import DataError
+from errors import DataError
 from datamodules.images import IMAGE_EXTENSIONS, ResizeMode
 from datamodules.sources import (
     Problem,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import polars as pl
 
-from datamodules.errors import DataError
+from errors import DataError
 from datamodules.images import IMAGE_EXTENSIONS
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".parquet")

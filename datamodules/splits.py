@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from datamodules.errors import DataError
+from errors import DataError
 
 SPLITS = ("train", "val", "test")
 PRESETS = {"70/20/10": (0.7, 0.2, 0.1), "80/10/10": (0.8, 0.1, 0.1)}

@@ -19,7 +19,7 @@ from typing import Any
 import albumentations as A
 import numpy as np
 
-from datamodules.errors import DataError
+from errors import DataError
 
 AugmentationSpec = str | list[dict[str, Any]] | None
 

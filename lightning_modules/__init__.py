@@ -1,13 +1,12 @@
 """Training logic: the classification LightningModule and the registries of networks, losses and optimizers.
 
-Names are imported lazily, so that `from lightning_modules.registry import ConfigError` (used by tools that
-must start fast, such as the sweep's coordinator) does not import torch and Lightning.
+Names are imported lazily, so that importing one light module (e.g. the registry, from the sweep's coordinator, which
+must start fast) does not import torch and Lightning.
 """
 
 from importlib import import_module
 
 _EXPORTS = {
-    "ConfigError": "lightning_modules.registry",
     "ImageClassifier": "lightning_modules.classifier",
     "NonFiniteLossError": "lightning_modules.classifier",
     "NetworkConfig": "lightning_modules.networks",

@@ -21,7 +21,7 @@ from torchmetrics import CatMetric, MaxMetric, MeanMetric
 from lightning_modules.losses import build_loss
 from lightning_modules.metrics import ClassificationMetrics, confusion_matrix
 from lightning_modules.networks import NetworkConfig, build_network
-from lightning_modules.registry import ConfigError
+from errors import ConfigError
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -40,6 +40,8 @@ class ImageClassifier(LightningModule):
         classes: class names in output order (linked from `data.classes`).
         image_size: input size (linked from `data.image_size`).
         in_chans: input channels (linked from `data.channels`).
+        resize: how images were fitted to `image_size`, "squash" or "letterbox" (linked from `data.resize`);
+            kept in the checkpoint so a bare .ckpt predicts exactly as in training.
         positive_class: the positive (diseased) class for binary metrics; default: the second class.
         class_weights: "none", "balanced" (inverse training-split frequency), or one weight per class.
         channels_last: NHWC memory format; None = on when training on a GPU, ignored on CPU.
@@ -56,6 +58,7 @@ class ImageClassifier(LightningModule):
         classes: list[str] | None = None,
         image_size: int | list[int] = 224,
         in_chans: int = 3,
+        resize: Literal["squash", "letterbox"] = "squash",
         positive_class: str | None = None,
         class_weights: Literal["none", "balanced"] | list[float] = "none",
         channels_last: bool | None = None,

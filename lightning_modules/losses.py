@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.registry import ConfigError, Registry
+from errors import ConfigError
+from lightning_modules.registry import Registry
 
 
 class ClassificationLoss(nn.Module, abc.ABC):

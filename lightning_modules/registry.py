@@ -6,14 +6,9 @@ import difflib
 from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
+from errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key and the allowed values.
-
-    The CLI prints these without a traceback.
-    """
 
 
 def unknown_name_message(kind: str, key: str, name: str, known: Iterable[str], extra: str = "") -> str:

@@ -18,11 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from lightning_modules.registry import ConfigError
-
-
-class SweepError(RuntimeError):
-    """A sweep that cannot go on (e.g. no trial of a stage finished); printed without a traceback."""
+from errors import ConfigError
 
 
 @dataclass

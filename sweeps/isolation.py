@@ -24,7 +24,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 PRELOAD = ["torch", "lightning.pytorch", "timm", "torchmetrics", "albumentations", "polars", "wandb",
            "wandb.sdk.launch",  # imported lazily by every wandb.init (~1-2 s): import it once, here
-           "lightning_modules.cli", "datamodules", "sweeps.isolation"]
+           "runs.cli", "datamodules", "sweeps.isolation"]
 
 
 @dataclass
@@ -101,7 +101,7 @@ def _child(job: str, payload: Any, result_file: str, log_file: str, worker: int)
     _redirect_output(Path(log_file))
     os.chdir(payload.get("cwd", os.getcwd()) if isinstance(payload, dict) else os.getcwd())
     try:
-        from lightning_modules.cli import MedselCLI
+        from runs.cli import MedselCLI
 
         if job == "fit":
             cli = MedselCLI(args=payload["config"], run=False)

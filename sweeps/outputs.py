@@ -12,7 +12,7 @@ import polars as pl
 import yaml
 from optuna.trial import TrialState
 
-from lightning_modules.evaluation.document import Document, fmt
+from evaluation.document import Document, fmt
 
 LEADERBOARD_METRICS = [
     "val/acc", "val/loss", "val/nll", "val/overfit", "val/sensitivity", "val/specificity", "val/precision", "val/f1",

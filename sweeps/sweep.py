@@ -24,10 +24,11 @@ import polars as pl
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from lightning_modules.registry import ConfigError
+from errors import ConfigError
 from sweeps import coordinator as coord
 from sweeps import isolation, outputs, ranking, trials
-from sweeps.config import Candidate, SweepConfig, SweepError  # noqa: F401 -- SweepError re-exported
+from errors import SweepError
+from sweeps.config import Candidate, SweepConfig
 
 GRID_KEYS = {"stage1": ["candidate"], "stage2": ["optimizer", "loss"]}
 

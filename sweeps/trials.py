@@ -15,7 +15,7 @@ import polars as pl
 import yaml
 
 from lightning_modules.optimizers import optimizer_config
-from lightning_modules.registry import ConfigError
+from errors import ConfigError
 from sweeps.config import Candidate, SweepConfig
 
 

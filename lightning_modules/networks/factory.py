@@ -25,7 +25,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from lightning_modules.networks.custom import AttentionVGG16, CTNet10
-from lightning_modules.registry import ConfigError, Registry, unknown_name_message
+from errors import ConfigError
+from lightning_modules.registry import Registry, unknown_name_message
 
 Pool = Literal["default", "avg", "max", "flatten"]
 

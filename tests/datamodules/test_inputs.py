@@ -7,7 +7,8 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from datamodules import DataError, ImageDataModule
+from datamodules import ImageDataModule
+from errors import DataError
 from datamodules.images import ImageDecodeError, decode, load_image
 from tests.conftest import run_cli, small_fit_args
 

@@ -6,7 +6,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from datamodules import DataError, ImageDataModule
+from datamodules import ImageDataModule
+from errors import DataError
 from datamodules.splits import SplitConfig, compute_split, count_table, load_or_create, parse_ratios
 
 CLASSES = ["NonCOVID", "COVID"]

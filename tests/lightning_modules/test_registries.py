@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_modules import ConfigError, ImageClassifier, NetworkConfig
+from errors import ConfigError
+from lightning_modules import ImageClassifier, NetworkConfig
 from lightning_modules.losses import LOSSES
 from lightning_modules.networks import CUSTOM_NETWORKS, build_network
 from lightning_modules.optimizers import (

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from datamodules.phantoms import render
-from lightning_modules.evaluation import calibration
-from lightning_modules.evaluation.heatmaps import heatmaps, target_layer
-from lightning_modules.evaluation.intervals import bootstrap
+from evaluation import calibration
+from evaluation.heatmaps import heatmaps, target_layer
+from evaluation.intervals import bootstrap
 from lightning_modules.metrics import METRIC_NAMES
 from lightning_modules.networks import NetworkConfig, build_network
 from tests.conftest import REPO, run_cli, small_fit_args
@@ -126,7 +126,7 @@ def trained_run(tmp_path_factory):
 
 
 def test_gradcam_points_at_the_class_defining_region(trained_run):
-    from lightning_modules.evaluation.cli import load_run
+    from evaluation.cli import load_run
 
     _, model, dm = load_run(trained_run)
     dm.setup()

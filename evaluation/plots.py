@@ -18,7 +18,7 @@ from torchmetrics.functional.classification import (  # noqa: E402
     binary_roc,
 )
 
-from lightning_modules.evaluation.calibration import ReliabilityBins  # noqa: E402
+from evaluation.calibration import ReliabilityBins  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:

@@ -64,7 +64,7 @@ class FitTimer(Callback):
 
 class TestResultsWriter(Callback):
     """After `test`: test_metrics.json/.csv and the confusion matrix in the run dir, then the evaluation report
-    (intervals, calibration, plots, heat maps; see `lightning_modules.evaluation.report`).
+    (intervals, calibration, plots, heat maps; see `evaluation.report`).
 
     Args:
         report: what the report contains (None: no report).
@@ -97,7 +97,7 @@ class TestResultsWriter(Callback):
         if self.report is not None and self.report.enabled and hasattr(trainer.datamodule, "resolve"):
             from lightning.pytorch.loggers import WandbLogger
 
-            from lightning_modules.evaluation.report import build_report
+            from evaluation.report import build_report
 
             wandb_run = next((lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
             page = build_report(out, pl_module, trainer.datamodule, self.report, self.wandb_mode, wandb_run=wandb_run)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from datamodules.images import decode, resize
 from lightning_modules.classifier import ImageClassifier
-from lightning_modules.registry import ConfigError
+from errors import ConfigError
 
 
 @dataclass
@@ -111,7 +111,7 @@ class Predictor:
                 "probabilities": {c: float(p) for c, p in zip(self.classes, probs.tolist(), strict=True)},
             }
             if with_heatmap and self.heatmap_method != "none":
-                from lightning_modules.evaluation.heatmaps import HeatmapUnavailable, heatmaps, overlay
+                from evaluation.heatmaps import HeatmapUnavailable, heatmaps, overlay
 
                 try:
                     cams, _ = heatmaps(self.model.net, batch.cpu(), [k], self.heatmap_method)

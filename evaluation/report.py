@@ -18,10 +18,10 @@ import torch
 from PIL import Image
 
 from datamodules import splits
-from lightning_modules.evaluation import calibration, plots
-from lightning_modules.evaluation.document import Document
-from lightning_modules.evaluation.heatmaps import HeatmapUnavailable, heatmaps, overlay
-from lightning_modules.evaluation.intervals import bootstrap
+from evaluation import calibration, plots
+from evaluation.document import Document
+from evaluation.heatmaps import HeatmapUnavailable, heatmaps, overlay
+from evaluation.intervals import bootstrap
 from lightning_modules.metrics import METRIC_NAMES
 
 TITLES = {"acc": "Accuracy", "balanced_acc": "Balanced accuracy", "precision": "Precision", "sensitivity": "Sensitivity",
@@ -244,7 +244,7 @@ def _log_wandb(run_dir: Path, evaluation: dict, figures: dict, gallery, mode: st
         return
     import wandb
 
-    from lightning_modules.cli import wandb_run_id
+    from runs.cli import wandb_run_id
 
     owned = run is None
     if owned:

@@ -18,8 +18,8 @@ import yaml
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from lightning_modules.serving.app import Limits, create_app
-from lightning_modules.serving.model import Predictor, locate
+from serving.app import Limits, create_app
+from serving.model import Predictor, locate
 from tests.conftest import run_cli, small_fit_args
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -22,10 +22,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import CSVLogger, Logger
 
 from datamodules import ImageDataModule
-from lightning_modules.callbacks import FitTimer, ModelInfoWriter, PredictionWriter, TestResultsWriter
+from runs.callbacks import FitTimer, ModelInfoWriter, PredictionWriter, TestResultsWriter
 from lightning_modules.classifier import ImageClassifier
-from lightning_modules.evaluation.report import ReportConfig
-from lightning_modules.registry import ConfigError
+from evaluation.report import ReportConfig
+from errors import ConfigError
 
 _RUN_DIR_ENV = "MEDSEL_RUN_DIR"
 _RUN_DIR_OWNER_ENV = "MEDSEL_RUN_DIR_OWNER_PID"
@@ -197,6 +197,7 @@ class MedselCLI(LightningCLI):
         parser.add_class_arguments(ReportConfig, "report")
         parser.link_arguments("data.image_size", "model.image_size")
         parser.link_arguments("data.channels", "model.in_chans")
+        parser.link_arguments("data.resize", "model.resize")
         parser.link_arguments("data", "model.classes", compute_fn=lambda dm: dm.classes, apply_on="instantiate")
 
     def _cfg(self):

@@ -15,8 +15,8 @@ from jsonargparse import ArgumentParser
 
 from datamodules import ImageDataModule
 from lightning_modules.classifier import ImageClassifier
-from lightning_modules.evaluation.report import ReportConfig, build_report
-from lightning_modules.registry import ConfigError
+from evaluation.report import ReportConfig, build_report
+from errors import ConfigError
 
 
 def load_run(run_dir: Path, checkpoint: str | None = None) -> tuple[dict, ImageClassifier, ImageDataModule]:

@@ -16,7 +16,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 
 from datamodules.images import ImageDecodeError, image_size_of
-from lightning_modules.serving.model import Predictor
+from serving.model import Predictor
 
 ACCEPTED_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/bmp", "image/x-ms-bmp", "image/tiff",
                   "application/octet-stream"}
@@ -65,7 +65,7 @@ def create_app(predictor: Predictor, limits: Limits | None = None) -> FastAPI:
                     "its output must not be used for diagnosis.",
         version="0.1.0",
     )
-    page = files("lightning_modules.serving").joinpath("page.html").read_text()
+    page = files("serving").joinpath("page.html").read_text()
 
     @app.middleware("http")
     async def reject_large_bodies(request: Request, call_next):

@@ -34,8 +34,8 @@ class ServeConfig:
 
 
 def build_app(cfg: ServeConfig):
-    from lightning_modules.serving.app import Limits, create_app
-    from lightning_modules.serving.model import Predictor, locate
+    from serving.app import Limits, create_app
+    from serving.model import Predictor, locate
 
     predictor = Predictor(locate(cfg.run), cfg.device, cfg.heatmap)
     return create_app(predictor, Limits(cfg.max_bytes, cfg.max_pixels))

@@ -1,0 +1,1 @@
+"""Evaluation of a trained run: metrics with intervals, calibration, plots, heat maps and the report."""

@@ -1,1 +1,0 @@
-"""Evaluation a clinician-facing team can trust: bootstrap intervals, calibration, plots, heat maps, reports."""
