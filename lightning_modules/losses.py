@@ -6,7 +6,7 @@
 | bce         | binary cross-entropy on one logit (2 classes; logit = classes[1]) | 001 |
 | mse / mae   | squared / absolute error of softmax probabilities vs one-hot      | 002 |
 | logcosh     | log(cosh(p - y)) on softmax probabilities                         | 003 |
-| ce_logcosh  | alpha * CE + beta * log-cosh (eq. 5, alpha = beta = 0.5)          | 003 |
+| ce_logcosh  | alpha * CE + beta * log-cosh summed over classes (eq. 3-5)        | 003 |
 | focal       | focal loss, (1 - p_t)^gamma * CE                                  | -   |
 
 Class weights weight each sample by its class; the mean is normalised by the sum of weights (as
@@ -133,7 +133,12 @@ class LogCosh(ClassificationLoss):
 
 @LOSSES.register("ce_logcosh")
 class CELogCosh(ClassificationLoss):
-    """Study 003's ensemble loss, eq. 5: alpha * cross-entropy + beta * log-cosh."""
+    """Study 003's ensemble loss, eq. 5: alpha * L_CE + beta * L_LCH, with (eq. 3, 4)
+    L_CE = -sum_i y_i log p_i and L_LCH = sum_i log(cosh(p_i - y_i)), both summed over the classes i.
+
+    Unlike the `logcosh` loss (Keras' log_cosh, a mean over classes), the log-cosh term here is the sum
+    the paper writes: averaging would divide beta by the number of classes.
+    """
 
     def __init__(self, num_classes: int, class_weights=None, alpha: float = 0.5, beta: float = 0.5):
         super().__init__(num_classes, class_weights)
@@ -141,7 +146,7 @@ class CELogCosh(ClassificationLoss):
 
     def _per_sample(self, logits, target):
         ce = F.cross_entropy(logits, target, reduction="none")
-        lc = _log_cosh(self.probabilities(logits) - self._one_hot(target)).mean(1)
+        lc = _log_cosh(self.probabilities(logits) - self._one_hot(target)).sum(1)  # eq. 4: sum over classes
         return self.alpha * ce + self.beta * lc
 
 
