@@ -1,42 +1,66 @@
-"""Command line entry point.
+"""medsel: model selection on small medical-image datasets.
 
-    python cli.py fit      --config configs/demo.yaml       # train (LightningCLI: fit/validate/test/predict)
+    python cli.py fit      --config chd                      # train (study 000's settings; configs/chd.yaml)
     python cli.py test     --config artifacts/runs/<name>/<version>/config.yaml
-    python cli.py sweep    --config configs/sweep_demo.yaml  # two-stage model selection
+    python cli.py sweep    --config sweep_demo               # two-stage model selection
     python cli.py report   artifacts/runs/<name>/<version>   # rebuild a run's report
     python cli.py serve    --run artifacts/sweeps/<name>     # upload page and JSON API
 
-Errors in the user's data or config are printed as one message, without a traceback.
+A `--config` that is not a file is looked up by name in the project's `configs/` folder. Errors in the user's
+data or config are printed as one `error:` line, without a traceback.
 """
 
 from __future__ import annotations
 
 import sys
 
+# name -> (one-line description, module whose `main(argv) -> int` runs it; None: the LightningCLI)
+COMMANDS: dict[str, tuple[str, str | None]] = {
+    "fit": ("train a model: python cli.py fit --config chd", None),
+    "validate": ("evaluate a trained run on its validation split", None),
+    "test": ("evaluate a trained run once on its test split and write its report", None),
+    "predict": ("predict a folder or manifest of images with a trained run", None),
+    "sweep": ("two-stage model selection (architecture, then optimizer x loss) with Optuna", "sweeps.cli"),
+    "report": ("rebuild a finished run's evaluation report without retraining", "evaluation.cli"),
+    "serve": ("serve a trained model: upload page and JSON API", "serving.cli"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {text}" for name, (text, _) in COMMANDS.items()]
+    return (
+        "usage: python cli.py <command> [--config NAME_OR_PATH] [options]\n\n"
+        "medsel: model selection on small medical-image datasets.\n\ncommands:\n" + "\n".join(lines) + "\n\n"
+        "`python cli.py <command> --help` lists a command's options. A --config that is not a file is looked up\n"
+        "in the project's configs/ folder (e.g. --config chd for configs/chd.yaml).\n"
+    )
+
 
 def main(argv: list[str] | None = None) -> int:
-    from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), end="")
+        return 0 if argv else 2
     from errors import MedselError
 
-    command = argv[0] if argv else ""
-
+    command = argv[0]
     try:
-        if command == "sweep":
-            from sweeps.cli import main as sweep_main
+        if command not in COMMANDS:
+            raise MedselError(f"unknown command '{command}'. Commands: {', '.join(COMMANDS)}. See python cli.py --help")
+        from runs import config_names
 
-            return sweep_main(argv[1:])
-        if command == "report":
-            from evaluation.cli import main as report_main
+        args, config = config_names.resolve_argv(argv[1:])
+        module = COMMANDS[command][1]
+        if module is not None:
+            from importlib import import_module
 
-            return report_main(argv[1:])
-        if command == "serve":
-            from serving.cli import main as serve_main
-
-            return serve_main(argv[1:])
+            return int(import_module(module).main(args) or 0)
         from runs.cli import MedselCLI
 
-        MedselCLI(args=None if from_shell else argv)
+        if config is not None:  # recorded in the run's saved config.yaml, so the run stays reproducible
+            args += [f"--run.config_file={config_names.display(config)}"]
+        MedselCLI(args=[command, *args])
         return 0
     except MedselError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -49,6 +49,8 @@ class RunConfig:
         wandb_group: W&B group (a sweep sets its name).
         wandb_job_type: W&B job type (a sweep sets stage1/stage2).
         wandb_tags: W&B tags.
+        config_file: the config file the run started from (set by `cli.py`; a config given by name is
+            recorded as the project file it resolved to, e.g. configs/chd.yaml).
     """
 
     name: str = "run"
@@ -62,6 +64,7 @@ class RunConfig:
     wandb_group: str | None = None
     wandb_job_type: str | None = None
     wandb_tags: list[str] = field(default_factory=list)
+    config_file: str | None = None
 
 
 def _new_version() -> str:
@@ -165,6 +168,8 @@ def quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
     warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # cli.py passes its (config-resolved) argv explicitly; that is not a mistake.
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
 
 
 class MedselCLI(LightningCLI):
