@@ -117,6 +117,16 @@ class Selection:
         metric: for rule "metric": any logged key, e.g. val/mcc, val/auroc, val/loss.
         direction: for rule "metric": maximize or minimize.
         epoch: which epoch's metrics a trial is judged by: "best" (its best checkpoint) or "last".
+        loss_term: what the rank score's `val/loss` term ranks. "auto": `val/nll` (cross-entropy of the
+            predicted probabilities, comparable across losses) when the stage's grid varies the loss, the
+            trained loss otherwise; "trained": always each trial's own loss (the paper's literal rule, which
+            favours losses with small values such as MSE); "nll": always `val/nll`.
+        overfit: what the `val/overfit` term ranks. "eval": training accuracy measured in eval mode (no
+            augmentation, no dropout) at the best checkpoint minus validation accuracy there, from one extra
+            pass over the training split per trial; "running": the running training-mode accuracy of the
+            epoch minus validation accuracy (the paper's).
+        allow_incomplete: let a grid point win although some of its repeats failed, were pruned or are
+            missing (its mean is then over fewer seeds than the others').
     """
 
     rule: Literal["rank_score", "metric"] = "rank_score"
@@ -124,6 +134,9 @@ class Selection:
     metric: str = "val/acc"
     direction: Literal["maximize", "minimize"] = "maximize"
     epoch: Literal["best", "last"] = "best"
+    loss_term: Literal["auto", "trained", "nll"] = "auto"
+    overfit: Literal["eval", "running"] = "eval"
+    allow_incomplete: bool = False
 
 
 @dataclass

@@ -232,7 +232,7 @@ def stage_board(sweep: SweepConfig, study: optuna.Study, stage: coord.Stage) -> 
         failed = [f"trial {t.number}: {t.user_attrs.get('fail_reason')}" for t in study.get_trials(states=(TrialState.FAIL,))]
         raise SweepError(f"{stage.name}: no trial finished, so there is no winner. Failures:\n  " + "\n  ".join(failed[:20]))
     metrics = [m for m in outputs.LEADERBOARD_METRICS if m in frame.columns]
-    board = ranking.leaderboard(frame, GRID_KEYS[stage.name], metrics, sweep.selection)
+    board = ranking.leaderboard(frame, GRID_KEYS[stage.name], metrics, sweep.selection, expected_repeats=sweep.repeats)
     return frame, board
 
 
