@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -63,22 +62,47 @@ class NetworkConfig:
 
 @dataclass(frozen=True)
 class CustomNet:
-    """A registered non-timm backbone with the head its paper used."""
+    """A registered non-timm backbone with the head its paper used.
 
-    build: Callable[..., nn.Module]  # (in_chans, pretrained) -> module with forward_features
+    `build(cfg, in_chans)` returns a module with `forward_features`, with the weights `cfg` asks for
+    (`pretrained` / `pretrained_path`) already loaded, or raises ConfigError when it has none to offer.
+    """
+
+    build: Callable[[NetworkConfig, int], nn.Module]
     pool: Pool
     hidden: tuple[int, ...]
     dropout: float
     description: str
 
 
+def _build_ctnet10(cfg: NetworkConfig, in_chans: int) -> nn.Module:
+    if cfg.pretrained and not cfg.pretrained_path:
+        raise ConfigError("model.network: ctnet10 has no published weights; set pretrained: false "
+                          "(or pretrained_path to weights you trained).")
+    net = CTNet10(in_chans)
+    if cfg.pretrained_path:
+        _load_local_state(net, cfg.pretrained_path)
+    return net
+
+
+def _build_attention_vgg16(cfg: NetworkConfig, in_chans: int) -> nn.Module:
+    """VGG16 with the attention gate; ImageNet (or local) VGG16 weights go into its convolutional blocks."""
+    net = AttentionVGG16(in_chans)
+    if cfg.pretrained or cfg.pretrained_path:
+        vgg = _create_timm(NetworkConfig(name="vgg16", pretrained=cfg.pretrained, pretrained_path=cfg.pretrained_path),
+                           in_chans)
+        net.to_block4.load_state_dict(vgg.features[:23].state_dict())
+        net.to_block5_pool.load_state_dict(vgg.features[23:].state_dict())
+    return net
+
+
 CUSTOM_NETWORKS: Registry[CustomNet] = Registry("network", "model.network.name")
 CUSTOM_NETWORKS.add("ctnet10", CustomNet(
-    lambda in_chans, pretrained, **kw: CTNet10(in_chans), "flatten", (256,), 0.3,
+    _build_ctnet10, "flatten", (256,), 0.3,
     "CTnet-10 of study 001: 2 conv blocks, dense 256, dropout 0.3 (128x128 input)",
 ))
 CUSTOM_NETWORKS.add("attention_vgg16", CustomNet(
-    lambda in_chans, pretrained, **kw: AttentionVGG16(in_chans), "default", (10,), 0.5,
+    _build_attention_vgg16, "default", (10,), 0.5,
     "VGG16 with a soft attention gate on layer 13 gated by layer 18 (study 003), head of 10 units",
 ))
 
@@ -135,27 +159,31 @@ def _mlp_head(in_features: int, hidden: list[int], dropout: float, out: int) -> 
     return nn.Sequential(*layers)
 
 
-def _hub_host() -> str:
+def _hub_reachable(timeout: float = 3.0) -> bool:
     from huggingface_hub import constants
 
-    return urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-
-
-@contextmanager
-def _offline_if_unreachable(timeout: float = 3.0):
-    """When the hub cannot be reached, let huggingface_hub use its local cache only (no minute of retries)."""
-    from huggingface_hub import constants
-
-    was = constants.HF_HUB_OFFLINE
-    if not was:
-        try:
-            socket.create_connection((_hub_host(), 443), timeout=timeout).close()
-        except OSError:
-            constants.HF_HUB_OFFLINE = True
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
     try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = was
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _cached_weights(name: str) -> str | None:
+    """The hub weights of timm's `name` already in the local Hugging Face cache, if any.
+
+    Looked up here rather than by switching huggingface_hub to offline mode: that is process-wide state, and
+    an unreachable hub would otherwise cost a minute of retries.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    hub_id = (timm.models.get_pretrained_cfg(name) or timm.models.PretrainedCfg()).hf_hub_id
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(hub_id, filename) if hub_id else None
+        if isinstance(found, str):
+            return found
+    return None
 
 
 def _create_timm(cfg: NetworkConfig, in_chans: int) -> nn.Module:
@@ -175,22 +203,26 @@ def _create_timm(cfg: NetworkConfig, in_chans: int) -> nn.Module:
             ) from None
     if not cfg.pretrained:
         return timm.create_model(cfg.name, pretrained=False, **kwargs)
-    try:
-        with _offline_if_unreachable():
-            return timm.create_model(cfg.name, pretrained=True, **kwargs)
-    except Exception as e:
+    if _hub_reachable():
         try:
-            hub_id = timm.create_model(cfg.name, pretrained=False, num_classes=0).pretrained_cfg.get("hf_hub_id")
-        except Exception:
-            hub_id = None
-        hub_id = hub_id or f"timm/{cfg.name}"
-        raise ConfigError(
-            f"model.network: could not get pretrained weights for '{cfg.name}' ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200]}). The Hugging Face hub is probably unreachable from this machine. "
-            f"Download the weights where there is internet (https://huggingface.co/{hub_id}, file "
-            "model.safetensors), copy the file here and set model.network.pretrained_path: /path/to/"
-            "model.safetensors — or set model.network.pretrained: false to train from scratch."
-        ) from None
+            return timm.create_model(cfg.name, pretrained=True, **kwargs)
+        except Exception as e:
+            raise _no_weights(cfg.name, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    cached = _cached_weights(cfg.name)
+    if cached is None:  # fail at once: asking an unreachable hub costs a minute of retries
+        raise _no_weights(cfg.name, "the Hugging Face hub is unreachable from this machine and the weights are "
+                                    "not in its local cache")
+    return timm.create_model(cfg.name, pretrained=True, pretrained_cfg_overlay={"file": cached}, **kwargs)
+
+
+def _no_weights(name: str, reason: str) -> ConfigError:
+    hub_id = (timm.models.get_pretrained_cfg(name) or timm.models.PretrainedCfg()).hf_hub_id or f"timm/{name}"
+    return ConfigError(
+        f"model.network: could not get pretrained weights for '{name}' ({reason}). Download them where there is "
+        f"internet (https://huggingface.co/{hub_id}, file model.safetensors), copy the file here and set "
+        "model.network.pretrained_path: /path/to/model.safetensors — or set model.network.pretrained: false to "
+        "train from scratch."
+    )
 
 
 def _prune_unused_children(model: nn.Module, probe: torch.Tensor) -> None:
@@ -226,20 +258,7 @@ def build_network(
     """
     if cfg.name in CUSTOM_NETWORKS:
         spec = CUSTOM_NETWORKS.get(cfg.name)
-        if cfg.pretrained_path and cfg.name != "attention_vgg16":
-            backbone = spec.build(in_chans, False)
-            _load_local_state(backbone, cfg.pretrained_path)
-        elif cfg.pretrained and cfg.name == "ctnet10":
-            raise ConfigError("model.network: ctnet10 has no published weights; set pretrained: false "
-                              "(or pretrained_path to weights you trained).")
-        elif cfg.name == "attention_vgg16" and (cfg.pretrained or cfg.pretrained_path):
-            vgg_cfg = NetworkConfig(name="vgg16", pretrained=cfg.pretrained, pretrained_path=cfg.pretrained_path)
-            vgg = _create_timm(vgg_cfg, in_chans)
-            backbone = spec.build(in_chans, False)
-            backbone.to_block4.load_state_dict(vgg.features[:23].state_dict())
-            backbone.to_block5_pool.load_state_dict(vgg.features[23:].state_dict())
-        else:
-            backbone = spec.build(in_chans, False)
+        backbone = spec.build(cfg, in_chans)
         pool, hidden, dropout, is_timm = spec.pool, list(spec.hidden), spec.dropout, False
         mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     elif timm.is_model(cfg.name):
