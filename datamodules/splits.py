@@ -25,7 +25,7 @@ _ALIASES = {
     "val": "val", "valid": "val", "validation": "val", "dev": "val",
     "test": "test", "testing": "test", "holdout": "test",
 }
-SPLIT_FORMAT_VERSION = 1
+SPLIT_FORMAT_VERSION = 2  # 2: grouped splits spread patient sizes (older split files are not reused)
 
 
 @dataclass
@@ -101,31 +101,54 @@ def _stratified(labels: np.ndarray, classes: list[str], ratios, rng: np.random.G
     return out
 
 
-def _grouped(labels: np.ndarray, groups: np.ndarray, classes: list[str], ratios, rng) -> np.ndarray:
-    """Stratified split where no group (patient) spans two splits.
+def _place(g: int, counts: np.ndarray, targets: np.ndarray, current: np.ndarray, allowed: np.ndarray) -> int:
+    """The split for group `g`: least overflow of the per-class image targets, then least relative fill.
 
-    Greedy: groups in random order, largest first, each to the split where it overflows the per-class
-    targets least (ties: the split missing the most of its classes). Single-image groups come last and
-    fill the targets exactly, so with enough of them every class lands within one image of its ratio.
+    Filling every split in proportion to its target (rather than the one missing the most images, which
+    is always train) is what spreads big and small patients alike: taken largest first, the k-th largest
+    group goes to whichever split is proportionally emptiest.
+    """
+    vec = counts[g]
+    overflow = np.maximum(current + vec - targets, 0).sum(1)
+    mask = vec > 0
+    fill = current[:, mask].sum(1) / np.maximum(targets[:, mask].sum(1), 1)
+    score = np.where(allowed, overflow * 1_000_000.0 + fill, np.inf)
+    return int(np.argmin(score))
+
+
+def _grouped(labels: np.ndarray, groups: np.ndarray, classes: list[str], ratios, rng) -> np.ndarray:
+    """Stratified split where no group (patient) spans two splits, with alike patients in every split.
+
+    First, for every class, each split with a positive ratio is seeded with one group of that class (the
+    smallest groups go to the smallest splits), so any feasible assignment is found: a class of 3 patients
+    under 70/20/10 splits one patient per split. Then the other groups, largest first (random order among
+    equal sizes), go where they overflow the per-class image targets least, ties to the proportionally
+    emptiest split (`_place`); single-image groups come last and fill the targets exactly. Each split thus
+    gets its share of big and small patients, so images per patient are alike across splits (a split of
+    mostly single-image patients would be easier than deployment).
     """
     cidx = {c: i for i, c in enumerate(classes)}
     uniq, inverse = np.unique(groups, return_inverse=True)
     counts = np.zeros((len(uniq), len(classes)), dtype=int)
     np.add.at(counts, (inverse, np.array([cidx[x] for x in labels])), 1)
     targets = np.stack([_targets(int(counts[:, k].sum()), ratios) for k in range(len(classes))], axis=1)
+    allowed = np.array([r > 0 for r in ratios])
     current = np.zeros_like(targets)
+    where = np.full(len(uniq), -1)
     order = rng.permutation(len(uniq))
-    order = order[np.argsort(-counts[order].sum(1), kind="stable")]
-    where = np.empty(len(uniq), dtype=int)
+    order = order[np.argsort(-counts[order].sum(1), kind="stable")]  # largest first, random among equals
+    for k in np.argsort(counts.sum(0), kind="stable"):  # rarest class first: it has the fewest groups to spare
+        for s in sorted(np.flatnonzero(allowed), key=lambda s: ratios[s]):
+            if current[s, k] > 0:
+                continue
+            free = [g for g in order[::-1] if where[g] < 0 and counts[g, k] > 0]  # smallest first
+            if free:
+                where[free[0]] = s
+                current[s] += counts[free[0]]
     for g in order:
-        vec = counts[g]
-        overflow = np.maximum(current + vec - targets, 0).sum(1)
-        deficit = (np.maximum(targets - current, 0) * (vec > 0)).sum(1)
-        allowed = np.array([r > 0 for r in ratios])
-        score = np.where(allowed, overflow * 1_000_000 - deficit, np.iinfo(np.int64).max)
-        s = int(np.argmin(score))
-        where[g] = s
-        current[s] += vec
+        if where[g] < 0:
+            where[g] = _place(g, counts, targets, current, allowed)
+            current[where[g]] += counts[g]
     for k, c in enumerate(classes):
         empty = [SPLITS[s] for s in range(3) if ratios[s] > 0 and current[s, k] == 0]
         if empty:

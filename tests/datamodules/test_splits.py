@@ -120,3 +120,63 @@ def test_split_file_records_seed_and_hash(covid_ct, shared_artifacts):
     data = covid_module(covid_ct, shared_artifacts, seed=5).resolve()
     meta = read_split_metadata(data.split_file)
     assert meta["seed"] == 5 and meta["key"] in data.split_file.name and len(meta["assignment_hash"]) == 16
+
+
+def _table(labels: list[str], patients: list[str | None]) -> pl.DataFrame:
+    return pl.DataFrame({
+        "relpath": [f"img{i:04d}.png" for i in range(len(labels))], "label": labels, "patient_id": patients,
+        "split": [None] * len(labels),
+    }, schema={"relpath": pl.String, "label": pl.String, "patient_id": pl.String, "split": pl.String})
+
+
+def _images_per_patient(split: pl.DataFrame) -> dict[str, float]:
+    per = split.group_by("split").agg(pl.len().alias("images"), pl.col("patient_id").n_unique().alias("patients"))
+    return {r["split"]: r["images"] / r["patients"] for r in per.iter_rows(named=True)}
+
+
+def test_grouped_split_spreads_big_and_small_patients():
+    # 40 patients with 6 images and 160 with one, per class. The old greedy sent the big patients to train
+    # (largest first, to the split missing the most images), leaving test with single-image patients.
+    labels, patients = [], []
+    for c in ("a", "b"):
+        for p in range(40):
+            labels += [c] * 6
+            patients += [f"{c}big{p}"] * 6
+        labels += [c] * 160
+        patients += [f"{c}one{p}" for p in range(160)]
+    split = compute_split(_table(labels, patients), SplitConfig(ratios="70/20/10", seed=1), ["a", "b"])
+    ipp = _images_per_patient(split)
+    assert abs(ipp["test"] / ipp["train"] - 1) < 0.25 and abs(ipp["val"] / ipp["train"] - 1) < 0.25, ipp
+    counts = count_table(split, ["a", "b"]).filter(pl.col("class") == "a").row(0, named=True)
+    assert (counts["train"], counts["val"], counts["test"]) == (280, 80, 40)
+
+
+def test_covid_ct_grouped_split_has_alike_images_per_patient(covid_ct):
+    meta = pl.read_csv(covid_ct / "metadata.csv")
+    frame = _table(meta["label"].to_list(), meta["patient_id"].cast(pl.String).to_list())
+    split = compute_split(frame, SplitConfig(ratios="70/20/10", seed=42), CLASSES)
+    ipp = _images_per_patient(split)
+    # Before: train 2.57, val 1.31, test 1.12 images per patient (59 of 67 test patients had one image).
+    assert abs(ipp["test"] / ipp["train"] - 1) <= 0.25, ipp
+    assert abs(ipp["val"] / ipp["train"] - 1) <= 0.25, ipp
+
+
+def test_three_patients_split_one_per_split():
+    # 30 images of class b from 3 patients: 70/20/10 is feasible with one patient per split.
+    labels = ["a"] * 100 + ["b"] * 30
+    patients = [f"a{i}" for i in range(100)] + [f"b{i // 10}" for i in range(30)]
+    split = compute_split(_table(labels, patients), SplitConfig(ratios="70/20/10", seed=0), ["a", "b"])
+    b = split.filter(pl.col("label") == "b")
+    assert sorted(b.group_by("split").agg(pl.col("patient_id").n_unique())["patient_id"].to_list()) == [1, 1, 1]
+    assert b.group_by("patient_id").agg(pl.col("split").n_unique())["split"].max() == 1
+
+
+def test_missing_patient_ids_are_single_image_groups():
+    # Half the rows have no patient id: each is its own group; the others keep their patients together.
+    labels = ["a", "b"] * 100
+    patients = [None if i % 2 else f"p{i // 8}" for i in range(200)]
+    split = compute_split(_table(labels, patients), SplitConfig(ratios="70/20/10", seed=2), ["a", "b"])
+    known = split.filter(pl.col("patient_id").is_not_null())
+    assert known.group_by("patient_id").agg(pl.col("split").n_unique())["split"].max() == 1
+    unknown = split.filter(pl.col("patient_id").is_null())
+    assert set(unknown["split"].to_list()) == {"train", "val", "test"}
