@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +37,46 @@ class SplitConfig:
         seed: the split's random seed; the same seed and inputs always give the same split file.
         group_by_patient: keep all images of a patient in one split when `patient_id` is known.
         use_manifest_split: take the manifest's own `split` column (train/val/test) instead of computing one.
+        group_by: what keeps images together in one split: `patient_id` and/or `near_duplicates` (the
+            audit's clusters, so a duplicate never sits in two splits). Images linked by either key form
+            one group.
     """
 
     ratios: str | list[float] = "70/20/10"
     seed: int = 42
     group_by_patient: bool = True
     use_manifest_split: bool = False
+    group_by: list[str] = field(default_factory=lambda: ["patient_id", "near_duplicates"])
+
+
+GROUP_KEYS = {"patient_id": "patient_id", "near_duplicates": "cluster_id"}
+
+
+def group_by_keys(frame: pl.DataFrame, cfg: SplitConfig) -> np.ndarray | None:
+    """Group label per row joining every image that shares a patient id or a duplicate cluster (per
+    `cfg.group_by`); None when no row shares a key, so a plain stratified split applies."""
+    unknown = sorted(set(cfg.group_by) - set(GROUP_KEYS))
+    if unknown:
+        raise DataError(f"data.split.group_by: unknown key(s) {unknown}; allowed: {sorted(GROUP_KEYS)}")
+    cols = [GROUP_KEYS[k] for k in cfg.group_by if GROUP_KEYS[k] in frame.columns
+            and (k != "patient_id" or cfg.group_by_patient)]
+    n = frame.height
+    rows, cols_idx, offset = [], [], n
+    for c in cols:  # bipartite graph rows <-> key values; its components are the groups
+        known = np.flatnonzero(~frame[c].is_null().to_numpy())
+        values, codes = np.unique(frame[c].cast(pl.String).to_numpy()[known].astype(str), return_inverse=True)
+        rows.append(known)
+        cols_idx.append(offset + codes.reshape(-1))
+        offset += len(values)
+    if not rows or not sum(len(r) for r in rows):
+        return None
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    r, k = np.concatenate(rows), np.concatenate(cols_idx).astype(np.int64)
+    size = int(max(n, k.max() + 1))
+    _, labels = connected_components(coo_matrix((np.ones(len(r)), (r, k)), shape=(size, size)), directed=False)
+    return np.array([f"g{v}" for v in labels[:n]], dtype=object)
 
 
 def parse_ratios(ratios: str | list[float] | tuple[float, ...]) -> tuple[float, float, float]:
@@ -168,8 +202,10 @@ def split_key(frame: pl.DataFrame, cfg: SplitConfig, classes: list[str]) -> str:
     h.update(json.dumps({
         "v": SPLIT_FORMAT_VERSION, "ratios": parse_ratios(cfg.ratios), "seed": cfg.seed,
         "group": cfg.group_by_patient, "manifest": cfg.use_manifest_split, "classes": classes,
+        **({"group_by": sorted(cfg.group_by)} if "cluster_id" in frame.columns else {}),
     }, sort_keys=True).encode())
-    for row in frame.select("relpath", "label", "patient_id", "split").sort("relpath").iter_rows():
+    keys = [c for c in ("relpath", "label", "patient_id", "split", "cluster_id") if c in frame.columns]
+    for row in frame.select(keys).sort("relpath").iter_rows():
         h.update(("\x1f".join("" if v is None else v for v in row) + "\x1e").encode())
     return h.hexdigest()[:16]
 
@@ -194,10 +230,8 @@ def compute_split(frame: pl.DataFrame, cfg: SplitConfig, classes: list[str]) -> 
         ratios = parse_ratios(cfg.ratios)
         rng = np.random.default_rng(cfg.seed)
         labels = frame["label"].to_numpy().astype(object)
-        pid = frame["patient_id"]
-        if cfg.group_by_patient and pid.null_count() < len(pid):
-            # an image without a patient id is its own group: it cannot leak anything
-            groups = np.array([p if p is not None else f"\x00{r}" for p, r in zip(pid.to_list(), frame["relpath"].to_list(), strict=True)], dtype=object)
+        groups = group_by_keys(frame, cfg)  # an image with no shared key is its own group: it cannot leak
+        if groups is not None:
             assigned = _grouped(labels, groups, classes, ratios, rng)
         else:
             assigned = _stratified(labels, classes, ratios, rng)

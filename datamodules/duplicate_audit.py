@@ -1,0 +1,160 @@
+"""The duplicate audit run inside `ImageDataModule.resolve`: clusters, their categories and the conflict policy.
+
+Per image: a digest of the decoded pixels (exact duplicates, whatever the file format) and a perceptual
+hash of the cached array; near-duplicates are clustered with `datamodules.duplicates`. The per-image
+hashes are stored in `artifacts/audit/hashes-<geometry>.parquet` keyed by cache slot content, and the
+clustering of a whole dataset in `artifacts/audit/<dataset key>.parquet`, so a rerun costs a file read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from datamodules.cache import CachedImages
+from datamodules.duplicates import cluster_images, phash_batch, pixel_digest
+
+CATEGORIES = ("label_conflict", "leakage", "cross_patient", "redundant")
+AUDIT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Duplicate detection settings (`data.audit`).
+
+    Attributes:
+        enabled: run the audit when the data is resolved (fit, sweep, audit).
+        max_distance: Hamming distance (of 64 bits) within which two hashes are candidates.
+        min_similarity: aligned fine-detail correlation a candidate pair needs to be linked (None: link all
+            candidates, hash only).
+    """
+
+    enabled: bool = True
+    max_distance: int = 10
+    min_similarity: float | None = 0.9
+
+
+def _key(frame: pl.DataFrame, cfg: AuditConfig, geometry: str) -> str:
+    h = hashlib.sha256(json.dumps([AUDIT_VERSION, cfg.max_distance, cfg.min_similarity, geometry]).encode())
+    for digest in sorted(frame["digest"].to_list()):
+        h.update(digest.encode())
+    return h.hexdigest()[:16]
+
+
+def _write(frame: pl.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    frame.write_parquet(tmp)
+    os.replace(tmp, path)
+
+
+def slot_hashes(view: CachedImages, slots: np.ndarray, store: Path, batch: int = 512) -> pl.DataFrame:
+    """(slot, digest, phash) for the given cache slots, computing only slots not in `store` yet."""
+    known = pl.read_parquet(store) if store.exists() else pl.DataFrame(
+        schema={"slot": pl.Int64, "digest": pl.String, "phash": pl.UInt64})
+    todo = np.setdiff1d(np.unique(slots), known["slot"].to_numpy())
+    if len(todo):
+        images = view.open()
+        rows = []
+        for start in range(0, len(todo), batch):
+            part = todo[start : start + batch]
+            arrays = np.asarray(images[part])  # (B, H, W, C)
+            rows.append(pl.DataFrame({"slot": part.astype(np.int64), "digest": [pixel_digest(a) for a in arrays],
+                                      "phash": phash_batch(arrays)}))
+        known = pl.concat([known, *rows])
+        _write(known, store)
+    return known.filter(pl.col("slot").is_in(slots.tolist()))
+
+
+def find_clusters(frame: pl.DataFrame, view: CachedImages, cfg: AuditConfig, audit_dir: Path) -> pl.DataFrame:
+    """Add `digest`, `phash`, `exact_id` and `cluster_id` (null for an image with no duplicate) to `frame`.
+
+    Args:
+        frame: one row per image with `slot` (decode-cache slot).
+        view: the decode cache.
+        cfg: thresholds.
+        audit_dir: `artifacts/audit`, where hashes and clusterings are kept.
+    """
+    geometry = "x".join(map(str, view.shape[1:]))
+    hashes = slot_hashes(view, frame["slot"].to_numpy(), audit_dir / f"hashes-{geometry}-v{AUDIT_VERSION}.parquet")
+    frame = frame.join(hashes, on="slot", how="left")
+    key = _key(frame, cfg, geometry)
+    stored = audit_dir / f"clusters-{key}.parquet"
+    if stored.exists():
+        by_digest = pl.read_parquet(stored)
+    else:
+        uniq = frame.unique("digest", keep="first").sort("digest")
+        images = view.open()
+        labels, _ = cluster_images(images[uniq["slot"].to_numpy()], uniq["phash"].to_numpy(), cfg.max_distance,
+                                   cfg.min_similarity)
+        by_digest = pl.DataFrame({"digest": uniq["digest"], "component": labels})
+        _write(by_digest, stored)
+    frame = frame.join(by_digest, on="digest", how="left")
+    exact_n = pl.len().over("digest")
+    near_n = pl.len().over("component")
+    return frame.with_columns(
+        exact_id=pl.when(exact_n > 1).then(pl.col("digest")),
+        cluster_id=pl.when(near_n > 1).then(pl.format("c{}", pl.col("component"))),
+    ).drop("component")
+
+
+def classify(frame: pl.DataFrame) -> pl.DataFrame:
+    """One row per cluster: size, whether all copies are pixel-identical, and its categories.
+
+    Categories: `label_conflict` (more than one class), `leakage` (more than one split), `cross_patient`
+    (more than one known patient id: one id may be wrong), `redundant` (one class, one split, one patient).
+
+    Args:
+        frame: images with `cluster_id`, `label`, `split`, `patient_id`, `relpath`, `digest`.
+    """
+    part = frame.filter(pl.col("cluster_id").is_not_null())
+    clusters = part.group_by("cluster_id").agg(
+        size=pl.len(),
+        exact=pl.col("digest").n_unique() == 1,
+        classes=pl.col("label").unique().sort(),
+        splits=pl.col("split").drop_nulls().unique().sort(),
+        patients=pl.col("patient_id").drop_nulls().unique().sort(),
+        files=pl.col("relpath").sort(),
+    )
+    clusters = clusters.with_columns(
+        label_conflict=pl.col("classes").list.len() > 1,
+        leakage=pl.col("splits").list.len() > 1,
+        cross_patient=pl.col("patients").list.len() > 1,
+    ).with_columns(redundant=~(pl.col("label_conflict") | pl.col("leakage") | pl.col("cross_patient")))
+    return clusters.sort(["label_conflict", "leakage", "size", "cluster_id"], descending=[True, True, True, False])
+
+
+def summary(frame: pl.DataFrame, clusters: pl.DataFrame) -> dict:
+    """Counts for the one-screen summary and the report."""
+    exact = clusters.filter(pl.col("exact"))
+    out = {
+        "images": frame.height,
+        "exact_clusters": exact.height,
+        "exact_images": int(exact["size"].sum() or 0),
+        "near_clusters": clusters.height - exact.height,
+        "near_images": int(clusters.filter(~pl.col("exact"))["size"].sum() or 0),
+    }
+    for c in CATEGORIES:
+        out[c] = int(clusters[c].sum() or 0)
+    return out
+
+
+def summary_text(counts: dict, where: str | None = None) -> str:
+    """The one-screen summary printed at the start of a run."""
+    lines = [
+        f"[audit] {counts['images']} images: {counts['exact_clusters']} exact-duplicate clusters "
+        f"({counts['exact_images']} images), {counts['near_clusters']} near-duplicate clusters ({counts['near_images']} images)",
+        f"[audit] label conflicts {counts['label_conflict']}, leakage across splits {counts['leakage']}, "
+        f"across patients {counts['cross_patient']}, redundant {counts['redundant']}",
+    ]
+    if counts.get("conflict_action"):
+        lines.append(f"[audit] label-conflict policy: {counts['conflict_action']}")
+    if where:
+        lines.append(f"[audit] details: {where}")
+    return "\n".join(lines)

@@ -1,0 +1,208 @@
+"""Exact and near-duplicate images: pixel digests, 64-bit perceptual hashes and Hamming-distance clusters.
+
+This lives in the data layer (not in `audit/`) because `ImageDataModule.resolve` needs the clusters as a
+split grouping key, and datamodules may not import upward; `audit/` builds its report on top of it.
+
+The perceptual hash is the DCT hash of `imagehash.phash` (32x32 grayscale, top-left 8x8 DCT coefficients
+compared to their median), computed here on whole batches of the decode cache's arrays at once: imagehash
+works one PIL image at a time and would re-decode every file. (The thumbnail is resized with OpenCV's area
+filter instead of PIL's Lanczos, so single bits can differ from imagehash's.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import cv2
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+HASH_BITS = 64
+_N = 32  # side of the thumbnail the DCT is taken on
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    """DCT-II basis (n, n), unnormalised like scipy.fftpack.dct, which imagehash applies along both axes."""
+    k = np.arange(n)[:, None]
+    i = np.arange(n)[None, :]
+    return (2.0 * np.cos(np.pi * k * (2 * i + 1) / (2 * n))).astype(np.float64)
+
+
+_DCT = _dct_matrix(_N)
+_BIT_WEIGHTS = (np.uint64(1) << np.arange(HASH_BITS - 1, -1, -1, dtype=np.uint64))  # first bit = MSB
+
+
+def _gray(image: np.ndarray) -> np.ndarray:
+    """(H, W, C) uint8 -> (H, W) float32 luminance with PIL's "L" weights (as imagehash converts)."""
+    if image.ndim == 2 or image.shape[2] == 1:
+        return image.reshape(image.shape[0], image.shape[1]).astype(np.float32)
+    return image[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def phash_batch(images: np.ndarray) -> np.ndarray:
+    """64-bit perceptual hashes of a batch of images.
+
+    Args:
+        images: (N, H, W, C) uint8, e.g. a slice of the decode cache.
+
+    Returns:
+        (N,) uint64: bit 63 is DCT coefficient (0, 0), row-major over the 8x8 low frequencies.
+    """
+    thumbs = np.stack([cv2.resize(_gray(im), (_N, _N), interpolation=cv2.INTER_AREA) for im in images])  # (N, 32, 32)
+    coeffs = _DCT @ thumbs.astype(np.float64) @ _DCT.T  # (N, 32, 32), 2-D DCT-II of each thumbnail
+    low = coeffs[:, :8, :8].reshape(len(images), HASH_BITS)  # (N, 64)
+    bits = low > np.median(low, axis=1, keepdims=True)
+    return (bits.astype(np.uint64) * _BIT_WEIGHTS).sum(axis=1, dtype=np.uint64)
+
+
+def pixel_digest(image: np.ndarray) -> str:
+    """Digest of decoded pixels (shape included): equal digests mean identical images, whatever the file format."""
+    h = hashlib.blake2b(digest_size=12)
+    h.update(str(image.shape).encode())
+    h.update(np.ascontiguousarray(image).tobytes())
+    return h.hexdigest()
+
+
+def popcount(x: np.ndarray) -> np.ndarray:
+    """Set bits per uint64 (numpy >= 2 has a vectorised instruction for it)."""
+    return np.bitwise_count(x) if hasattr(np, "bitwise_count") else np.unpackbits(x.view(np.uint8)).reshape(-1, 64).sum(1)
+
+
+def _blocks(max_distance: int) -> list[tuple[int, int]]:
+    """Split 64 bits into max_distance + 1 contiguous blocks (start, width): pigeonhole says two hashes
+    within `max_distance` bits agree exactly on at least one block."""
+    n = max_distance + 1
+    widths = [HASH_BITS // n + (1 if k < HASH_BITS % n else 0) for k in range(n)]
+    starts = np.cumsum([0, *widths[:-1]])
+    return [(int(s), w) for s, w in zip(starts, widths, strict=True)]
+
+
+def near_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
+    """All index pairs (i < j) whose hashes differ in at most `max_distance` bits.
+
+    Multi-index hashing: for each block, sort the hashes by that block's value; equal values sit next to
+    each other, so comparing every element with the ones 1, 2, ... places further on (while the block still
+    matches) enumerates exactly the candidates, each offset as one vectorised step. Candidates are checked
+    with a vectorised popcount. No structure in a library does this for 64-bit Hamming space on the CPU.
+
+    Args:
+        hashes: (N,) uint64, distinct values (duplicates are grouped before, see `cluster`).
+        max_distance: largest Hamming distance that still links two images (0..63).
+
+    Returns:
+        (i, j): int64 arrays of pair indices into `hashes`.
+    """
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    found_i: list[np.ndarray] = []
+    found_j: list[np.ndarray] = []
+    for start, width in _blocks(max_distance):
+        shift = np.uint64(HASH_BITS - start - width)
+        key = (hashes >> shift) & np.uint64((1 << width) - 1)
+        order = np.argsort(key, kind="stable")
+        skey, shash = key[order], hashes[order]
+        active = np.arange(len(order) - 1)
+        offset = 1
+        while len(active):
+            active = active[active + offset < len(order)]
+            active = active[skey[active] == skey[active + offset]]  # still inside the same bucket
+            if not len(active):
+                break
+            close = popcount(shash[active] ^ shash[active + offset]) <= max_distance
+            a, b = order[active[close]], order[active[close] + offset]
+            found_i.append(np.minimum(a, b))
+            found_j.append(np.maximum(a, b))
+            offset += 1
+    if not found_i:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    pairs = np.unique(np.stack([np.concatenate(found_i), np.concatenate(found_j)], axis=1), axis=0)
+    return pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
+
+
+def cluster(hashes: np.ndarray, max_distance: int) -> np.ndarray:
+    """Connected components of the "within `max_distance` bits" graph.
+
+    Args:
+        hashes: (N,) uint64 perceptual hashes (repeats allowed).
+        max_distance: Hamming threshold; 0 links identical hashes only.
+
+    Returns:
+        (N,) int64 component label per hash; a label shared by two or more images is a cluster.
+    """
+    uniq, inverse = np.unique(np.asarray(hashes, dtype=np.uint64), return_inverse=True)
+    i, j = near_pairs(uniq, max_distance) if max_distance > 0 else (np.zeros(0, np.int64),) * 2
+    graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(len(uniq), len(uniq)))
+    _, labels = connected_components(graph, directed=False)
+    return labels[inverse.reshape(-1)].astype(np.int64)
+
+
+def _highpass(gray: np.ndarray) -> np.ndarray:
+    return gray - cv2.GaussianBlur(gray, (0, 0), 1.5)
+
+
+def _correlation(ga: np.ndarray, gb: np.ndarray) -> float:
+    """Pearson correlation of the high-pass images inside a margin (borders are where crops and warps differ)."""
+    m = max(2, min(ga.shape) // 12)
+    x = _highpass(ga)[m:-m, m:-m].ravel()
+    y = _highpass(gb)[m:-m, m:-m].ravel()
+    x, y = x - x.mean(), y - y.mean()
+    denom = float(np.sqrt((x @ x) * (y @ y)))
+    return float(x @ y / denom) if denom > 0 else float(np.array_equal(ga, gb))
+
+
+def similarity(a: np.ndarray, b: np.ndarray, floor: float = -1.0) -> float:
+    """Correlation of fine detail (noise, edges) after aligning `b` onto `a`.
+
+    Why: images of the same anatomy (the embedded phantoms, CT slices of one protocol) share their coarse
+    layout, so a 64-bit hash cannot tell them apart; a re-encoded, rescaled, cropped or brightened copy
+    keeps the fine detail of its source, at the place a registration finds. A translation (phase
+    correlation, cheap) comes first; an affine ECC registration (crops change the scale after the squash
+    resize) only runs when that score is above `floor`.
+
+    Args:
+        a, b: (H, W, C) uint8 images of the same shape (two slots of the decode cache).
+        floor: skip the affine registration when the translation-aligned score is below this.
+
+    Returns:
+        Pearson correlation in [-1, 1] of the aligned high-pass images.
+    """
+    ga, gb = _gray(a), _gray(b)
+    h, w = ga.shape
+    (dx, dy), _ = cv2.phaseCorrelate(ga, gb, cv2.createHanningWindow((w, h), cv2.CV_32F))
+    shift = np.float32([[1, 0, dx], [0, 1, dy]])
+    best = _correlation(ga, cv2.warpAffine(gb, shift, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP))
+    if best < floor:
+        return best
+    criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 50, 1e-4)
+    try:
+        _, warp = cv2.findTransformECC(cv2.GaussianBlur(ga, (0, 0), 1), cv2.GaussianBlur(gb, (0, 0), 1), shift,
+                                       cv2.MOTION_AFFINE, criteria, None, 1)
+    except cv2.error:
+        return best  # no convergence (e.g. a flat image): keep the translation score
+    return max(best, _correlation(ga, cv2.warpAffine(gb, warp, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)))
+
+
+def cluster_images(
+    images: np.ndarray, hashes: np.ndarray, max_distance: int, min_similarity: float | None
+) -> tuple[np.ndarray, int]:
+    """Near-duplicate clusters: hash pairs within `max_distance`, confirmed by `similarity` on the pixels.
+
+    Args:
+        images: (N, H, W, C) uint8 (a memory map is fine: only candidate pairs are read).
+        hashes: (N,) uint64 `phash_batch` of `images`.
+        max_distance: Hamming threshold of the candidate stage.
+        min_similarity: a candidate pair is linked when `similarity` reaches it; None links every candidate.
+
+    Returns:
+        (labels, rejected): component label per image, and how many candidate pairs the check refused.
+    """
+    i, j = near_pairs(hashes, max_distance)
+    rejected = 0
+    if min_similarity is not None and len(i):
+        # Equal hashes are checked too: distinct look-alikes (the phantoms) can share all 64 bits.
+        keep = np.array([similarity(images[a], images[b], min_similarity - 0.2) >= min_similarity for a, b in zip(i, j, strict=True)])
+        rejected = int((~keep).sum())
+        i, j = i[keep], j[keep]
+    graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(len(hashes), len(hashes)))
+    _, labels = connected_components(graph, directed=False)
+    return labels.astype(np.int64), rejected
