@@ -1,38 +1,28 @@
-"""The FastAPI application: `GET /` (upload page), `POST /predict`, `GET /health`, `GET /model`.
+"""The FastAPI application: `GET /` (upload page), `POST /predict`, `GET /health`, `GET /model`, and the API
+docs at `/docs` and `/redoc`, whose scripts are served from the `fastapi-offline` package (no CDN).
 
 Bad input is a 4xx with a message, never a 5xx: empty bodies (400), uploads over the byte limit or
-images over the pixel limit (413), wrong content types and non-images (415), truncated images (422).
-The client's file name is never used.
+images over the pixel limit (413), anything but PNG/JPEG/BMP/TIFF by content (415), truncated images (422).
+The client's file name and content type are never used.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
 from importlib.resources import files
 from typing import Annotated, Any
 
-from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi.responses import HTMLResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 
-from datamodules.images import ImageDecodeError, image_size_of
+from datamodules.images import ImageDecodeError
+from serving.images import TooManyPixels, UnsupportedImage
+from serving.limits import BodyLimit, Limits
 from serving.model import Predictor
 
-ACCEPTED_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/bmp", "image/x-ms-bmp", "image/tiff",
-                  "application/octet-stream"}
-
-
-@dataclass
-class Limits:
-    """Upload limits.
-
-    Attributes:
-        max_bytes: largest accepted upload.
-        max_pixels: largest accepted width x height (checked from the header, before decoding).
-    """
-
-    max_bytes: int = 25 * 1024 * 1024
-    max_pixels: int = 60_000_000
+__all__ = ["Limits", "create_app"]
 
 
 class Prediction(BaseModel):
@@ -57,22 +47,24 @@ ERRORS = {400: {"model": Problem}, 413: {"model": Problem}, 415: {"model": Probl
 
 
 def create_app(predictor: Predictor, limits: Limits | None = None) -> FastAPI:
+    """The server's application around a loaded model.
+
+    Args:
+        predictor: the model and its preprocessing.
+        limits: upload limits (defaults: see serving.limits).
+    """
     limits = limits or Limits()
     info = predictor.describe()
-    app = FastAPI(
+    app = FastAPIOffline(
         title="medsel model server",
         description=f"Serves {info['name']} ({', '.join(info['classes'])}). A research tool, not a medical device: "
                     "its output must not be used for diagnosis.",
         version="0.1.0",
     )
+    app.add_middleware(BodyLimit, max_body=limits.max_body, max_bytes=limits.max_bytes)
     page = files("serving").joinpath("page.html").read_text()
-
-    @app.middleware("http")
-    async def reject_large_bodies(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limits.max_bytes + 64 * 1024:
-            return JSONResponse({"detail": f"upload is larger than the limit of {limits.max_bytes} bytes"}, status_code=413)
-        return await call_next(request)
+    # Decoding holds up to one full-size copy of an image: bound how many run at once (see serving.limits).
+    decode_slots = threading.BoundedSemaphore(limits.decode_slots)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> str:
@@ -91,24 +83,23 @@ def create_app(predictor: Predictor, limits: Limits | None = None) -> FastAPI:
         file: Annotated[UploadFile, File(description="an image file (PNG, JPEG, BMP or TIFF)")],
         heatmap: Annotated[bool, Query(description="also return a Grad-CAM overlay")] = False,
     ) -> Prediction:
-        ctype = (file.content_type or "application/octet-stream").split(";")[0].strip().lower()
-        if ctype not in ACCEPTED_TYPES:
-            raise HTTPException(415, f"unsupported content type '{ctype}'; send a PNG, JPEG, BMP or TIFF image")
-        data = file.file.read(limits.max_bytes + 1)
-        if len(data) == 0:
+        upload = file.file  # spooled by Starlette (on disk past 1 MB); read only inside a decode slot
+        upload.seek(0, 2)
+        size = upload.tell()
+        upload.seek(0)
+        if size == 0:
             raise HTTPException(400, "the uploaded file is empty")
-        if len(data) > limits.max_bytes:
+        if size > limits.max_bytes:
             raise HTTPException(413, f"upload is larger than the limit of {limits.max_bytes} bytes")
-        try:
-            width, height, _ = image_size_of(data)
-        except ImageDecodeError as e:
-            raise HTTPException(415, f"not an image this server can read: {e}") from None
-        if width * height > limits.max_pixels:
-            raise HTTPException(413, f"image has {width}x{height} pixels, over the limit of {limits.max_pixels}")
-        try:
-            image = predictor.preprocess(data)
-        except ImageDecodeError as e:
-            raise HTTPException(422, f"the image could not be decoded: {e}") from None
+        with decode_slots:
+            try:
+                image = predictor.preprocess(upload, limits.max_pixels)
+            except UnsupportedImage as e:
+                raise HTTPException(415, str(e)) from None
+            except TooManyPixels as e:
+                raise HTTPException(413, str(e)) from None
+            except ImageDecodeError as e:
+                raise HTTPException(422, f"the image could not be decoded: {e}") from None
         result = predictor.predict(image, heatmap)
         return Prediction(**result, model=str(info["name"]))
 

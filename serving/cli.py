@@ -1,15 +1,20 @@
 """`python cli.py serve --run artifacts/sweeps/<name>` (or a run directory, or a .ckpt file).
 
 Starts a local web server (127.0.0.1 by default): the upload page at `/`, the JSON API at `/predict`,
-`/health`, `/model`, and its OpenAPI schema at `/docs` and `/openapi.json`.
+`/health`, `/model`, its OpenAPI schema at `/openapi.json` and docs at `/docs` and `/redoc` (served
+locally, they work offline). The model and its preprocessing come from the checkpoint alone. A model that
+cannot be served (no checkpoint, or one that is not weights-only) is one `error:` line and exit code 2;
+Ctrl-C stops the server with exit code 0.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from jsonargparse import ArgumentParser
+
+from serving.limits import Limits, default_decode_slots
 
 
 @dataclass
@@ -18,8 +23,9 @@ class ServeConfig:
         run: a sweep folder (serves its winner), a run directory, or a checkpoint file.
         host: interface to listen on; 127.0.0.1 keeps the server private to this machine.
         port: TCP port.
-        max_bytes: largest accepted upload in bytes.
-        max_pixels: largest accepted image (width x height).
+        max_bytes: largest accepted upload in bytes (counted while it streams in).
+        max_pixels: largest accepted image (width x height), checked before decoding.
+        decode_slots: images decoded at the same time (default: CPU count, at most 4); bounds memory.
         heatmap: Grad-CAM variant for the overlay, or none.
         device: "cpu", "cuda" (default: cuda when available).
     """
@@ -27,18 +33,20 @@ class ServeConfig:
     run: str
     host: str = "127.0.0.1"
     port: int = 8000
-    max_bytes: int = 25 * 1024 * 1024
-    max_pixels: int = 60_000_000
+    max_bytes: int = Limits.max_bytes
+    max_pixels: int = Limits.max_pixels
+    decode_slots: int = field(default_factory=default_decode_slots)
     heatmap: Literal["gradcam", "gradcam++", "none"] = "gradcam"
     device: str | None = None
 
 
 def build_app(cfg: ServeConfig):
-    from serving.app import Limits, create_app
+    """The application for `cfg`; raises errors.ConfigError when the model cannot be served."""
+    from serving.app import create_app
     from serving.model import Predictor, locate
 
     predictor = Predictor(locate(cfg.run), cfg.device, cfg.heatmap)
-    return create_app(predictor, Limits(cfg.max_bytes, cfg.max_pixels))
+    return create_app(predictor, Limits(cfg.max_bytes, cfg.max_pixels, cfg.decode_slots))
 
 
 def main(argv: list[str]) -> int:

@@ -4,61 +4,97 @@ from __future__ import annotations
 
 import base64
 import io
-import json
+import pickle
+import sys
 import threading
-from dataclasses import dataclass, field
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 
-from datamodules.images import decode, resize
-from lightning_modules.classifier import ImageClassifier
 from errors import ConfigError
+from lightning_modules.classifier import ImageClassifier
+from runs import files
+from serving.images import decode_upload
 
 
 @dataclass
 class ServedRun:
-    """Where the model comes from and what is known about it."""
+    """Where the model comes from and what is known about it.
+
+    Attributes:
+        checkpoint: the checkpoint file; it alone defines the model and its preprocessing.
+        run_dir: the run directory, when the checkpoint still sits in one (for its test metrics).
+        label: the checkpoint's path relative to what `--run` named (never absolute; shown by `/model`).
+        sweep: the sweep's winner.json, when a sweep folder was served.
+        evaluation: the run's evaluation.json (test metrics with intervals), when there is one.
+    """
 
     checkpoint: Path
     run_dir: Path | None
+    label: str
     sweep: dict[str, Any] | None = None
-    resize_mode: str = "squash"
     evaluation: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return path.resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return path.name
 
 
 def locate(path: str | Path) -> ServedRun:
-    """Resolve `--run`: a sweep folder (its winner), a run directory (its best checkpoint) or a .ckpt file."""
+    """Resolve `--run`: a sweep folder (its winner), a run directory (its best checkpoint) or a .ckpt file.
+
+    Every path is resolved against the folder named, never the working directory: a sweep's winner.json
+    holds its run directory relative to the sweep folder.
+    """
     p = Path(path).expanduser()
-    sweep = None
-    if (p / "winner.json").exists():
-        sweep = json.loads((p / "winner.json").read_text())
-        run_dir = Path(sweep["run_dir"])
-        checkpoint = run_dir / "checkpoints" / "best.ckpt"
-        if not checkpoint.exists() and (p / "winner.ckpt").exists():
-            checkpoint = p / "winner.ckpt"
-    elif (p / "checkpoints" / "best.ckpt").exists():
-        run_dir, checkpoint = p, p / "checkpoints" / "best.ckpt"
+    sweep = files.RunFiles(p).read_json(files.WINNER) if p.is_dir() else None
+    if sweep is not None:
+        run_dir = files.winner_run_dir(p)
+        checkpoint = files.RunFiles(run_dir).best_checkpoint if run_dir is not None else None
+        if checkpoint is None or not checkpoint.exists():
+            checkpoint, run_dir = p / files.WINNER_CKPT, None
+        base = p
+    elif p.is_dir() and files.is_run_dir(p):
+        run_dir, checkpoint, base = p, files.RunFiles(p).best_checkpoint, p
     elif p.is_file() and p.suffix == ".ckpt":
-        checkpoint = p
-        run_dir = p.parent.parent if p.parent.name == "checkpoints" else None
+        checkpoint, base = p, p.parent
+        run_dir = p.parent.parent if p.parent.name == files.CHECKPOINTS else None
     else:
-        raise ConfigError(f"--run '{p}' is not a sweep folder (winner.json), a run directory (checkpoints/best.ckpt) "
-                          "or a .ckpt file. Train one first: python cli.py sweep --config configs/sweep_demo.yaml")
-    served = ServedRun(checkpoint=checkpoint, run_dir=run_dir if run_dir and run_dir.exists() else None, sweep=sweep)
-    if served.run_dir is not None:
-        cfg_file = served.run_dir / "config.yaml"
-        if cfg_file.exists():
-            served.resize_mode = (yaml.safe_load(cfg_file.read_text()).get("data") or {}).get("resize", "squash")
-        ev = served.run_dir / "evaluation.json"
-        if ev.exists():
-            served.evaluation = json.loads(ev.read_text())
-    return served
+        raise ConfigError(f"--run '{p}' is not a sweep folder ({files.WINNER}), a run directory "
+                          f"({files.CHECKPOINTS}/{files.BEST}.ckpt) or a .ckpt file. Train one first: "
+                          "python cli.py sweep --config configs/sweep_demo.yaml")
+    if not checkpoint.is_file():
+        raise ConfigError(f"--run '{p}': the checkpoint {checkpoint} does not exist; rerun the sweep or serve a run directory")
+    if run_dir is not None and not run_dir.is_dir():
+        run_dir = None
+    evaluation = files.RunFiles(run_dir).read_json(files.EVALUATION) if run_dir is not None else None
+    return ServedRun(checkpoint, run_dir, _relative(checkpoint, base), sweep, evaluation)
+
+
+def load_model(checkpoint: Path, device: torch.device) -> ImageClassifier:
+    """Weights-only loading; anything else in the file is refused with one line instead of a traceback.
+
+    Raises:
+        ConfigError: a checkpoint that needs unpickling of arbitrary objects, or not a checkpoint at all.
+    """
+    try:
+        return ImageClassifier.load_trained(checkpoint, map_location=device)
+    except pickle.UnpicklingError:
+        raise ConfigError(
+            f"{checkpoint.name}: not a weights-only checkpoint (it holds pickled Python objects, which could run "
+            "code when loaded), so it is not loaded. Serve a checkpoint written by `cli.py fit` or a sweep."
+        ) from None
+    except (KeyError, RuntimeError, EOFError, zipfile.BadZipFile, TypeError) as e:
+        raise ConfigError(f"{checkpoint.name}: not a medsel checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+                          "Serve a checkpoint written by `cli.py fit` or a sweep.") from None
 
 
 class Predictor:
@@ -68,26 +104,32 @@ class Predictor:
     def __init__(self, run: ServedRun, device: str | None = None, heatmap: str = "gradcam"):
         self.run = run
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = ImageClassifier.load_trained(run.checkpoint, map_location=self.device)
+        self.model = load_model(run.checkpoint, self.device)
         hp = self.model.hparams
         size = hp["image_size"]
         self.image_size = (size, size) if isinstance(size, int) else tuple(size)
         self.channels = int(hp.get("in_chans", 3))
+        self.resize_mode = hp.get("resize")
+        if self.resize_mode is None:  # checkpoints written before the resize mode was stored in them
+            self.resize_mode = "squash"
+            print(f"[serve] warning: {run.label} does not record its resize mode (trained before it was stored); "
+                  "assuming squash. Retrain to serve letterbox models exactly.", file=sys.stderr)
         self.classes = list(self.model.classes)
         self.heatmap_method = heatmap
         self._lock = threading.Lock()
 
     def describe(self) -> dict[str, Any]:
+        """The model card served at `/model`: no absolute path (the checkpoint is named relative to `--run`)."""
         hp = self.model.hparams
-        net = hp.get("network") or {}
+        net = {k: v for k, v in (hp.get("network") or {}).items() if k != "pretrained_path"}
         info: dict[str, Any] = {
             "name": net.get("name"), "network": net, "classes": self.classes,
             "positive_class": self.classes[self.model.positive_index] if len(self.classes) == 2 else None,
             "input": {"height": self.image_size[0], "width": self.image_size[1], "channels": self.channels,
-                      "resize": self.run.resize_mode, "mean": self.model.net.mean.flatten().tolist(),
+                      "resize": self.resize_mode, "mean": self.model.net.mean.flatten().tolist(),
                       "std": self.model.net.std.flatten().tolist()},
             "loss": hp.get("loss"), "parameters": self.model.num_parameters(),
-            "checkpoint": str(self.run.checkpoint), "heatmap": self.heatmap_method,
+            "checkpoint": self.run.label, "heatmap": self.heatmap_method,
         }
         if self.run.sweep:
             info["selected_by_sweep"] = {k: self.run.sweep.get(k) for k in ("sweep", "base_architecture", "optimizer", "loss", "selection")}
@@ -96,9 +138,13 @@ class Predictor:
                                     "metrics": self.run.evaluation["metrics"]}
         return info
 
-    def preprocess(self, data: bytes) -> np.ndarray:
-        """Encoded bytes -> (H, W, C) uint8 exactly as training saw images (decode, channels, resize)."""
-        return resize(decode(data, self.channels), self.image_size, self.run.resize_mode)
+    def preprocess(self, source, max_pixels: int) -> np.ndarray:
+        """An upload (bytes or a binary file) -> (H, W, C) uint8, as training saw images (see serving.images).
+
+        Raises:
+            ImageDecodeError: and its subclasses UnsupportedImage (415) and TooManyPixels (413).
+        """
+        return decode_upload(source, self.channels, self.image_size, self.resize_mode, max_pixels)
 
     def predict(self, image: np.ndarray, with_heatmap: bool) -> dict[str, Any]:
         batch = torch.from_numpy(image).unsqueeze(0).to(self.device)  # (1, H, W, C) uint8
