@@ -23,6 +23,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 
 from datamodules import ImageDataModule
 from runs.callbacks import FitTimer, ModelInfoWriter, PredictionWriter, TestResultsWriter
+from runs.train_eval import TrainEvalWriter
 from lightning_modules.classifier import ImageClassifier
 from evaluation.report import ReportConfig
 from errors import ConfigError
@@ -137,6 +138,7 @@ def build_callbacks(run: RunConfig, run_dir: Path, report: ReportConfig | None =
         FitTimer(),
         TestResultsWriter(report, wandb_mode(run)),
         PredictionWriter(),
+        TrainEvalWriter(),
     ]
     if run.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor=run.monitor, mode=run.mode, patience=run.early_stopping_patience))

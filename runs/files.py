@@ -10,6 +10,7 @@
         timing.json              train+validation loop time
         split.json, split_counts.csv, skipped_images.csv   the data the run saw
         pruned.json              present when a sweep's pruner stopped the run
+        train_eval.json, val_predictions.parquet   the best checkpoint in eval mode on train/val, after `fit`
         test_metrics.json/.csv, test_confusion_matrix.csv, test_predictions.parquet   after `test`
         evaluation.json, report.{md,html,json}, report_files/                        the evaluation report
         predictions.csv          after `predict`
@@ -40,6 +41,8 @@ TEST_METRICS = "test_metrics.json"
 TEST_METRICS_CSV = "test_metrics.csv"
 TEST_CONFUSION = "test_confusion_matrix.csv"
 TEST_PREDICTIONS = "test_predictions.parquet"
+TRAIN_EVAL = "train_eval.json"  # the best checkpoint's eval-mode train/val metrics (runs.train_eval)
+VAL_PREDICTIONS = "val_predictions.parquet"  # its per-image validation probabilities
 EVALUATION = "evaluation.json"
 REPORT = "report"  # report.md, report.html, report.json
 REPORT_FILES = "report_files"

@@ -1,7 +1,10 @@
 """`python cli.py sweep --config configs/sweep_<study>.yaml [--workers N] [--storage URL] [...]`.
 
-Every key of the sweep config can also be given on the command line (`--stage1.defaults.max_epochs 3`).
+Every key of the sweep config can also be given on the command line (`--allow_failures true`).
 Rerunning the same command resumes the sweep from its Optuna storage.
+
+Exit codes: 0 done; 1 some grid point has no finished trial (unless --allow_failures true); 2 a config,
+data or sweep error, printed as one `error:` line (every problem of the sweep's configs at once).
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ def main(argv: list[str]) -> int:
     # lightning and timm in parallel with this process.
     isolation.share_wandb_service(sweep.wandb)
     isolation.start_forkserver()
-    from sweeps.sweep import run
+    import optuna
 
-    run(sweep)
-    return 0
+    from sweeps.sweep import exit_code, run
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own progress
+    return exit_code(sweep, run(sweep))

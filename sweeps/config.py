@@ -1,74 +1,136 @@
-"""Sweep configuration (`configs/sweep_*.yaml`), parsed by jsonargparse so misspelled keys are errors.
+"""Sweep configuration (`configs/sweep_*.yaml`) and the sweep's vocabulary.
 
-A sweep names a base fit config and what the two stages vary:
+A sweep names a base fit config and what the two stages vary. Everything a stage sets is written as fit
+overrides: the dotted keys of `cli.py fit` (`model.optimizer`, `data.image_size`, `trainer.max_epochs`, ...,
+or nested mappings such as `{model: {loss: ce}}`), or one of the short aliases in `ALIASES`:
 
     name: fundus
     base_config: configs/fundus.yaml
     stage1:
-      candidates: [{network: legacy_xception}, {network: resnet50}, {network: inception_v3, image_size: 160}]
+      candidates:                      # each one: fit overrides (+ an optional `label`)
+        - network: legacy_xception
+        - {network: inception_v3, data.image_size: 160}
       defaults: {optimizer: rmsprop, loss: ce, batch_size: 32, max_epochs: 15, image_size: 128}
-    stage2: {optimizers: [rmsprop, adam, adagrad], losses: [ce, mse, mae]}
+    stage2: {optimizers: [rmsprop, adam, adagrad], losses: [ce, mse, mae], overrides: {lr: 1.0e-4}}
     selection: {rule: rank_score}
     repeats: 1
+
+Every trial's config is then parsed by the fit parser (`runs.cli.MedselCLI`) before the first trial trains
+(`sweeps.preflight`), so a misspelled key fails the sweep up front.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from errors import ConfigError
 
+# The short spellings a sweep may use for the fit keys it varies most; every other key is written dotted.
+ALIASES: dict[str, str] = {
+    "network": "model.network",       # a network name, or a mapping of model.network fields
+    "optimizer": "model.optimizer",   # a preset name (rmsprop, adam, adagrad, adamw, sgd) or {class_path, init_args}
+    "lr": "model.optimizer.init_args.lr",
+    "loss": "model.loss",
+    "image_size": "data.image_size",
+    "batch_size": "data.batch_size",
+    "max_epochs": "trainer.max_epochs",
+}
+FIT_SECTIONS = ("model", "data", "trainer", "run", "report", "seed_everything", "ckpt_path")
 
-@dataclass
-class Candidate:
-    """One stage-1 architecture.
+# Study 002, section 2.4.1: the settings every stage-1 trial shares unless the sweep says otherwise.
+STUDY002_DEFAULTS: dict[str, Any] = {
+    "model.optimizer": "rmsprop", "model.loss": "ce", "data.batch_size": 32, "trainer.max_epochs": 15,
+    "data.image_size": 128,
+}
 
-    Attributes:
-        network: a network name (timm or custom), or a mapping of `model.network` fields.
-        label: name in leaderboards (default: the network name).
-        image_size: input size for this candidate where it differs from the stage default.
-        overrides: any other fit-config keys for this candidate, e.g. {data: {batch_size: 16}}.
+
+def _value(key: str, value: Any) -> Any:
+    """Sweep shorthands for values: a network by name, an optimizer by preset name."""
+    if key == "model.network" and isinstance(value, str):
+        return {"name": value}
+    if key == "model.optimizer" and isinstance(value, str):
+        from lightning_modules.optimizers import optimizer_config
+
+        return optimizer_config(value)
+    return value
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep merge. A `{class_path, init_args}` value naming another class replaces the old one whole,
+    so e.g. Adam's `amsgrad` never leaks into RMSprop."""
+    import copy
+
+    out = copy.deepcopy(dict(base))
+    for key, value in (override or {}).items():
+        old = out.get(key)
+        if isinstance(old, dict) and isinstance(value, dict):
+            if "class_path" in value and old.get("class_path") != value["class_path"]:
+                out[key] = copy.deepcopy(value)
+            else:
+                out[key] = merge(old, value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def fit_overrides(values: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
+    """Sweep overrides (aliases, dotted keys or nested mappings) as one nested fit-config mapping.
+
+    An `lr` applies to the optimizer named in the same mapping, whatever the order of the keys.
+
+    Example:
+        >>> fit_overrides({"image_size": 64, "trainer.max_epochs": 2}, "x")
+        {'data': {'image_size': 64}, 'trainer': {'max_epochs': 2}}
+
+    Raises:
+        ConfigError: a key that is neither an alias nor a fit key, naming `where`.
     """
+    out: dict[str, Any] = {}
+    items = sorted((values or {}).items(), key=lambda kv: kv[0] == "lr")
+    for key, value in items:
+        full = ALIASES.get(key, key)
+        if full.split(".")[0] not in FIT_SECTIONS:
+            raise ConfigError(
+                f"{where}: unknown key '{key}'. Write fit keys dotted ({', '.join(s + '.*' for s in FIT_SECTIONS[:5])}) "
+                f"or use an alias: {', '.join(ALIASES)}."
+            )
+        out = merge(out, _nest(full, _value(full, value)))
+    return out
 
-    network: str | dict
-    label: str | None = None
-    image_size: int | list[int] | None = None
-    overrides: dict = field(default_factory=dict)  # plain dict: jsonargparse keeps {class_path: ...} raw
 
-    @property
-    def name(self) -> str:
-        if self.label:
-            return self.label
-        return self.network if isinstance(self.network, str) else str(self.network.get("name"))
-
-
-@dataclass
-class StageDefaults:
-    """Settings every stage-1 trial shares (study 002, 2.4.1); None keeps the base config's value.
-
-    Attributes:
-        optimizer: optimizer preset name (rmsprop, adam, adagrad, adamw, sgd) or {class_path, init_args}.
-        lr: learning rate for the optimizer preset (None: the preset's Keras default).
-        loss: loss name.
-        batch_size: batch size.
-        max_epochs: epochs per trial.
-        image_size: input size (candidates may override).
-    """
-
-    optimizer: str | dict | None = "rmsprop"
-    lr: float | None = None
-    loss: str | None = "ce"
-    batch_size: int | None = 32
-    max_epochs: int | None = 15
-    image_size: int | list[int] | None = 128
+def candidate_name(candidate: Mapping[str, Any], where: str = "stage1.candidates") -> str:
+    """A candidate's leaderboard name: its `label`, else its network's name."""
+    if candidate.get("label"):
+        return str(candidate["label"])
+    network = fit_overrides({k: v for k, v in candidate.items() if k != "label"}, where).get("model", {}).get("network")
+    if not network or not network.get("name"):
+        raise ConfigError(f"{where}: every candidate needs a `network` (a name or a mapping with `name`)")
+    return str(network["name"])
 
 
 @dataclass
 class Stage1:
-    candidates: list[Candidate] = field(default_factory=list)
-    defaults: StageDefaults = field(default_factory=StageDefaults)
+    """The candidate architectures (study 002, 2.4.1).
+
+    Attributes:
+        candidates: one mapping of fit overrides per candidate (`network` is required), plus an optional
+            `label` (its leaderboard name; default: the network name).
+        defaults: fit overrides every stage-1 (and so stage-2) trial shares; None keeps the base config's
+            value. Default: study 002's settings.
+    """
+
+    candidates: list[dict] = field(default_factory=list)  # plain dicts: jsonargparse keeps {class_path: ...} raw
+    defaults: dict = field(default_factory=lambda: dict(STUDY002_DEFAULTS))
 
 
 @dataclass
@@ -76,14 +138,14 @@ class Stage2:
     """The optimizer x loss grid trained on the stage-1 winner (study 002, 2.4.4).
 
     Attributes:
-        optimizers: optimizer preset names.
-        losses: loss names.
-        lr: learning rate for every optimizer (None: each preset's default).
+        optimizers: optimizer preset names (each sets `model.optimizer`).
+        losses: loss names (each sets `model.loss`).
+        overrides: fit overrides for every stage-2 trial, applied after the grid point (e.g. {lr: 1.0e-4}).
     """
 
     optimizers: list[str] = field(default_factory=lambda: ["rmsprop", "adam", "adagrad"])
     losses: list[str] = field(default_factory=lambda: ["ce", "mse", "mae"])
-    lr: float | None = None
+    overrides: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -146,7 +208,7 @@ class SweepConfig:
     Attributes:
         name: the sweep's name; outputs go to `<root>/<name>/`.
         base_config: the fit config every trial starts from.
-        overrides: fit-config keys applied to every trial (e.g. {trainer: {max_epochs: 5}}).
+        overrides: fit overrides applied to every trial, before the stages' (e.g. {trainer.max_epochs: 5}).
         stage1: candidate architectures and their shared defaults.
         stage2: optimizer x loss grid.
         selection: the winner rule.
@@ -158,6 +220,8 @@ class SweepConfig:
         workers: parallel worker processes on this machine (each pinned to its own GPUs when there are GPUs).
         pruner: "none", "median" or "hyperband": stop hopeless trials early within a stage.
         retry_failed: retry trials that failed with an error (interrupted trials are always retried).
+        allow_failures: go on (and exit 0) although some grid points have no finished trial; by default the
+            sweep stops after such a stage with exit code 1 and lists them.
         heartbeat_seconds: how often a running trial proves it is alive; a trial silent for 6x this long
             (from another machine) is considered interrupted and retried.
         test_winner: evaluate the winner once on the untouched test split.
@@ -177,6 +241,7 @@ class SweepConfig:
     workers: int = 1
     pruner: Literal["none", "median", "hyperband"] = "none"
     retry_failed: bool = False
+    allow_failures: bool = False
     heartbeat_seconds: float = 10.0
     test_winner: bool = True
     wandb: Literal["offline", "online", "disabled"] | None = None
@@ -191,27 +256,48 @@ class SweepConfig:
             return self.storage
         return f"sqlite:///{(self.out_dir / 'optuna.db').resolve()}"
 
-    def validate(self) -> None:
-        """Refuse sweeps that cannot produce a winner, naming the key to fix."""
+    def problems(self) -> list[str]:
+        """Everything in the sweep config itself that cannot work, each naming the key to fix (before
+        anything is built; `sweeps.preflight` then checks every trial's fit config)."""
         from lightning_modules.losses import LOSSES
         from lightning_modules.optimizers import OPTIMIZERS
 
+        found = []
         if not Path(self.base_config).is_file():
-            raise ConfigError(f"sweep base_config '{self.base_config}' does not exist")
+            found.append(f"sweep base_config '{self.base_config}' does not exist")
         if not self.stage1.candidates:
-            raise ConfigError("sweep stage1.candidates is empty: list at least one network")
-        names = [c.name for c in self.stage1.candidates]
+            found.append("sweep stage1.candidates is empty: list at least one network")
+        names = []
+        for i, candidate in enumerate(self.stage1.candidates):
+            try:
+                names.append(candidate_name(candidate, f"stage1.candidates[{i}]"))
+            except ConfigError as e:
+                found.append(str(e))
         if len(set(names)) != len(names):
-            raise ConfigError(f"sweep stage1.candidates: duplicate labels {names}; give each a distinct `label`")
-        for name in self.stage2.optimizers:
-            OPTIMIZERS.get(name)
-        for name in self.stage2.losses:
-            LOSSES.get(name)
-        if isinstance(self.stage1.defaults.optimizer, str):
-            OPTIMIZERS.get(self.stage1.defaults.optimizer)
-        if self.repeats < 1:
-            raise ConfigError("sweep repeats must be >= 1")
-        if self.workers < 1:
-            raise ConfigError("sweep workers must be >= 1")
+            found.append(f"sweep stage1.candidates: duplicate labels {names}; give each a distinct `label`")
+        for registry, names_ in ((OPTIMIZERS, self.stage2.optimizers), (LOSSES, self.stage2.losses)):
+            for name in names_:
+                try:
+                    registry.get(name)
+                except ConfigError as e:
+                    found.append(f"stage2: {e}")
         if not self.stage2.optimizers or not self.stage2.losses:
-            raise ConfigError("sweep stage2 needs at least one optimizer and one loss")
+            found.append("sweep stage2 needs at least one optimizer and one loss")
+        if self.repeats < 1:
+            found.append("sweep repeats must be >= 1")
+        if self.workers < 1:
+            found.append("sweep workers must be >= 1")
+        return found
+
+    def validate(self) -> None:
+        """Raise one ConfigError listing every problem of `problems()`."""
+        found = self.problems()
+        if found:
+            raise ConfigError(problem_list(found))
+
+
+def problem_list(problems: list[str]) -> str:
+    """One message for several problems: the count, then one line each."""
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems in the sweep config; nothing was trained:\n  - " + "\n  - ".join(problems)

@@ -1,14 +1,19 @@
 """Coordinating workers through the Optuna storage: each grid point trained exactly once, resumably.
 
-Every grid point of a stage is enqueued as a WAITING trial of the stage's study. A worker claims one by
-moving it WAITING -> RUNNING with `storage.set_trial_state_values`, which the RDB storage does under a row
-lock and refuses for a trial that is no longer WAITING — so two workers, on one machine (SQLite) or many
-(PostgreSQL), never claim the same trial. Should two processes enqueue the same grid point at once, the
-lowest-numbered live trial trains and the others finish as pruned duplicates without training.
+Every grid point of a stage is enqueued (`Study.enqueue_trial`) as a WAITING trial of the stage's study.
+A worker claims one by moving it WAITING -> RUNNING (`claim`, the one place that depends on the storage's
+row-locked state change), so two workers, on one machine (SQLite) or many (PostgreSQL), never claim the
+same trial. Should two processes enqueue the same grid point at once, the lowest-numbered live trial trains
+and the others finish as pruned duplicates without training. Results go back with `Study.tell`.
 
-A running trial records its host, pid and a heartbeat. A trial whose process is gone (same host) or whose
-heartbeat stopped (other hosts) is interrupted: it is marked FAIL with that reason and enqueued again.
-Finished trials are never retrained; trials that failed with an error are retried only on request.
+Only Optuna's public API is used: the storage object is the one this module creates and keeps (studies
+do not expose theirs), trial ids come from `storage.get_trial_id_from_study_id_trial_number`.
+
+A running trial records its host, pid and a heartbeat. A trial whose process is gone (same host: at once)
+or whose heartbeat stopped (other hosts: after a grace period) is interrupted: it is marked FAIL with that
+reason and enqueued again. A trial process killed by a signal (SIGKILL, the OOM killer) is interrupted
+too and is retried on the next run. Finished trials are never retrained; trials that failed with an error
+are retried only on request (`retry_failed`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +34,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 HOST = socket.gethostname()
 INTERRUPTED = "interrupted"
-optuna.logging.set_verbosity(optuna.logging.WARNING)
+LIVE = (TrialState.WAITING, TrialState.RUNNING)
+DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 @dataclass
@@ -60,6 +67,23 @@ class Stage:
         return {k: list(dict.fromkeys(p[k] for p in self.grid)) for k in self.param_names}
 
 
+@dataclass
+class StageStudy:
+    """A stage's study with the storage it was opened on."""
+
+    stage: Stage
+    study: optuna.Study
+    storage: optuna.storages.BaseStorage
+    study_id: int
+    url: str = ""
+
+    def trial_id(self, number: int) -> int:
+        return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
+
+    def set_attr(self, number: int, key: str, value: Any) -> None:
+        self.storage.set_trial_user_attr(self.trial_id(number), key, value)
+
+
 def make_storage(url: str, attempts: int = 8) -> optuna.storages.BaseStorage:
     """An RDB storage; SQLite waits for its write lock instead of failing under several workers.
 
@@ -85,57 +109,75 @@ def make_storage(url: str, attempts: int = 8) -> optuna.storages.BaseStorage:
     raise AssertionError("unreachable")
 
 
-def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
+def make_pruner(name: str) -> optuna.pruners.BasePruner:
+    """The stage's pruner; Hyperband reads the epochs per trial from the first finished trial."""
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(2, max_epochs))
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource="auto")
     return optuna.pruners.NopPruner()
 
 
-class EnqueuedGridSampler(optuna.samplers.GridSampler):
-    """The stage's exhaustive grid, realised as enqueued trials that workers claim one by one.
-
-    GridSampler ends a `study.optimize` loop once its grid is exhausted; workers here claim trials
-    explicitly instead of running `optimize`, so there is no loop to stop.
-    """
-
-    def after_trial(self, study, trial, state, values) -> None:
-        return None
-
-
-def open_study(storage, stage: Stage, pruner: optuna.pruners.BasePruner, seed: int = 0) -> optuna.Study:
-    """Create or load the stage's study. Its grid sampler records the exhaustive grid (visible in
-    optuna-dashboard); the trials themselves are the enqueued grid points."""
-    sampler = EnqueuedGridSampler(stage.search_space(), seed=seed)
-    return optuna.create_study(
-        study_name=stage.study_name, storage=storage, sampler=sampler, pruner=pruner,
-        direction=stage.direction, load_if_exists=True,
+def open_study(storage: optuna.storages.RDBStorage, stage: Stage, pruner: optuna.pruners.BasePruner,
+               seed: int = 0) -> StageStudy:
+    """Create or load the stage's study. Every trial is enqueued with all its parameters fixed, so the
+    sampler never samples; the grid is visible in optuna-dashboard as the enqueued trials."""
+    study = optuna.create_study(
+        study_name=stage.study_name, storage=storage, sampler=optuna.samplers.RandomSampler(seed=seed),
+        pruner=pruner, direction=stage.direction, load_if_exists=True,
     )
+    url = str(getattr(storage, "url", ""))
+    return StageStudy(stage, study, storage, storage.get_study_id_from_name(stage.study_name), url)
 
 
 def grid_params(trial: FrozenTrial) -> dict[str, Any]:
     return dict(trial.system_attrs.get("fixed_params") or trial.params)
 
 
-def _final_failure(trial: FrozenTrial) -> bool:
-    return trial.state == TrialState.FAIL and not str(trial.user_attrs.get("fail_reason", "")).startswith(INTERRUPTED)
+def is_interrupted(trial: FrozenTrial) -> bool:
+    return trial.state == TrialState.FAIL and str(trial.user_attrs.get("fail_reason", "")).startswith(INTERRUPTED)
 
 
-def ensure_grid(study: optuna.Study, stage: Stage, retry_failed: bool = False) -> int:
-    """Enqueue every grid point that has no live or finished trial; returns how many were enqueued."""
+@dataclass
+class PointStatus:
+    """Where one grid point stands: finished, live (waiting/running), interrupted, failed or missing."""
+
+    params: dict[str, Any]
+    state: str
+    reason: str = ""
+
+
+def grid_status(ss: StageStudy) -> list[PointStatus]:
+    """The state of every grid point, judged by its trials (duplicates aside; the latest failure counts)."""
     by_key: dict[tuple, list[FrozenTrial]] = defaultdict(list)
-    for t in study.get_trials(deepcopy=False):
-        by_key[stage.key(grid_params(t))].append(t)
+    for t in ss.study.get_trials(deepcopy=False):
+        if t.user_attrs.get("duplicate_of") is None:
+            by_key[ss.stage.key(grid_params(t))].append(t)
+    out = []
+    for params in ss.stage.grid:
+        trials = by_key.get(ss.stage.key(params), [])
+        failed = [t for t in trials if t.state == TrialState.FAIL]
+        if any(t.state in DONE for t in trials):
+            out.append(PointStatus(params, "finished"))
+        elif any(t.state in LIVE for t in trials):
+            out.append(PointStatus(params, "live"))
+        elif failed:
+            last = max(failed, key=lambda t: t.number)
+            state = INTERRUPTED if is_interrupted(last) else "failed"
+            out.append(PointStatus(params, state, str(last.user_attrs.get("fail_reason", ""))))
+        else:
+            out.append(PointStatus(params, "missing"))
+    return out
+
+
+def ensure_grid(ss: StageStudy, retry_failed: bool = False) -> int:
+    """Enqueue every grid point that has no live or finished trial, unless it failed with an error and
+    `retry_failed` is off; interrupted points are always enqueued again. Returns how many were enqueued."""
     added = 0
-    for params in stage.grid:
-        trials = by_key.get(stage.key(params), [])
-        if any(t.state in (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED) for t in trials):
-            continue
-        if trials and not retry_failed and any(_final_failure(t) for t in trials):
-            continue  # failed with an error: final unless retry_failed
-        study.enqueue_trial(params, user_attrs={"grid_point": "|".join(map(str, stage.key(params)))})
-        added += 1
+    for point in grid_status(ss):
+        if point.state in ("missing", INTERRUPTED) or (point.state == "failed" and retry_failed):
+            ss.study.enqueue_trial(point.params, user_attrs={"grid_point": "|".join(map(str, ss.stage.key(point.params)))})
+            added += 1
     return added
 
 
@@ -160,11 +202,20 @@ def _alive(pid: int | None, start: str | None) -> bool:
         return False
 
 
-def recover_stale(study: optuna.Study, grace_seconds: float) -> list[int]:
-    """Fail interrupted RUNNING trials and enqueue each once more; returns their numbers."""
+def fail(ss: StageStudy, number: int, reason: str, state: TrialState = TrialState.FAIL) -> None:
+    """Finish a trial as failed (or pruned) with its reason; no-op if another worker finished it first."""
+    try:
+        ss.set_attr(number, "fail_reason", reason)
+    except UpdateFinishedTrialError:
+        return
+    ss.study.tell(number, state=state, skip_if_finished=True)
+
+
+def recover_stale(ss: StageStudy, grace_seconds: float) -> list[int]:
+    """Fail interrupted RUNNING trials (worker gone) and enqueue each once more; returns their numbers."""
     recovered = []
     now = time.time()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    for t in ss.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         ua = t.user_attrs
         if ua.get("host") == HOST:
             stale = not _alive(ua.get("pid"), ua.get("pid_start"))
@@ -173,54 +224,65 @@ def recover_stale(study: optuna.Study, grace_seconds: float) -> list[int]:
             stale = now - float(beat) > grace_seconds
         if not stale:
             continue
-        storage = study._storage
+        tid = ss.trial_id(t.number)
         try:
-            storage.set_trial_user_attr(t._trial_id, "fail_reason", f"{INTERRUPTED}: worker {ua.get('host')}:{ua.get('pid')} stopped")
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            ss.storage.set_trial_user_attr(tid, "fail_reason", f"{INTERRUPTED}: worker {ua.get('host')}:{ua.get('pid')} stopped")
+            ss.storage.set_trial_state_values(tid, TrialState.FAIL)
         except UpdateFinishedTrialError:
             continue  # another worker recovered it first
-        params = grid_params(t)
-        study.enqueue_trial(params, user_attrs={"grid_point": ua.get("grid_point"), "retry_of": t.number})
+        ss.study.enqueue_trial(grid_params(t), user_attrs={"grid_point": ua.get("grid_point"), "retry_of": t.number})
         recovered.append(t.number)
     return recovered
 
 
-def _tag_grid_id(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Give an enqueued trial the `grid_id` GridSampler would have assigned, so the sampler's bookkeeping
-    (which grid points are visited; what optuna-dashboard shows) matches the enqueued grid."""
-    sampler = study.sampler
-    grids, names = getattr(sampler, "_all_grids", None), getattr(sampler, "_param_names", None)
-    if grids is None or names is None or "grid_id" in trial.system_attrs:
-        return
-    params = grid_params(trial)
-    point = tuple(params.get(n) for n in names)
-    if point in grids:
-        study._storage.set_trial_system_attr(trial._trial_id, "grid_id", grids.index(point))
-        study._storage.set_trial_system_attr(trial._trial_id, "search_space", sampler._search_space)
+def claim(ss: StageStudy) -> FrozenTrial | None:
+    """Atomically take the lowest-numbered WAITING trial (WAITING -> RUNNING), or None.
 
-
-def claim(study: optuna.Study) -> FrozenTrial | None:
-    """Atomically take the lowest-numbered WAITING trial (WAITING -> RUNNING), or None."""
-    storage = study._storage
-    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        try:
-            if storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
-                _tag_grid_id(study, t)
-                return storage.get_trial(t._trial_id)
-        except UpdateFinishedTrialError:
-            continue
+    Checked against Optuna 5.0.0. Exactly-once claiming rests on one documented storage contract:
+    `set_trial_state_values(id, RUNNING)` returns False when the trial is RUNNING already and raises
+    `UpdateFinishedTrialError` when it has finished; the RDB storage does the check and the update under a
+    row lock. `Study.ask` pops WAITING trials the same way, but creates a new, sampled trial when none is
+    waiting, which a fixed grid must never do. SQLite has no row locks: its deferred transactions let two
+    connections both read WAITING and both write RUNNING, so on SQLite claims are serialised by a lock file
+    beside the database (SQLite storage is one machine's anyway). `tests/sweeps/test_coordinator.py` fails
+    if this breaks.
+    """
+    with _sqlite_claim_lock(ss.url):
+        for t in ss.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            tid = ss.trial_id(t.number)
+            try:
+                if ss.storage.set_trial_state_values(tid, TrialState.RUNNING):
+                    return ss.storage.get_trial(tid)
+            except UpdateFinishedTrialError:
+                continue
     return None
 
 
-def duplicate_of(study: optuna.Study, stage: Stage, trial: FrozenTrial) -> int | None:
+@contextmanager
+def _sqlite_claim_lock(url: str):
+    """An exclusive lock on `<database>.claim-lock` for sqlite:/// URLs; nothing for server databases."""
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    with open(url[len("sqlite:///"):] + ".claim-lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def duplicate_of(ss: StageStudy, trial: FrozenTrial) -> int | None:
     """The trial that owns this grid point if it is not `trial` (finished, or live with a lower number)."""
-    key = stage.key(grid_params(trial))
-    for other in study.get_trials(deepcopy=False):
-        if other.number == trial.number or stage.key(grid_params(other)) != key or other.user_attrs.get("duplicate_of") is not None:
+    key = ss.stage.key(grid_params(trial))
+    for other in ss.study.get_trials(deepcopy=False):
+        if other.number == trial.number or ss.stage.key(grid_params(other)) != key or other.user_attrs.get("duplicate_of") is not None:
             continue
-        if other.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        if other.state in DONE:
             return other.number
-        if other.state in (TrialState.WAITING, TrialState.RUNNING) and other.number < trial.number:
+        if other.state in LIVE and other.number < trial.number:
             return other.number
     return None
 
@@ -228,13 +290,12 @@ def duplicate_of(study: optuna.Study, stage: Stage, trial: FrozenTrial) -> int |
 class Heartbeat:
     """Marks a claimed trial as alive: host, pid and a timestamp refreshed every `seconds`."""
 
-    def __init__(self, study: optuna.Study, trial_id: int, seconds: float):
-        self.storage, self.trial_id, self.seconds = study._storage, trial_id, seconds
+    def __init__(self, ss: StageStudy, number: int, seconds: float):
+        self.storage, self.trial_id, self.seconds = ss.storage, ss.trial_id(number), seconds
         self._stop = threading.Event()
-        self.storage.set_trial_user_attr(trial_id, "host", HOST)
-        self.storage.set_trial_user_attr(trial_id, "pid", os.getpid())
-        self.storage.set_trial_user_attr(trial_id, "pid_start", _process_start(os.getpid()))
-        self.storage.set_trial_user_attr(trial_id, "heartbeat", time.time())
+        for key, value in (("host", HOST), ("pid", os.getpid()), ("pid_start", _process_start(os.getpid())),
+                           ("heartbeat", time.time())):
+            self.storage.set_trial_user_attr(self.trial_id, key, value)
         self._thread = threading.Thread(target=self._beat, daemon=True)
 
     def _beat(self) -> None:
@@ -253,30 +314,30 @@ class Heartbeat:
         self._thread.join(timeout=5)
 
 
-def live_trials(study: optuna.Study) -> list[FrozenTrial]:
-    return study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
+def live_trials(ss: StageStudy) -> list[FrozenTrial]:
+    return ss.study.get_trials(deepcopy=False, states=LIVE)
 
 
 def work(
-    study: optuna.Study, stage: Stage, run_trial: Callable[[optuna.Study, FrozenTrial], None],
+    ss: StageStudy, run_trial: Callable[[StageStudy, FrozenTrial], None],
     grace_seconds: float, poll_seconds: float = 2.0, log: Callable[[str], None] = print,
 ) -> None:
     """Worker loop: claim grid points until none is waiting or running (others' trials included)."""
     while True:
-        for number in recover_stale(study, grace_seconds):
-            log(f"[sweep] {stage.name} trial {number} was interrupted; enqueued again")
-        trial = claim(study)
+        for number in recover_stale(ss, grace_seconds):
+            log(f"[sweep] {ss.stage.name} trial {number} was interrupted; enqueued again")
+        trial = claim(ss)
         if trial is None:
-            if not live_trials(study):
+            if not live_trials(ss):
                 return
             time.sleep(poll_seconds)  # other workers' trials are running; they may still fail and return
             continue
-        owner = duplicate_of(study, stage, trial)
+        owner = duplicate_of(ss, trial)
         if owner is not None:
-            study._storage.set_trial_user_attr(trial._trial_id, "duplicate_of", owner)
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.PRUNED)
+            ss.set_attr(trial.number, "duplicate_of", owner)
+            ss.study.tell(trial.number, state=TrialState.PRUNED)
             continue
-        run_trial(study, trial)
+        run_trial(ss, trial)
 
 
 def finished(study: optuna.Study, states: Iterable[TrialState] = (TrialState.COMPLETE,)) -> list[FrozenTrial]:

@@ -29,9 +29,13 @@ PRELOAD = ["torch", "lightning.pytorch", "timm", "torchmetrics", "albumentations
 
 @dataclass
 class Outcome:
-    """How a trial process ended: ok, pruned, or failed with a reason a user can read."""
+    """How a trial process ended, with a reason a user can read.
 
-    status: str  # "ok" | "failed"
+    `interrupted`: the process died by a signal (SIGKILL, the OOM killer) without a result; such trials
+    are retried on the next run. `failed`: it raised or exited with an error; retried only on request.
+    """
+
+    status: str  # "ok" | "failed" | "interrupted"
     reason: str = ""
 
 
@@ -106,6 +110,11 @@ def _child(job: str, payload: Any, result_file: str, log_file: str, worker: int)
         if job == "fit":
             cli = MedselCLI(args=payload["config"], run=False)
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        elif job == "check":  # a sweep's preflight, away from the coordinator's light process
+            from sweeps.cli import sweep_from_dict
+            from sweeps.preflight import check
+
+            check(sweep_from_dict(payload["sweep"]))
         else:  # test a finished run with its best checkpoint, exactly as `cli.py test --config` does
             MedselCLI(args=["test", "--config", payload["config_path"], "--trainer.enable_progress_bar=false",
                             *payload.get("extra", [])])
@@ -113,7 +122,10 @@ def _child(job: str, payload: Any, result_file: str, log_file: str, worker: int)
         _write(Path(result_file), {"status": "ok"})
     except BaseException as e:  # noqa: BLE001 -- every failure becomes the trial's recorded reason
         traceback.print_exc()
-        _write(Path(result_file), {"status": "failed", "reason": f"{type(e).__name__}: {e}"[:2000]})
+        from errors import MedselError
+
+        reason = str(e) if isinstance(e, MedselError) else f"{type(e).__name__}: {e}"[:2000]
+        _write(Path(result_file), {"status": "failed", "reason": reason})
         try:
             _finish_wandb()
         except Exception:  # noqa: BLE001 -- the trial has failed already; its reason is recorded
@@ -132,7 +144,7 @@ def run_in_process(job: str, payload: dict[str, Any], workdir: Path) -> Outcome:
     proc = ctx.Process(target=_child, args=(job, {**payload, "cwd": os.getcwd()}, str(result_file), str(workdir / f"{job}.log"), os.getpid()))
     proc.start()
     proc.join()
-    return _read_outcome(result_file, proc.exitcode, workdir / f"{job}.log")
+    return outcome_of(result_file, proc.exitcode, workdir / f"{job}.log")
 
 
 def run_in_subprocess(config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None) -> Outcome:
@@ -146,19 +158,32 @@ def run_in_subprocess(config: dict[str, Any], workdir: Path, env: dict[str, str]
                               stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     if proc.returncode == 0:
         return Outcome("ok")
-    return Outcome("failed", _reason_from_log(log, proc.returncode))
+    return outcome_of(None, proc.returncode, log)
 
 
-def _reason_from_log(log: Path, code: int) -> str:
+def execute(config: dict[str, Any], run_dir: Path) -> Outcome:
+    """Train one trial config in its own process: forked for one device, `cli.py fit` for several."""
+    devices = (config.get("trainer") or {}).get("devices", 1)
+    n = len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) else 1
+    if n > 1:
+        return run_in_subprocess(config, run_dir)
+    return run_in_process("fit", {"config": config}, run_dir)
+
+
+def _reason_from_log(log: Path, code: int | None) -> str:
     tail = log.read_text(errors="replace").strip().splitlines()[-30:] if log.exists() else []
     error_lines = [line for line in tail if "Error" in line or "error:" in line or "Exception" in line]
-    if code is not None and code < 0:
-        return f"killed by signal {-code}" + (" (out of memory?)" if -code == 9 else "")
     return (error_lines[-1] if error_lines else f"exit code {code}")[:2000]
 
 
-def _read_outcome(result_file: Path, exitcode: int | None, log: Path) -> Outcome:
-    if result_file.exists():
+def outcome_of(result_file: Path | None, exitcode: int | None, log: Path) -> Outcome:
+    """How a trial process ended: its own result file if it wrote one; else a death by a signal
+    (negative exit code) is an interruption, anything else a failure with the log's last error line."""
+    if result_file is not None and result_file.exists():
         data = json.loads(result_file.read_text())
         return Outcome(data["status"], data.get("reason", ""))
-    return Outcome("failed", _reason_from_log(log, exitcode if exitcode is not None else -1))
+    if exitcode is not None and exitcode < 0:
+        sig = -exitcode
+        why = " (out of memory, or killed from outside)" if sig == 9 else ""
+        return Outcome("interrupted", f"killed by signal {sig}{why}")
+    return Outcome("failed", _reason_from_log(log, exitcode))

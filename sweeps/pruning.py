@@ -6,10 +6,11 @@ broadcast so every rank stops at the same epoch (raising on one rank only would 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lightning.pytorch import Callback, Trainer
+
+from runs.files import PRUNED, RunFiles
 
 
 class OptunaPruning(Callback):
@@ -21,17 +22,15 @@ class OptunaPruning(Callback):
         trial_id: the Optuna trial id this run belongs to.
         monitor: the metric reported (the stage's objective).
         pruner: the sweep's pruner ("median" or "hyperband"); Optuna does not store it with the study.
-        max_epochs: epochs per trial (Hyperband's maximum resource).
     """
 
     def __init__(self, storage: str, study_name: str, trial_id: int, monitor: str = "val/loss",
-                 pruner: str = "median", max_epochs: int = 15):
+                 pruner: str = "median"):
         self.storage = storage
         self.study_name = study_name
         self.trial_id = trial_id
         self.monitor = monitor
         self.pruner = pruner
-        self.max_epochs = max_epochs
         self._trial = None
 
     def _optuna_trial(self):
@@ -41,7 +40,7 @@ class OptunaPruning(Callback):
             from sweeps.coordinator import make_pruner, make_storage
 
             study = optuna.load_study(study_name=self.study_name, storage=make_storage(self.storage),
-                                      pruner=make_pruner(self.pruner, self.max_epochs))
+                                      pruner=make_pruner(self.pruner))
             self._trial = optuna.trial.Trial(study, self.trial_id)
         return self._trial
 
@@ -59,5 +58,4 @@ class OptunaPruning(Callback):
         if prune:
             trainer.should_stop = True
             if trainer.is_global_zero:
-                marker = Path(trainer.default_root_dir) / "pruned.json"
-                marker.write_text(json.dumps({"epoch": trainer.current_epoch, "monitor": self.monitor}))
+                RunFiles(Path(trainer.default_root_dir)).write_json(PRUNED, {"epoch": trainer.current_epoch, "monitor": self.monitor})

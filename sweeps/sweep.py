@@ -8,12 +8,13 @@ is applied afterwards to the metrics stored on the trials (see `sweeps.ranking`)
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import re
 import shutil
+import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -24,13 +25,16 @@ import polars as pl
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from errors import ConfigError
+from errors import ConfigError, SweepError
+from runs import files
+from runs.files import PROGRESS, RunFiles
 from sweeps import coordinator as coord
 from sweeps import isolation, outputs, ranking, trials
-from errors import SweepError
-from sweeps.config import Candidate, SweepConfig
+from sweeps.config import SweepConfig
+from sweeps.progress import StageProgress, follow
 
 GRID_KEYS = {"stage1": ["candidate"], "stage2": ["optimizer", "loss"]}
+Execute = Callable[[dict[str, Any], Path], isolation.Outcome]
 
 
 def _slug(text: str) -> str:
@@ -45,107 +49,137 @@ def _objective(sweep: SweepConfig, run_cfg: dict[str, Any]) -> tuple[str, str]:
     return run.get("monitor", "val/loss"), "maximize" if run.get("mode") == "max" else "minimize"
 
 
-def stage1(sweep: SweepConfig) -> coord.Stage:
-    objective, direction = _objective(sweep, trials.base_trial_config(sweep))
-    grid = [{"candidate": c.name, "repeat": r} for r in range(sweep.repeats) for c in sweep.stage1.candidates]
+def stage1(sweep: SweepConfig, configs: trials.TrialConfigs) -> coord.Stage:
+    objective, direction = _objective(sweep, configs.shared)
+    grid = [{"candidate": name, "repeat": r} for r in range(sweep.repeats) for name in configs.candidates]
     return coord.Stage("stage1", f"{sweep.name}/stage1", grid, objective, direction)
 
 
-def stage2(sweep: SweepConfig) -> coord.Stage:
-    objective, direction = _objective(sweep, trials.base_trial_config(sweep))
+def stage2(sweep: SweepConfig, configs: trials.TrialConfigs) -> coord.Stage:
+    objective, direction = _objective(sweep, configs.shared)
     grid = [{"optimizer": o, "loss": loss, "repeat": r} for r in range(sweep.repeats)
             for o in sweep.stage2.optimizers for loss in sweep.stage2.losses]
     return coord.Stage("stage2", f"{sweep.name}/stage2", grid, objective, direction)
 
 
-def _candidate(sweep: SweepConfig, name: str) -> Candidate:
-    return next(c for c in sweep.stage1.candidates if c.name == name)
-
-
-def trial_config(sweep: SweepConfig, stage: coord.Stage, params: dict[str, Any], base: str | None) -> tuple[dict, list[str]]:
+def trial_config(configs: trials.TrialConfigs, stage: coord.Stage, params: dict[str, Any], base: str | None) -> tuple[dict, list[str]]:
     """The fit config of one grid point and its W&B tags."""
     if stage.name == "stage1":
-        cand = _candidate(sweep, params["candidate"])
-        cfg = trials.candidate_config(sweep, cand)
+        name = params["candidate"]
+        cfg = configs.candidate(name)
     else:
-        cand = _candidate(sweep, base)
-        cfg = trials.stage2_config(sweep, cand, params["optimizer"], params["loss"])
+        name = base
+        cfg = configs.stage2(name, params["optimizer"], params["loss"])
     opt = cfg["model"]["optimizer"]
     opt_name = opt.get("class_path", "").rsplit(".", 1)[-1] if isinstance(opt, dict) else str(opt)
-    tags = [f"arch:{cand.name}", f"optimizer:{opt_name}", f"loss:{cfg['model'].get('loss', 'ce')}", f"repeat:{params['repeat']}"]
+    tags = [f"arch:{name}", f"optimizer:{opt_name}", f"loss:{cfg['model'].get('loss', 'ce')}", f"repeat:{params['repeat']}"]
     return cfg, tags
 
 
-def _multi_device(cfg: dict[str, Any]) -> int:
+def _devices(cfg: dict[str, Any]) -> int:
     devices = (cfg.get("trainer") or {}).get("devices", 1)
-    if isinstance(devices, list):
-        return len(devices)
-    if isinstance(devices, int):
-        return devices
-    return 1
+    return len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) else 1
+
+
+def _label(stage: coord.Stage, params: dict[str, Any]) -> str:
+    return "-".join(str(params[k]) for k in GRID_KEYS[stage.name])
+
+
+def best_so_far(ss: coord.StageStudy) -> str:
+    """The best finished trial of the stage by its objective, e.g. 'val/loss=0.4123 (resnet10t)'."""
+    try:
+        best = ss.study.best_trial
+    except ValueError:  # no trial has finished yet
+        return ""
+    return f"{ss.stage.objective}={best.value:.4f} ({_label(ss.stage, coord.grid_params(best))})"
+
+
+def points_done(ss: coord.StageStudy) -> int:
+    """Grid points that reached an end (finished, failed or interrupted) and are not queued again."""
+    return sum(p.state not in ("live", "missing") for p in coord.grid_status(ss))
 
 
 class TrialRunner:
-    """Runs one claimed trial in an isolated process and records its outcome on the Optuna trial."""
+    """Runs one claimed trial in an isolated process and records its outcome on the Optuna trial.
 
-    def __init__(self, sweep: SweepConfig, stage: coord.Stage, base: str | None = None):
-        self.sweep, self.stage, self.base = sweep, stage, base
+    Args:
+        sweep: the sweep config.
+        stage: the stage the trial belongs to.
+        base: the stage-1 winner (stage 2).
+        configs: the sweep's trial configs.
+        progress: the stage's progress display.
+        execute: trains a config in a run directory and says how it ended (`isolation.execute`).
+    """
 
-    def __call__(self, study: optuna.Study, frozen: FrozenTrial) -> None:
-        storage, tid = study._storage, frozen._trial_id
-        params = coord.grid_params(frozen)
-        trial = optuna.trial.Trial(study, tid)
-        for name, values in self.stage.search_space().items():
-            trial.suggest_categorical(name, values)
-        label = "-".join(str(params[k]) for k in GRID_KEYS[self.stage.name])
-        run_dir = self.sweep.out_dir / "trials" / self.stage.name / f"{frozen.number:03d}-{_slug(label)}-r{params['repeat']}"
+    def __init__(self, sweep: SweepConfig, stage: coord.Stage, base: str | None, configs: trials.TrialConfigs,
+                 progress: StageProgress, execute: Execute | None = None):
+        self.sweep, self.stage, self.base, self.configs = sweep, stage, base, configs
+        self.progress, self.execute = progress, execute or isolation.execute
+
+    def _prepare(self, ss: coord.StageStudy, number: int, params: dict[str, Any]) -> tuple[dict, Path]:
+        relative = Path("trials") / self.stage.name / f"{number:03d}-{_slug(_label(self.stage, params))}-r{params['repeat']}"
+        run_dir = self.sweep.out_dir / relative
         if run_dir.exists():  # a retried trial number never reuses a directory, but be safe on manual edits
             shutil.rmtree(run_dir)
-        cfg, tags = trial_config(self.sweep, self.stage, params, self.base)
+        cfg, tags = trial_config(self.configs, self.stage, params, self.base)
         pruning = None
         if self.sweep.pruner != "none":
-            pruning = {"storage": self.sweep.storage_url, "study_name": self.stage.study_name, "trial_id": tid,
-                       "monitor": self.stage.objective, "pruner": self.sweep.pruner, "max_epochs": _max_epochs(self.sweep)}
+            pruning = {"storage": self.sweep.storage_url, "study_name": self.stage.study_name,
+                       "trial_id": ss.trial_id(number), "monitor": self.stage.objective, "pruner": self.sweep.pruner}
         cfg = trials.finalize(cfg, self.sweep, run_dir, self.stage.name, self.sweep.seed + params["repeat"], tags, pruning)
-        storage.set_trial_user_attr(tid, "run_dir", str(run_dir))
-        print(f"[sweep] {self.stage.name} trial {frozen.number}: {label} repeat {params['repeat']} -> {run_dir}", flush=True)
+        ss.set_attr(number, "run_dir", relative.as_posix())  # relative to the sweep folder
+        return cfg, run_dir
+
+    def __call__(self, ss: coord.StageStudy, frozen: FrozenTrial) -> None:
+        number, params = frozen.number, coord.grid_params(frozen)
+        trial = optuna.trial.Trial(ss.study, ss.trial_id(number))
+        for name, values in self.stage.search_space().items():  # records the fixed grid point as its params
+            trial.suggest_categorical(name, values)
+        cfg, run_dir = self._prepare(ss, number, params)
+        label = f"trial {number} {_label(self.stage, params)} r{params['repeat']}"
+        print(f"[sweep] {self.stage.name} {label} -> {run_dir} (log: fit.log)", flush=True)
+        self.progress.trial_started(label)
         started = time.perf_counter()
-        with coord.Heartbeat(study, tid, self.sweep.heartbeat_seconds):
-            if _multi_device(cfg) > 1:
-                outcome = isolation.run_in_subprocess(cfg, run_dir)
-            else:
-                outcome = isolation.run_in_process("fit", {"config": cfg}, run_dir)
+        with coord.Heartbeat(ss, number, self.sweep.heartbeat_seconds), \
+                follow(RunFiles(run_dir) / PROGRESS, self.progress.epoch_done):
+            outcome = self.execute(cfg, run_dir)
         seconds = time.perf_counter() - started
-        storage.set_trial_user_attr(tid, "seconds", round(seconds, 2))
-        timing = run_dir / "timing.json"
-        if timing.exists():  # train+validation loop time; the rest of `seconds` is the trial's fixed cost
-            storage.set_trial_user_attr(tid, "train_seconds", round(json.loads(timing.read_text())["train_seconds"], 2))
+        self._record(ss, number, run_dir, cfg, outcome, seconds)
+        self.progress.trial_finished(seconds, points_done(ss), best_so_far(ss))
+
+    def _record(self, ss: coord.StageStudy, number: int, run_dir: Path, cfg: dict, outcome: isolation.Outcome,
+                seconds: float) -> None:
+        name = f"[sweep] {self.stage.name} trial {number}"
+        ss.set_attr(number, "seconds", round(seconds, 2))
+        timing = RunFiles(run_dir).read_json(files.TIMING)
+        if timing:  # train+validation loop time; the rest of `seconds` is the trial's fixed cost
+            ss.set_attr(number, "train_seconds", round(timing["train_seconds"], 2))
+        if outcome.status == "interrupted":
+            coord.fail(ss, number, f"{coord.INTERRUPTED}: {outcome.reason}")
+            print(f"{name} INTERRUPTED ({seconds:.0f}s): {outcome.reason}; it is retried when the sweep is rerun", flush=True)
+            return
         if outcome.status != "ok":
-            storage.set_trial_user_attr(tid, "fail_reason", outcome.reason)
-            study.tell(trial, state=TrialState.FAIL)
-            print(f"[sweep] {self.stage.name} trial {frozen.number} FAILED ({seconds:.0f}s): {outcome.reason}", flush=True)
+            coord.fail(ss, number, outcome.reason)
+            print(f"{name} FAILED ({seconds:.0f}s): {outcome.reason}", flush=True)
             return
-        monitor = cfg.get("run", {}).get("monitor", "val/loss")
-        mode = cfg.get("run", {}).get("mode", "min")
+        run = cfg.get("run", {})
         try:
-            summary = trials.summarize(run_dir, self.sweep.selection.epoch, monitor, mode)
+            summary = trials.summarize(run_dir, self.sweep.selection.epoch, run.get("monitor", "val/loss"), run.get("mode", "min"))
         except RuntimeError as e:
-            storage.set_trial_user_attr(tid, "fail_reason", str(e))
-            study.tell(trial, state=TrialState.FAIL)
+            coord.fail(ss, number, str(e))
             return
-        for key in ("metrics", "params", "epoch", "epochs_run", "checkpoint"):
-            storage.set_trial_user_attr(tid, key, summary[key])
-        if (run_dir / "pruned.json").exists():
-            study.tell(trial, state=TrialState.PRUNED)
-            print(f"[sweep] {self.stage.name} trial {frozen.number} pruned after {summary['epochs_run']} epochs", flush=True)
+        for key in ("metrics", "params", "epoch", "epochs_run"):
+            ss.set_attr(number, key, summary[key])
+        if RunFiles(run_dir).pruned.exists():
+            ss.study.tell(number, state=TrialState.PRUNED)
+            print(f"{name} pruned after {summary['epochs_run']} epochs", flush=True)
             return
         value = summary["metrics"].get(self.stage.objective)
         if value is None:
-            storage.set_trial_user_attr(tid, "fail_reason", f"objective '{self.stage.objective}' was not logged")
-            study.tell(trial, state=TrialState.FAIL)
+            coord.fail(ss, number, f"objective '{self.stage.objective}' was not logged")
             return
-        study.tell(trial, value)
-        print(f"[sweep] {self.stage.name} trial {frozen.number} done in {seconds:.0f}s: {self.stage.objective}={value:.4f}", flush=True)
+        ss.study.tell(number, value)
+        print(f"{name} done in {seconds:.0f}s: {self.stage.objective}={value:.4f}", flush=True)
 
 
 def _worker_main(sweep_dict: dict, stage_name: str, base: str | None, env: dict[str, str]) -> None:
@@ -154,21 +188,25 @@ def _worker_main(sweep_dict: dict, stage_name: str, base: str | None, env: dict[
 
     isolation.start_forkserver()
     sweep = sweep_from_dict(sweep_dict)
-    run_stage_worker(sweep, stage1(sweep) if stage_name == "stage1" else stage2(sweep), base)
+    configs = trials.TrialConfigs(sweep)
+    run_stage_worker(sweep, (stage1 if stage_name == "stage1" else stage2)(sweep, configs), base, configs)
 
 
-def _max_epochs(sweep: SweepConfig) -> int:
-    return int((trials.base_trial_config(sweep).get("trainer") or {}).get("max_epochs") or 15)
+def _open(sweep: SweepConfig, stage: coord.Stage) -> coord.StageStudy:
+    return coord.open_study(coord.make_storage(sweep.storage_url), stage, coord.make_pruner(sweep.pruner), sweep.seed)
 
 
-def _open(sweep: SweepConfig, stage: coord.Stage) -> optuna.Study:
-    pruner = coord.make_pruner(sweep.pruner, _max_epochs(sweep))
-    return coord.open_study(coord.make_storage(sweep.storage_url), stage, pruner, sweep.seed)
-
-
-def run_stage_worker(sweep: SweepConfig, stage: coord.Stage, base: str | None) -> None:
-    study = _open(sweep, stage)
-    coord.work(study, stage, TrialRunner(sweep, stage, base), grace_seconds=6 * sweep.heartbeat_seconds)
+def run_stage_worker(sweep: SweepConfig, stage: coord.Stage, base: str | None, configs: trials.TrialConfigs,
+                     execute: Execute | None = None) -> None:
+    ss = _open(sweep, stage)
+    # Several workers print plain lines side by side; a live display needs the terminal to itself.
+    progress = StageProgress(stage.name, len(stage.grid), points_done(ss), sweep.workers,
+                             tty=sys.stdout.isatty() and sweep.workers == 1)
+    try:
+        coord.work(ss, TrialRunner(sweep, stage, base, configs, progress, execute),
+                   grace_seconds=6 * sweep.heartbeat_seconds)
+    finally:
+        progress.close()
 
 
 def _gpu_env(worker: int, per_trial: int) -> dict[str, str]:
@@ -182,25 +220,36 @@ def _gpu_env(worker: int, per_trial: int) -> dict[str, str]:
     return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, ids))}
 
 
-def run_stage(sweep: SweepConfig, stage: coord.Stage, base: str | None) -> optuna.Study:
+def _check_base(ss: coord.StageStudy, base: str) -> None:
+    started_from = ss.study.user_attrs.get("base_candidate")
+    if started_from is None:
+        ss.study.set_user_attr("base_candidate", base)
+    elif started_from != base:
+        raise ConfigError(
+            f"{ss.stage.study_name} was started from '{started_from}' but stage 1 now selects '{base}' (did the "
+            "sweep config change?). Use a new sweep name, or delete the stage-2 study to redo it."
+        )
+
+
+def run_stage(sweep: SweepConfig, stage: coord.Stage, base: str | None, configs: trials.TrialConfigs,
+              execute: Execute | None = None) -> coord.StageStudy:
     """Make sure the stage's grid is enqueued, then work on it with `sweep.workers` processes."""
-    study = _open(sweep, stage)
+    ss = _open(sweep, stage)
     if base is not None:
-        started_from = study.user_attrs.get("base_candidate")
-        if started_from is None:
-            study.set_user_attr("base_candidate", base)
-        elif started_from != base:
-            raise ConfigError(
-                f"{stage.study_name} was started from '{started_from}' but stage 1 now selects '{base}' (did the "
-                "sweep config change?). Use a new sweep name, or delete the stage-2 study to redo it."
-            )
-    added = coord.ensure_grid(study, stage, sweep.retry_failed)
-    done = len(coord.finished(study, (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
-    print(f"[sweep] {stage.name}: {len(stage.grid)} grid points, {added} newly enqueued, {done} trials finished before", flush=True)
+        _check_base(ss, base)
+    before = {coord.INTERRUPTED: 0, "failed": 0}
+    for point in coord.grid_status(ss):
+        before[point.state] = before.get(point.state, 0) + 1
+    added = coord.ensure_grid(ss, sweep.retry_failed)
+    print(f"[sweep] {stage.name}: {len(stage.grid)} grid points, {added} newly enqueued "
+          f"({before[coord.INTERRUPTED]} interrupted before), {before.get('finished', 0)} finished before", flush=True)
+    if before["failed"] and not sweep.retry_failed:
+        print(f"[sweep] {stage.name}: {before['failed']} trials failed with an error; rerun with --retry_failed true "
+              "to retry them", flush=True)
     if sweep.workers == 1:
-        run_stage_worker(sweep, stage, base)
+        run_stage_worker(sweep, stage, base, configs, execute)
     else:
-        per_trial = _multi_device(trials.base_trial_config(sweep))
+        per_trial = _devices(configs.shared)
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=_worker_main, args=(_as_dict(sweep), stage.name, base, _gpu_env(i, per_trial)))
                  for i in range(sweep.workers)]
@@ -208,7 +257,27 @@ def run_stage(sweep: SweepConfig, stage: coord.Stage, base: str | None) -> optun
             p.start()
         for p in procs:
             p.join()
-    return study
+    return ss
+
+
+def incomplete_points(sweep: SweepConfig, ss: coord.StageStudy) -> list[dict[str, str]]:
+    """Grid points of a stage with no finished trial, printed with what to do about them."""
+    missing = [p for p in coord.grid_status(ss) if p.state != "finished"]
+    if not missing:
+        return []
+    print(f"[sweep] {ss.stage.name}: {len(missing)} of {len(ss.stage.grid)} grid points have no finished trial:", flush=True)
+    rows = []
+    for p in missing:
+        point = ", ".join(f"{k}={v}" for k, v in p.params.items())
+        rows.append({"stage": ss.stage.name, "grid point": point, "state": p.state, "reason": p.reason})
+        print(f"  - {point}: {p.state}{' (' + p.reason + ')' if p.reason else ''}", flush=True)
+    interrupted = sum(p.state == coord.INTERRUPTED for p in missing)
+    failed = sum(p.state == "failed" for p in missing)
+    if interrupted:
+        print(f"[sweep] {interrupted} trials were interrupted; rerun the same command to retry them.", flush=True)
+    if failed:
+        print(f"[sweep] {failed} trials failed with an error; rerun with --retry_failed true to retry them.", flush=True)
+    return rows
 
 
 def _as_dict(sweep: SweepConfig) -> dict:
@@ -236,44 +305,85 @@ def stage_board(sweep: SweepConfig, study: optuna.Study, stage: coord.Stage) -> 
     return frame, board
 
 
-def run(sweep: SweepConfig) -> dict[str, Any]:
-    """Run (or resume) the whole sweep; returns the winner summary written to winner.json."""
+def preflight_in_child(sweep: SweepConfig) -> None:
+    """`sweeps.preflight.check` in a process forked from the pre-importing forkserver, so this (coordinator)
+    process never imports torch. Raises its ConfigError listing every problem."""
+    outcome = isolation.run_in_process("check", {"sweep": _as_dict(sweep)}, sweep.out_dir)
+    if outcome.status != "ok":
+        raise ConfigError(outcome.reason)
+
+
+def _stop_if_incomplete(sweep: SweepConfig, ss: coord.StageStudy, summary: dict[str, Any]) -> bool:
+    summary.setdefault("incomplete", []).extend(incomplete_points(sweep, ss))
+    if summary["incomplete"] and not sweep.allow_failures:
+        print(f"[sweep] stopping after {ss.stage.name}: no winner is chosen from an incomplete grid (exit code 1). "
+              "Pass --allow_failures true to choose one from the finished trials.", flush=True)
+        return True
+    return False
+
+
+def run(sweep: SweepConfig, execute: Execute | None = None,
+        preflight: Callable[[SweepConfig], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) the whole sweep.
+
+    Args:
+        sweep: the sweep config.
+        execute: trains one trial config (default: `isolation.execute`, in its own process).
+        preflight: checks every trial config before the first trial (default: `preflight_in_child`).
+
+    Returns:
+        The winner summary written to winner.json, with `incomplete`: the grid points that have no
+        finished trial (when there are some and `allow_failures` is off, the sweep stops after that stage
+        and the summary has no winner).
+    """
     sweep.validate()
     out = sweep.out_dir
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.yaml").write_text(yaml.safe_dump(_as_dict(sweep), sort_keys=False))
     print(f"[sweep] {sweep.name}: storage {sweep.storage_url}", flush=True)
+    (preflight or preflight_in_child)(sweep)
+    configs = trials.TrialConfigs(sweep)
+    summary: dict[str, Any] = {"sweep": sweep.name}
 
-    s1 = stage1(sweep)
-    study1 = run_stage(sweep, s1, None)
-    trials1, board1 = stage_board(sweep, study1, s1)
+    s1 = stage1(sweep, configs)
+    ss1 = run_stage(sweep, s1, None, configs, execute)
+    if _stop_if_incomplete(sweep, ss1, summary):
+        return summary
+    trials1, board1 = stage_board(sweep, ss1.study, s1)
     base = board1.row(0, named=True)["candidate"]
     print(f"[sweep] stage 1 winner: {base}", flush=True)
 
-    s2 = stage2(sweep)
-    study2 = run_stage(sweep, s2, base)
-    trials2, board2 = stage_board(sweep, study2, s2)
+    s2 = stage2(sweep, configs)
+    ss2 = run_stage(sweep, s2, base, configs, execute)
+    if _stop_if_incomplete(sweep, ss2, summary):
+        return summary
+    trials2, board2 = stage_board(sweep, ss2.study, s2)
     best = board2.row(0, named=True)
     print(f"[sweep] stage 2 winner: {base} + {best['optimizer']} + {best['loss']}", flush=True)
 
     winner_trials = trials2.filter((pl.col("optimizer") == best["optimizer"]) & (pl.col("loss") == best["loss"]))
     winner_trials = winner_trials.sort(s2.objective, descending=s2.direction == "maximize", nulls_last=True)
     winner_row = winner_trials.row(0, named=True)
-    winner_dir = Path(winner_row["run_dir"])
-    summary: dict[str, Any] = {
-        "sweep": sweep.name, "base_architecture": base, "optimizer": best["optimizer"], "loss": best["loss"],
-        "trial": int(winner_row["trial"]), "run_dir": str(winner_dir), "params": int(winner_row["params"]),
+    winner_dir = out / winner_row["run_dir"]  # stored relative to the sweep folder
+    summary.update({
+        "base_architecture": base, "optimizer": best["optimizer"], "loss": best["loss"],
+        "trial": int(winner_row["trial"]), "run_dir": str(winner_row["run_dir"]), "params": int(winner_row["params"]),
         "selection": sweep.selection.rule, "val": {k: v for k, v in winner_row.items() if k.startswith(("val/", "train/"))},
-    }
-    stages = {"stage1": (study1, trials1, board1), "stage2": (study2, trials2, board2)}
+    })
+    stages = {"stage1": (ss1.study, trials1, board1), "stage2": (ss2.study, trials2, board2)}
+    _write_outputs(sweep, stages, summary, winner_dir)
+    return summary
+
+
+def _write_outputs(sweep: SweepConfig, stages: dict[str, tuple], summary: dict[str, Any], winner_dir: Path) -> None:
+    out, winner = sweep.out_dir, RunFiles(winner_dir)
     with ThreadPoolExecutor(max_workers=1) as pool:
         # The winner is tested in its own process; meanwhile this one writes what does not depend on the test.
         test = pool.submit(evaluate_on_test, winner_dir) if sweep.test_winner else None
-        outputs.write_winner_config(winner_dir / "config.yaml", out / "winner.yaml", f"{sweep.name}-winner")
-        ckpt = winner_dir / "checkpoints" / "best.ckpt"
-        if ckpt.exists():
-            shutil.copy2(ckpt, out / "winner.ckpt")
-            shutil.copy2(winner_dir / "model.json", out / "winner_model.json")
+        outputs.write_winner_config(winner.config, out / "winner.yaml", f"{sweep.name}-winner")
+        if winner.best_checkpoint.exists():
+            shutil.copy2(winner.best_checkpoint, out / files.WINNER_CKPT)
+            shutil.copy2(winner.model_info, out / "winner_model.json")
         outputs.write_boards(sweep, out, stages)
         wandb_run = outputs.start_wandb_summary(sweep, out, stages)
         try:
@@ -281,20 +391,24 @@ def run(sweep: SweepConfig) -> dict[str, Any]:
                 summary["test"] = test.result()
         finally:
             outputs.finish_wandb_summary(wandb_run, summary)
-    (out / "winner.json").write_text(json.dumps(summary, indent=2, default=str))
+    RunFiles(out).write_json(files.WINNER, summary)
     outputs.write_report(sweep, out, stages, summary)
     print(f"[sweep] done: {out}/report.md, winner config {out}/winner.yaml", flush=True)
-    return summary
+
+
+def exit_code(sweep: SweepConfig, summary: dict[str, Any]) -> int:
+    """0, or 1 when some grid point has no finished trial and `allow_failures` is off."""
+    return 1 if summary.get("incomplete") and not sweep.allow_failures else 0
 
 
 def evaluate_on_test(run_dir: Path) -> dict[str, Any]:
     """Evaluate a finished trial once on the test split (as `cli.py test` does); reuse an earlier result."""
-    result = run_dir / "test_metrics.json"
-    if not result.exists():
+    run = RunFiles(run_dir)
+    if not run.test_metrics.exists():
         # One device: a single ordered pass over the test split. (A DDP launcher would also re-execute this
         # process's command line, which is the sweep's, not `cli.py test`.)
         single = ["--trainer.devices=1", "--trainer.strategy=auto", "--trainer.num_nodes=1"]
-        outcome = isolation.run_in_process("test", {"config_path": str(run_dir / "config.yaml"), "extra": single}, run_dir)
+        outcome = isolation.run_in_process("test", {"config_path": str(run.config), "extra": single}, run_dir)
         if outcome.status != "ok":
             raise SweepError(f"testing the winner failed: {outcome.reason} (log: {run_dir / 'test.log'})")
-    return json.loads(result.read_text())
+    return run.read_json(files.TEST_METRICS)

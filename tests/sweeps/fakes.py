@@ -1,0 +1,86 @@
+"""In-process stand-ins for a trial process: they write what a real trial writes (metrics.csv, model.json,
+config.yaml, progress.jsonl) in milliseconds, so the sweep's own logic is tested without training."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+from pathlib import Path
+
+import polars as pl
+import yaml
+
+from runs.files import PROGRESS, RunFiles
+from sweeps import isolation
+from sweeps.config import Stage1, Stage2, SweepConfig
+from tests.conftest import REPO
+
+# Validation loss per network: resnet10t wins stage 1; within stage 2, adam + ce wins.
+LOSS = {"resnet10t": 0.3, "ctnet10": 0.6, "mobilenetv4_conv_small": 0.5}
+OPT = {"Adam": 0.0, "RMSprop": 0.05}
+CRITERION = {"ce": 0.0, "mse": 0.02}
+
+
+def tiny_sweep(tmp_path: Path, **changes) -> SweepConfig:
+    """Two candidates, a 2x2 stage-2 grid, no winner test, no W&B."""
+    values = dict(
+        name="t", base_config=str(REPO / "configs" / "demo.yaml"), root=str(tmp_path / "sweeps"),
+        overrides={"data.num_workers": 0, "data.artifacts_dir": str(tmp_path / "artifacts")},
+        stage1=Stage1(candidates=[{"network": "resnet10t"}, {"network": "ctnet10"}],
+                      defaults={"optimizer": "adam", "loss": "ce", "max_epochs": 2, "image_size": 32}),
+        stage2=Stage2(optimizers=["adam", "rmsprop"], losses=["ce", "mse"]),
+        wandb="disabled", test_winner=False, heartbeat_seconds=1.0,
+    )
+    values.update(changes)
+    return SweepConfig(**values)
+
+
+def killed_by_sigkill(run_dir: Path) -> isolation.Outcome:
+    """A real child process that dies by SIGKILL (as under the OOM killer), classified as the sweep does."""
+    proc = mp.get_context("fork").Process(target=_kill_self)
+    proc.start()
+    proc.join()
+    return isolation.outcome_of(run_dir / ".fit_result.json", proc.exitcode, run_dir / "fit.log")
+
+
+def _kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class FakeTrials:
+    """Callable like `isolation.execute`: records each config and writes a finished run.
+
+    Args:
+        outcomes: network name -> a list of outcomes to return instead of training, one per call
+            ("interrupted" runs a child killed by SIGKILL; "failed" an error), then it trains normally.
+    """
+
+    def __init__(self, outcomes: dict[str, list[str]] | None = None):
+        self.outcomes = {k: list(v) for k, v in (outcomes or {}).items()}
+        self.calls: list[tuple[str, str, str]] = []
+
+    def __call__(self, cfg: dict, run_dir: Path) -> isolation.Outcome:
+        model = cfg["model"]
+        name, opt, loss = model["network"]["name"], model["optimizer"]["class_path"].rsplit(".", 1)[-1], model["loss"]
+        self.calls.append((name, opt, loss))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        pending = self.outcomes.get(name) or []
+        if pending:
+            kind = pending.pop(0)
+            if kind == "interrupted":
+                return killed_by_sigkill(run_dir)
+            return isolation.Outcome("failed", "ValueError: this network always fails")
+        epochs = cfg["trainer"]["max_epochs"]
+        val_loss = LOSS[name] + OPT[opt] + CRITERION[loss]
+        rows = [{"epoch": e, "step": e, "val/loss": val_loss + 0.1 * (epochs - 1 - e), "val/acc": 1 - val_loss,
+                 "val/sensitivity": 0.5, "val/specificity": 0.5, "train/acc": 1 - val_loss} for e in range(epochs)]
+        run = RunFiles(run_dir)
+        pl.DataFrame(rows).write_csv(run.metrics)
+        run.write_json(run.model_info.name, {"num_parameters": 1000})
+        run.config.write_text(yaml.safe_dump(cfg))
+        with open(run / PROGRESS, "a") as fh:
+            for r in rows:
+                fh.write(json.dumps({"epoch": r["epoch"], "max_epochs": epochs, "metrics": {"val/loss": r["val/loss"]}}) + "\n")
+        return isolation.Outcome("ok")

@@ -1,0 +1,82 @@
+"""Claiming, grid bookkeeping and recovery on a real SQLite Optuna storage, without training."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import threading
+
+import optuna
+from optuna.trial import TrialState
+
+from sweeps import coordinator as coord
+
+STAGE = coord.Stage("stage1", "s/stage1", [{"candidate": c, "repeat": 0} for c in "abcdef"], "val/loss", "minimize")
+
+
+def open_stage(tmp_path, stage=STAGE) -> coord.StageStudy:
+    storage = coord.make_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    return coord.open_study(storage, stage, coord.make_pruner("none"))
+
+
+def test_claim_is_exactly_once_across_workers_and_never_creates_trials(tmp_path):
+    """Checks the storage contract `claim` rests on (see its docstring) on the installed Optuna."""
+    ss = open_stage(tmp_path)
+    assert coord.ensure_grid(ss) == 6
+    claimed: list[list[int]] = [[], [], []]
+
+    def worker(k: int) -> None:
+        mine = open_stage(tmp_path)  # each worker with its own storage connection, as separate processes have
+        while (trial := coord.claim(mine)) is not None:
+            claimed[k].append(trial.number)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    numbers = [n for c in claimed for n in c]
+    assert sorted(numbers) == list(range(6))  # every trial claimed, none twice
+    assert coord.claim(ss) is None
+    assert len(ss.study.get_trials()) == 6  # claiming never samples a new trial
+    assert all(t.state == TrialState.RUNNING for t in ss.study.get_trials())
+    assert optuna.__version__  # the version `claim` was checked against is named in its docstring
+
+
+def test_interrupted_points_are_enqueued_again_failed_ones_only_on_request(tmp_path):
+    ss = open_stage(tmp_path)
+    coord.ensure_grid(ss)
+    a, b = coord.claim(ss), coord.claim(ss)
+    coord.fail(ss, a.number, f"{coord.INTERRUPTED}: killed by signal 9")
+    coord.fail(ss, b.number, "ValueError: boom")
+    states = {p.params["candidate"]: p.state for p in coord.grid_status(ss)}
+    assert states["a"] == coord.INTERRUPTED and states["b"] == "failed" and states["c"] == "live"
+    assert coord.ensure_grid(ss) == 1  # only the interrupted one
+    assert {p.params["candidate"]: p.state for p in coord.grid_status(ss)}["b"] == "failed"
+    assert coord.ensure_grid(ss, retry_failed=True) == 1
+    assert all(p.state == "live" for p in coord.grid_status(ss))
+
+
+def test_running_trial_of_a_dead_process_is_recovered(tmp_path):
+    ss = open_stage(tmp_path)
+    coord.ensure_grid(ss)
+    trial = coord.claim(ss)
+    proc = mp.get_context("fork").Process(target=lambda: None)
+    proc.start()
+    proc.join()  # a pid that no longer runs, on this host
+    for key, value in (("host", coord.HOST), ("pid", proc.pid), ("pid_start", None)):
+        ss.set_attr(trial.number, key, value)
+    assert coord.recover_stale(ss, grace_seconds=60) == [trial.number]
+    old = ss.study.get_trials()[trial.number]
+    assert old.state == TrialState.FAIL and coord.is_interrupted(old)
+    waiting = ss.study.get_trials(states=(TrialState.WAITING,))
+    assert [coord.grid_params(t)["candidate"] for t in waiting].count("a") == 1
+
+
+def test_duplicate_enqueue_trains_once(tmp_path):
+    ss = open_stage(tmp_path, coord.Stage("stage1", "d/stage1", [{"candidate": "a", "repeat": 0}], "val/loss", "minimize"))
+    coord.ensure_grid(ss)
+    ss.study.enqueue_trial({"candidate": "a", "repeat": 0})  # a second machine enqueued it at the same moment
+    ran = []
+    coord.work(ss, lambda s, t: (ran.append(t.number), s.study.tell(t.number, 1.0)), grace_seconds=60, poll_seconds=0.01)
+    assert ran == [0]
+    assert ss.study.get_trials()[1].user_attrs["duplicate_of"] == 0
