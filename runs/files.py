@@ -49,6 +49,7 @@ REPORT_FILES = "report_files"
 PREDICTIONS = "predictions.csv"
 WINNER = "winner.json"
 WINNER_CKPT = "winner.ckpt"
+PROGRESS = "progress.jsonl"  # a sweep trial's per-epoch progress, one JSON line per validation epoch
 
 
 def stage_config(stage: str) -> str:

@@ -176,6 +176,9 @@ def write_report(sweep, out: Path, stages: dict[str, tuple], summary: dict[str, 
             doc.h3("Failed trials")
             doc.table(pl.DataFrame([{"trial": t.number, "grid point": str(t.system_attrs.get("fixed_params") or t.params),
                                      "reason": str(t.user_attrs.get("fail_reason"))} for t in failed]))
+    if summary.get("incomplete"):  # only with allow_failures: otherwise the sweep stops before a winner
+        doc.h2("Grid points without a finished trial")
+        doc.table(pl.DataFrame(summary["incomplete"]))
     doc.h2("Winner")
     doc.p(f"**{summary['base_architecture']}** with **{summary['optimizer']}** and **{summary['loss']}** (trial "
           f"{summary['trial']}, {summary['params']:,} parameters). Reproduce it with "
@@ -185,7 +188,7 @@ def write_report(sweep, out: Path, stages: dict[str, tuple], summary: dict[str, 
         doc.table(val_test_table(summary))
         doc.h3("Test results, laid out like the studies' tables")
         doc.table(study_table(summary))
-    winner_report = Path(summary["run_dir"]) / "report.json"
+    winner_report = out / summary["run_dir"] / "report.json"  # run_dir is relative to the sweep folder
     if winner_report.exists():
         doc.h2("Evaluation of the winner")
         doc.extend(Document.load_json(winner_report))
