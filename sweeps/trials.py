@@ -13,7 +13,7 @@ import polars as pl
 import yaml
 
 from errors import ConfigError
-from runs.files import RunFiles
+from runs.files import TRAIN_EVAL, RunFiles
 from sweeps.config import SweepConfig, candidate_name, fit_overrides, merge
 
 
@@ -118,6 +118,7 @@ def summarize(run_dir: Path, epoch: str, monitor: str, mode: str) -> dict[str, A
         row = table.row(-1, named=True)
     info = files.read_json(files.model_info.name) or {}
     metrics = {k: float(v) for k, v in row.items() if k != "epoch" and v is not None and "/" in k}
+    metrics.update((files.read_json(TRAIN_EVAL) or {}).get("metrics", {}))  # eval-mode overfit (runs.train_eval)
     return {
         "metrics": metrics, "epoch": int(row["epoch"]), "epochs_run": int(table["epoch"].max()) + 1,
         "params": int(info.get("num_parameters", 0)), "checkpoint": str(files.best_checkpoint),
