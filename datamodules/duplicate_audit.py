@@ -22,6 +22,10 @@ from datamodules.duplicates import cluster_images, phash_batch, pixel_digest
 
 CATEGORIES = ("label_conflict", "leakage", "cross_patient", "redundant")
 AUDIT_VERSION = 1
+# The audit decodes its own 64x64 grayscale copy of every image (one more entry of the decode cache, shared
+# by every training size): `duplicates.similarity` compares detail at a fixed fraction of the image, and at
+# 32 px distinct phantoms become indistinguishable while at 128 px JPEG and resampling wash the detail out.
+AUDIT_GEOMETRY = ((64, 64), 1, "squash")
 
 
 @dataclass(frozen=True)
@@ -72,18 +76,22 @@ def slot_hashes(view: CachedImages, slots: np.ndarray, store: Path, batch: int =
     return known.filter(pl.col("slot").is_in(slots.tolist()))
 
 
-def find_clusters(frame: pl.DataFrame, view: CachedImages, cfg: AuditConfig, audit_dir: Path) -> pl.DataFrame:
+def find_clusters(
+    frame: pl.DataFrame, view: CachedImages, slots: np.ndarray, cfg: AuditConfig, audit_dir: Path
+) -> pl.DataFrame:
     """Add `digest`, `phash`, `exact_id` and `cluster_id` (null for an image with no duplicate) to `frame`.
 
     Args:
-        frame: one row per image with `slot` (decode-cache slot).
-        view: the decode cache.
+        frame: one row per image.
+        view: the decode cache at `AUDIT_GEOMETRY`.
+        slots: the cache slot of each row of `frame` in `view`.
         cfg: thresholds.
         audit_dir: `artifacts/audit`, where hashes and clusterings are kept.
     """
     geometry = "x".join(map(str, view.shape[1:]))
-    hashes = slot_hashes(view, frame["slot"].to_numpy(), audit_dir / f"hashes-{geometry}-v{AUDIT_VERSION}.parquet")
-    frame = frame.join(hashes, on="slot", how="left")
+    hashes = slot_hashes(view, slots, audit_dir / f"hashes-{geometry}-v{AUDIT_VERSION}.parquet")
+    frame = frame.with_columns(audit_slot=pl.Series(slots, dtype=pl.Int64)).join(
+        hashes.rename({"slot": "audit_slot"}), on="audit_slot", how="left")
     key = _key(frame, cfg, geometry)
     stored = audit_dir / f"clusters-{key}.parquet"
     if stored.exists():
@@ -91,7 +99,7 @@ def find_clusters(frame: pl.DataFrame, view: CachedImages, cfg: AuditConfig, aud
     else:
         uniq = frame.unique("digest", keep="first").sort("digest")
         images = view.open()
-        labels, _ = cluster_images(images[uniq["slot"].to_numpy()], uniq["phash"].to_numpy(), cfg.max_distance,
+        labels, _ = cluster_images(images[uniq["audit_slot"].to_numpy()], uniq["phash"].to_numpy(), cfg.max_distance,
                                    cfg.min_similarity)
         by_digest = pl.DataFrame({"digest": uniq["digest"], "component": labels})
         _write(by_digest, stored)

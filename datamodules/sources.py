@@ -51,8 +51,21 @@ def _summarise(names: list[str], limit: int = 5) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
+def _excluded_dir(rel: Path, exclude: list[str]) -> str | None:
+    """The first folder (below the class folder, at any depth) whose name matches an exclude pattern."""
+    parts = rel.parts[:-1]
+    for depth, name in enumerate(parts):
+        if any(fnmatch.fnmatch(name, pat) for pat in exclude):
+            return "/".join(parts[: depth + 1])
+    return None
+
+
 def scan_folder(root: Path, classes: list[str] | None, exclude: list[str]) -> SourceTable:
-    """Scan `root/<class>/**/<image>`; only sub-folders named in `classes` become labels."""
+    """Scan `root/<class>/**/<image>`; only sub-folders named in `classes` become labels.
+
+    `exclude` patterns are matched against file names and against every folder name below a class
+    folder, so `normal/masks/seg_000.png` or `covid/p1/annotations/x.png` never train as the class.
+    """
     if not root.is_dir():
         raise DataError(
             f"data.source: folder '{root}' does not exist. Point it at a folder with one sub-folder per "
@@ -73,21 +86,30 @@ def scan_folder(root: Path, classes: list[str] | None, exclude: list[str]) -> So
         table.notes.append(f"ignored {len(loose)} files directly in '{root}' (not in a class folder): {_summarise(loose)}")
     rows: list[tuple[str, str]] = []
     excluded: list[str] = []
+    excluded_dirs: dict[str, int] = {}
     non_images: list[str] = []
     for label in classes:
         folder = root / label
         if not folder.is_dir():
-            continue  # reported as an empty class by check_classes
+            continue  # reported as an empty class by empty_classes
         for f in sorted(folder.rglob("*")):
             if not f.is_file():
                 continue
             rel = str(f.relative_to(root))
-            if f.suffix.lower() not in IMAGE_EXTENSIONS:
+            skip_dir = _excluded_dir(f.relative_to(folder), exclude)
+            if skip_dir is not None:  # e.g. normal/masks/seg_000.png: not an image of the class
+                key = f"{label}/{skip_dir}/"
+                excluded_dirs[key] = excluded_dirs.get(key, 0) + 1
+            elif f.suffix.lower() not in IMAGE_EXTENSIONS:
                 non_images.append(rel)
             elif any(fnmatch.fnmatch(f.name, pat) for pat in exclude):
                 excluded.append(rel)
             else:
                 rows.append((str(f.resolve()), label))
+    if excluded_dirs:
+        listing = _summarise([f"{d} ({n} files)" for d, n in excluded_dirs.items()], 10)
+        table.notes.append(f"excluded {sum(excluded_dirs.values())} files in folders matching data.exclude {exclude}: "
+                           f"{listing}")
     if excluded:
         table.notes.append(
             f"excluded {len(excluded)} files matching data.exclude {exclude}: {_summarise(excluded)}"
@@ -172,15 +194,10 @@ def scan_manifest(
     return table
 
 
-def check_classes(frame: pl.DataFrame, classes: list[str], source: str) -> None:
-    """Refuse a class with no images: a model cannot learn, nor be evaluated on, a class it never sees."""
+def empty_classes(frame: pl.DataFrame, classes: list[str]) -> list[str]:
+    """Classes of `data.classes` without a usable image: reported with every other problem in one message."""
     counts = dict(frame.group_by("label").len().iter_rows())
-    empty = [c for c in classes if counts.get(c, 0) == 0]
-    if empty:
-        raise DataError(
-            f"data.classes lists {empty} but '{source}' has no usable images for "
-            f"{'it' if len(empty) == 1 else 'them'}. Add images, fix the folder/label names, or remove the class."
-        )
+    return [c for c in classes if counts.get(c, 0) == 0]
 
 
 def is_manifest(source: Path) -> bool:
