@@ -57,6 +57,9 @@ def main(argv: list[str]) -> int:
     cfg = ServeConfig(**{k: getattr(args, k) for k in ServeConfig.__dataclass_fields__})
     import uvicorn
 
+    from serving.limits import return_freed_images_to_os
+
+    return_freed_images_to_os()
     app = build_app(cfg)
     print(f"[serve] {app.title}: http://{cfg.host}:{cfg.port}/  (API docs: /docs)", flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")

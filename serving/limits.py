@@ -12,6 +12,7 @@ Defaults (documented in the README's serving section):
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 from dataclasses import dataclass, field
@@ -19,6 +20,20 @@ from dataclasses import dataclass, field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the file in a multipart body
+
+
+def return_freed_images_to_os() -> bool:
+    """Make glibc give every freed image buffer back to the OS (a fixed 1 MiB mmap threshold).
+
+    glibc raises its mmap threshold after the first large free, so later image buffers come from per-thread
+    heaps that keep the memory after the request: 8 parallel 36-MP uploads left the server 830 MB larger.
+    No Python library sets this; `mallopt` is one libc call. Returns False where libc is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 1 << 20))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def default_decode_slots() -> int:

@@ -1,4 +1,5 @@
-"""`cli.py serve`: the JSON API with every kind of bad input, concurrency, an OpenAPI fuzz, and the page."""
+"""`cli.py serve`: the JSON API with every kind of bad input, preprocessing as in training; slow: concurrency on a
+live server, an OpenAPI fuzz, the page and the docs in headless Chromium (offline)."""
 
 from __future__ import annotations
 
@@ -9,76 +10,31 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import yaml
-from fastapi.testclient import TestClient
 from PIL import Image
 
-from serving.app import Limits, create_app
-from serving.model import Predictor, locate
-from tests.conftest import run_cli, small_fit_args
+from datamodules.images import decode, resize
+from serving.app import create_app
+from tests.serving.conftest import encoded, png_bytes, post
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def png_bytes(size=(80, 60), mode="RGB", seed=0, constant: int | None = None) -> bytes:
-    rng = np.random.default_rng(seed)
-    channels = 1 if mode == "L" else 3
-    arr = rng.integers(0, 255, (size[1], size[0], channels), dtype=np.uint8)
-    if constant is not None:  # compresses to a few kB whatever the pixel count
-        arr[:] = constant
-    buf = io.BytesIO()
-    Image.fromarray(arr.squeeze(-1) if channels == 1 else arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve")
-    proc = run_cli("fit", *small_fit_args(tmp / "a", tmp / "runs", "--model.network={name: ctnet10, pool: null, hidden: null, dropout: null}",
-                                          "--report.bootstrap=50", epochs=2))
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    run_dir = next((tmp / "runs").rglob("config.yaml")).parent
-    proc = run_cli("test", "--config", str(run_dir / "config.yaml"), "--trainer.enable_progress_bar=false")
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    return run_dir
-
-
-@pytest.fixture(scope="module")
-def predictor(trained_run):
-    return Predictor(locate(trained_run), "cpu", "gradcam")
-
-
-@pytest.fixture(scope="module")
-def client(predictor):
-    return TestClient(create_app(predictor, Limits(max_bytes=200_000, max_pixels=1_000_000)))
-
-
-def phantom(run_dir, name: str):
-    """A phantom image file of the run's dataset, e.g. phantom(run, "VSD/VSD_000.png")."""
-    artifacts = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["artifacts_dir"]
-    return Path(artifacts) / "datasets" / "chd_phantom" / name
-
-
-def post(client, data: bytes, ctype="image/png", name="x.png", **params):
-    return client.post("/predict", files={"file": (name, data, ctype)}, params=params)
-
-
-def test_health_and_model_description(client, trained_run):
-    assert client.get("/health").json() == {"status": "ok", "model": "ctnet10"}
+def test_health_and_model_description(client):
+    assert client.get("/health").json() == {"status": "ok", "model": "resnet10t"}
     info = client.get("/model").json()
     assert info["classes"] == ["normal", "ASD", "VSD", "PDA"] and info["input"]["height"] == 32
+    assert info["input"]["resize"] == "letterbox"  # from the checkpoint, not config.yaml
     assert set(info["test_metrics"]["metrics"]) >= {"acc", "sensitivity", "specificity", "auroc"}
     m = info["test_metrics"]["metrics"]["acc"]
     assert m["low"] <= m["value"] <= m["high"]
 
 
-def test_predict_returns_probabilities_and_a_heatmap(client, trained_run):
-    image = phantom(trained_run, "VSD/VSD_000.png").read_bytes()
+def test_predict_returns_probabilities_and_a_heatmap(client, served):
+    image = (served.phantoms / "VSD" / "VSD_000.png").read_bytes()
     r = post(client, image, heatmap="true")
     assert r.status_code == 200, r.text
     body = r.json()
@@ -88,28 +44,45 @@ def test_predict_returns_probabilities_and_a_heatmap(client, trained_run):
     assert post(client, image).json()["heatmap_png"] is None
 
 
-@pytest.mark.parametrize("mode, fmt, ctype", [("L", "PNG", "image/png"), ("RGB", "JPEG", "image/jpeg"),
-                                              ("RGB", "BMP", "image/bmp"), ("RGB", "TIFF", "image/tiff")])
-def test_formats_like_training(client, mode, fmt, ctype):
-    buf = io.BytesIO()
-    Image.fromarray(np.full((50, 40, 1 if mode == "L" else 3), 90, np.uint8).squeeze()).save(buf, format=fmt)
-    assert post(client, buf.getvalue(), ctype).status_code == 200
+@pytest.mark.parametrize("mode, fmt", [("L", "PNG"), ("RGB", "PNG"), ("RGB", "JPEG"), ("RGB", "BMP"), ("RGB", "TIFF"),
+                                       ("I;16", "PNG")])
+def test_formats_like_training(client, predictor, mode, fmt):
+    """Every accepted format gives the probabilities of the training path's preprocessing (the decode cache:
+    `resize(decode(...))` with the model's channels, size and resize mode)."""
+    rng = np.random.default_rng(3)
+    if mode == "I;16":  # a 12-bit export: training windows it by its own min-max
+        arr = rng.integers(200, 4000, (50, 70), dtype=np.uint16)
+    else:
+        arr = rng.integers(0, 255, (50, 70) if mode == "L" else (50, 70, 3), dtype=np.uint8)
+    data = encoded(arr, fmt)
+    r = post(client, data, "application/octet-stream")
+    assert r.status_code == 200, r.text
+    training = resize(decode(data, predictor.channels), predictor.image_size, "letterbox")
+    expected = predictor.predict(training, False)["probabilities"]
+    for c, p in expected.items():
+        assert abs(r.json()["probabilities"][c] - p) < 1e-6, (c, r.json()["probabilities"], expected)
+    squashed = predictor.predict(resize(decode(data, predictor.channels), predictor.image_size, "squash"), False)
+    assert max(abs(squashed["probabilities"][c] - p) for c, p in expected.items()) > 1e-6  # the check can fail
 
 
 @pytest.mark.parametrize("data, ctype, status, message", [
     (b"", "image/png", 400, "empty"),
     (b"hello, I am text", "image/png", 415, "not an image"),
-    (png_bytes(), "text/plain", 415, "unsupported content type"),
-    (png_bytes(), "image/gif", 415, "unsupported content type"),
+    (encoded(np.zeros((20, 20, 3), np.uint8), "GIF"), "image/png", 415, "PNG, JPEG, BMP or TIFF"),
     (png_bytes()[:300], "image/png", 422, "could not be decoded"),
     (png_bytes((1200, 1000), constant=7), "image/png", 413, "pixels, over the limit"),
     (b"\x89PNG" + bytes(300_000), "image/png", 413, "larger than the limit"),
-])
+], ids=["empty", "text", "gif", "truncated", "pixels", "bytes"])
 def test_bad_input_is_a_4xx_with_a_message(client, data, ctype, status, message):
     r = post(client, data, ctype)
     assert r.status_code == status, r.text
     assert message in r.json()["detail"]
     assert client.get("/health").status_code == 200  # still serving
+
+
+def test_the_content_decides_not_the_label(client):
+    assert post(client, png_bytes(), "text/plain").status_code == 200
+    assert post(client, png_bytes(), "image/gif").status_code == 200
 
 
 def test_missing_file_and_hostile_file_names(client):
@@ -127,6 +100,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def live_server(predictor):
+    """The app on a real uvicorn server in a thread of this process."""
     import uvicorn
 
     port = _free_port()
@@ -142,6 +116,7 @@ def live_server(predictor):
     thread.join(timeout=10)
 
 
+@pytest.mark.slow
 def test_concurrent_requests_are_safe(live_server):
     images = [png_bytes(seed=s) for s in range(4)]
     with httpx.Client() as c:
@@ -161,6 +136,7 @@ def test_concurrent_requests_are_safe(live_server):
             assert abs(body["probabilities"][c] - p) < 1e-5  # no request saw another's hooks or state
 
 
+@pytest.mark.slow
 def test_openapi_fuzz_finds_no_server_error(live_server, tmp_path):
     """Schemathesis generates requests from the server's OpenAPI schema (valid and invalid ones); no
     response may be a 5xx. Run through schemathesis' own CLI, as a user would."""
@@ -179,16 +155,33 @@ def test_openapi_fuzz_finds_no_server_error(live_server, tmp_path):
     assert "/predict" in junit and "/model" in junit  # every operation was exercised
 
 
+def offline_chromium(playwright, live_server):
+    """Headless Chromium that can reach nothing but the test server (as on a machine without internet)."""
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--no-first-run", "--disable-sync"])
+    context = browser.new_context()
+    blocked: list[str] = []
+
+    def only_local(route):
+        if route.request.url.startswith(live_server):
+            return route.continue_()
+        blocked.append(route.request.url)
+        return route.abort()
+
+    context.route("**/*", only_local)
+    return browser, context, blocked
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
-def test_page_in_headless_chromium(live_server, trained_run, tmp_path):
+def test_page_in_headless_chromium(live_server, served, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    image = phantom(trained_run, "PDA/PDA_003.png")
+    image = served.phantoms / "PDA" / "PDA_003.png"
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run", "--disable-sync"])
-        page = browser.new_page()
+        browser, context, blocked = offline_chromium(p, live_server)
+        page = context.new_page()
         page.goto(live_server + "/")
         page.wait_for_function("document.getElementById('model-name').textContent.includes('ctnet10')")
         assert "Research tool" in page.inner_text(".notice")
@@ -203,3 +196,22 @@ def test_page_in_headless_chromium(live_server, trained_run, tmp_path):
         page.wait_for_function("document.getElementById('error').textContent.length > 0")
         assert "not an image" in page.inner_text("#error")
         browser.close()
+    assert blocked == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_docs_render_offline_in_headless_chromium(live_server):
+    """/docs (Swagger UI) and /redoc draw the API from locally served scripts with every other host blocked."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser, context, blocked = offline_chromium(p, live_server)
+        page = context.new_page()
+        page.goto(live_server + "/docs")
+        page.wait_for_selector("#swagger-ui .opblock", timeout=20_000)
+        assert "/predict" in page.inner_text("#swagger-ui")
+        page.goto(live_server + "/redoc")
+        page.wait_for_function("document.body.innerText.includes('/predict')", timeout=20_000)
+        browser.close()
+    assert blocked == []
