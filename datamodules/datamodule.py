@@ -19,14 +19,15 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from datamodules import phantoms, splits
+from datamodules import duplicate_audit, phantoms, splits
 from datamodules.cache import CachedImages, ImageCache
+from datamodules.duplicate_audit import AuditConfig
 from errors import DataError
 from datamodules.images import IMAGE_EXTENSIONS, ResizeMode
 from datamodules.sources import (
     Problem,
     SourceTable,
-    check_classes,
+    empty_classes,
     is_manifest,
     read_manifest,
     scan_folder,
@@ -36,7 +37,10 @@ from datamodules.splits import SplitConfig
 from datamodules.transforms import AugmentationSpec, build_pipeline
 
 EMBEDDED = "embedded:chd"
-DEFAULT_EXCLUDE = ["*_mask.*", "*_mask_[0-9]*.*"]
+AUDIT_FILE = "audit.json"  # runs.files.AUDIT (datamodules cannot import runs)
+AUDIT_CLUSTERS_FILE = "audit_clusters.parquet"  # runs.files.AUDIT_CLUSTERS
+# File names and folder names (at any depth below a class folder) that are never training images.
+DEFAULT_EXCLUDE = ["*_mask.*", "*_mask_[0-9]*.*", "mask", "masks", "annotations", "segmentation*"]
 
 
 class CachedImageDataset(Dataset):
@@ -87,6 +91,8 @@ class ResolvedData:
     split_file: Path
     skipped: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    clusters: pl.DataFrame | None = None  # duplicate_audit.classify, after the split (None: audit off)
+    audit: dict[str, Any] | None = None  # counts, the conflict action and where the tables are
 
 
 class ImageDataModule(LightningDataModule):
@@ -108,12 +114,16 @@ class ImageDataModule(LightningDataModule):
             the list to the run directory.
         columns: manifest column names if they differ, e.g. {split: official_split}.
         root: folder that relative manifest paths are relative to (default: the manifest's folder).
-        exclude: file-name patterns never used as images (segmentation masks by default); reported.
+        exclude: file- or folder-name patterns never used as images (segmentation masks, `masks/` and
+            `annotations/` folders by default); reported.
         predict_source: folder or manifest of images for `predict` (default: the test split).
         source_hint: where to get the data, printed when `source` does not exist (study configs set it).
         artifacts_dir: where caches, splits and the embedded dataset go.
         pin_memory: pin host memory for GPU transfer (default: on when CUDA is available).
         persistent_workers: keep workers alive between epochs (default: on when num_workers > 0).
+        audit: exact/near-duplicate detection run when the data is resolved (`datamodules.duplicate_audit`).
+        on_conflict: a duplicate cluster spanning two classes "error"s before training (listing every
+            cluster), or its images are all "drop"ped, or "keep" trains on them; recorded in the run dir.
     """
 
     def __init__(
@@ -137,6 +147,8 @@ class ImageDataModule(LightningDataModule):
         pin_memory: bool | None = None,
         persistent_workers: bool | None = None,
         source_hint: str | None = None,
+        audit: AuditConfig = AuditConfig(),  # noqa: B008 -- frozen
+        on_conflict: Literal["error", "drop", "keep"] = "error",
     ):
         super().__init__()
         if source == EMBEDDED and classes is None:
@@ -161,6 +173,8 @@ class ImageDataModule(LightningDataModule):
         self.exclude = DEFAULT_EXCLUDE if exclude is None else exclude
         self.predict_source = predict_source
         self.source_hint = source_hint
+        self.audit_cfg = AuditConfig(**audit) if isinstance(audit, dict) else audit
+        self.on_conflict = on_conflict
         self.artifacts = Path(artifacts_dir)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers
@@ -207,25 +221,74 @@ class ImageDataModule(LightningDataModule):
         frame = table.frame
         view, slots, bad = self._cache().resolve(frame["path"].to_list())
         problems = table.problems + [Problem(p, r) for p, r in bad.items()]
-        if problems and self.on_bad_image == "error":
-            listing = "\n".join(f"  - {p.path}: {p.reason}" for p in problems)
-            raise DataError(
-                f"{len(problems)} unusable input(s) in '{source}'; stopping before training:\n{listing}\n"
-                "Fix or remove these files, or set data.on_bad_image: skip to train without them "
-                "(the list is then written to the run directory as skipped_images.csv)."
-            )
         frame = frame.with_columns(slot=pl.Series(slots)).filter(pl.col("slot") >= 0)
-        check_classes(frame, self.classes, str(source))
+        self._stop_on_problems(source, problems if self.on_bad_image == "error" else [],
+                               empty_classes(frame, self.classes))
+        audit: dict[str, Any] | None = None
+        if self.audit_cfg.enabled:
+            size, channels, mode = duplicate_audit.AUDIT_GEOMETRY
+            audit_view, audit_slots, _ = ImageCache(self.artifacts / "cache", size, channels, mode).resolve(
+                frame["path"].to_list())
+            frame = duplicate_audit.find_clusters(frame, audit_view, audit_slots, self.audit_cfg,
+                                                  self.artifacts / "audit")
+            frame, audit = self._apply_conflict_policy(frame, source)
         name = source.stem if source.is_file() else source.name
+        keys = ["relpath", "label", "patient_id", "split"] + (["cluster_id"] if audit is not None else [])
         split_file, split = splits.load_or_create(
-            frame.select("relpath", "label", "patient_id", "split"),
-            self.split_cfg, self.classes, self.artifacts / "splits", name or "dataset", str(source),
+            frame.select(keys), self.split_cfg, self.classes, self.artifacts / "splits", name or "dataset", str(source),
         )
-        joined = split.join(frame.select("relpath", "path", "slot"), on="relpath", how="left")
+        extra = [c for c in ("cluster_id", "exact_id", "digest", "phash", "audit_slot") if c in frame.columns]
+        joined = split.join(frame.select("relpath", "path", "slot", *extra), on="relpath", how="left")
         target = {c: i for i, c in enumerate(self.classes)}
         joined = joined.with_columns(target=pl.col("label").replace_strict(target, return_dtype=pl.Int64))
-        self.data = ResolvedData(joined, view, split_file, problems, table.notes)
+        clusters = None
+        if audit is not None:
+            clusters = duplicate_audit.classify(joined)
+            audit = {**duplicate_audit.summary(joined, clusters), **audit}
+        self.data = ResolvedData(joined, view, split_file, problems, table.notes, clusters, audit)
         return self.data
+
+    @staticmethod
+    def _stop_on_problems(source: Path, problems: list[Problem], empty: list[str]) -> None:
+        """One message with every unusable input and every class left without images."""
+        if not problems and not empty:
+            return
+        lines = [f"  - {p.path}: {p.reason}" for p in problems]
+        if empty:  # a model cannot learn, nor be evaluated on, a class it never sees
+            lines.append(f"  - data.classes lists {empty} but '{source}' has no usable images for "
+                         f"{'it' if len(empty) == 1 else 'them'}: add images, fix the folder/label names, or "
+                         "remove the class")
+        hint = ("Fix or remove these files, or set data.on_bad_image: skip to train without them "
+                "(the list is then written to the run directory as skipped_images.csv)." if problems else "")
+        what = [f"{len(problems)} unusable input(s)"] * bool(problems) + [f"{len(empty)} empty class(es)"] * bool(empty)
+        raise DataError(f"{' and '.join(what)} in '{source}'; stopping before training:\n" + "\n".join(lines)
+                        + ("\n" + hint if hint else ""))
+
+    def _apply_conflict_policy(self, frame: pl.DataFrame, source: Path) -> tuple[pl.DataFrame, dict[str, Any]]:
+        """Stop on, drop or keep duplicate clusters whose copies carry different classes (`data.on_conflict`)."""
+        n_labels = pl.col("label").n_unique().over("cluster_id")
+        conflicted = frame.filter(pl.col("cluster_id").is_not_null() & (n_labels > 1))
+        record: dict[str, Any] = {"on_conflict": self.on_conflict, "conflict_clusters": 0, "dropped": []}
+        if conflicted.is_empty():
+            return frame, record
+        groups = conflicted.sort("relpath").group_by("cluster_id", maintain_order=True).agg("relpath", "label")
+        record["conflict_clusters"] = groups.height
+        if self.on_conflict == "error":
+            listing = "\n".join(
+                f"  - cluster {cid}: " + ", ".join(f"{p} ({lab})" for p, lab in zip(paths, labels, strict=True))
+                for cid, paths, labels in groups.iter_rows())
+            raise DataError(
+                f"{groups.height} duplicate cluster(s) in '{source}' carry different classes (the same image "
+                f"under two labels):\n{listing}\nFix the labels, remove the copies, or set data.on_conflict: drop "
+                "(train without these images) or keep (train on them as they are)."
+            )
+        if self.on_conflict == "drop":
+            record["dropped"] = conflicted["relpath"].sort().to_list()
+            frame = frame.filter(~pl.col("relpath").is_in(record["dropped"]))
+            self._stop_on_problems(source, [], empty_classes(frame, self.classes))
+        record["conflict_action"] = (f"{self.on_conflict}: {groups.height} cross-class cluster(s)"
+                                     + (f", {len(record['dropped'])} images dropped" if record["dropped"] else ""))
+        return frame, record
 
     def prepare_data(self) -> None:
         self.resolve()
@@ -239,6 +302,8 @@ class ImageDataModule(LightningDataModule):
             if data.skipped:
                 rank_zero_info(f"[data] skipped {len(data.skipped)} unusable inputs (data.on_bad_image: skip)")
             rank_zero_info(f"[data] split {data.split_file}\n{splits.count_table(data.frame, self.classes)}")
+            if data.audit is not None:
+                rank_zero_info(duplicate_audit.summary_text(data.audit))
             self._record_in_run_dir(data)
             trainer = getattr(self, "trainer", None)
             if trainer is not None and trainer.world_size > 1:  # one line per rank: they must all agree
@@ -272,6 +337,9 @@ class ImageDataModule(LightningDataModule):
             pl.DataFrame(
                 {"path": [p.path for p in data.skipped], "reason": [p.reason for p in data.skipped]}
             ).write_csv(run_dir / "skipped_images.csv")
+        if data.audit is not None:
+            (run_dir / AUDIT_FILE).write_text(json.dumps(data.audit, indent=2))
+            data.clusters.write_parquet(run_dir / AUDIT_CLUSTERS_FILE)
 
     def class_counts(self, split: str = "train") -> list[int]:
         """Images per class in one split, in `classes` order (for class-weighted losses)."""
@@ -339,6 +407,9 @@ class ImageDataModule(LightningDataModule):
         keep = slots >= 0
         self.predict_paths = [p for p, k in zip(paths, keep, strict=True) if k]
         return CachedImageDataset(view, slots[keep], np.full(int(keep.sum()), -1), None)
+
+    def has_split(self, split: str) -> bool:
+        return bool((self.resolve().frame["split"] == split).any())
 
     def split_paths(self, split: str) -> list[str]:
         return self.resolve().frame.filter(pl.col("split") == split)["path"].to_list()
