@@ -50,6 +50,8 @@ PREDICTIONS = "predictions.csv"
 WINNER = "winner.json"
 WINNER_CKPT = "winner.ckpt"
 PROGRESS = "progress.jsonl"  # a sweep trial's per-epoch progress, one JSON line per validation epoch
+AUDIT = "audit.json"  # the data audit's counts and what data.on_conflict did (datamodules.datamodule.AUDIT_FILE)
+AUDIT_CLUSTERS = "audit_clusters.parquet"  # its duplicate clusters and their categories
 
 
 def stage_config(stage: str) -> str:
