@@ -112,7 +112,9 @@ def candidate_name(candidate: Mapping[str, Any], where: str = "stage1.candidates
     """A candidate's leaderboard name: its `label`, else its network's name."""
     if candidate.get("label"):
         return str(candidate["label"])
-    network = fit_overrides({k: v for k, v in candidate.items() if k != "label"}, where).get("model", {}).get("network")
+    cfg = merge(fit_overrides({k: v for k, v in candidate.items() if k not in ("label", "overrides")}, where),
+                fit_overrides(candidate.get("overrides"), f"{where}.overrides"))
+    network = cfg.get("model", {}).get("network")
     if not network or not network.get("name"):
         raise ConfigError(f"{where}: every candidate needs a `network` (a name or a mapping with `name`)")
     return str(network["name"])

@@ -14,7 +14,7 @@ import yaml
 
 from runs.files import PROGRESS, RunFiles
 from sweeps import isolation
-from sweeps.config import Stage1, Stage2, SweepConfig
+from sweeps.config import Selection, Stage1, Stage2, SweepConfig
 from tests.conftest import REPO
 
 # Validation loss per network: resnet10t wins stage 1; within stage 2, adam + ce wins.
@@ -32,6 +32,7 @@ def tiny_sweep(tmp_path: Path, **changes) -> SweepConfig:
                       defaults={"optimizer": "adam", "loss": "ce", "max_epochs": 2, "image_size": 32}),
         stage2=Stage2(optimizers=["adam", "rmsprop"], losses=["ce", "mse"]),
         wandb="disabled", test_winner=False, heartbeat_seconds=1.0,
+        selection=Selection(rule="metric", metric="val/loss", direction="minimize"),
     )
     values.update(changes)
     return SweepConfig(**values)
@@ -75,7 +76,7 @@ class FakeTrials:
         epochs = cfg["trainer"]["max_epochs"]
         val_loss = LOSS[name] + OPT[opt] + CRITERION[loss]
         rows = [{"epoch": e, "step": e, "val/loss": val_loss + 0.1 * (epochs - 1 - e), "val/acc": 1 - val_loss,
-                 "val/sensitivity": 0.5, "val/specificity": 0.5, "train/acc": 1 - val_loss} for e in range(epochs)]
+                 "val/sensitivity": 0.5, "val/specificity": 0.5, "train/acc": 1 - val_loss, "val/overfit": 0.0} for e in range(epochs)]
         run = RunFiles(run_dir)
         pl.DataFrame(rows).write_csv(run.metrics)
         run.write_json(run.model_info.name, {"num_parameters": 1000})
