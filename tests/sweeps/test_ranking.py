@@ -7,9 +7,17 @@ import math
 import polars as pl
 import pytest
 
-from sweeps.config import RankTerm, Selection
 from errors import SweepError
-from sweeps.ranking import descending_ranks, leaderboard, order, points, rank_scores, resolve_terms, t_interval
+from sweeps.config import RankTerm, Selection
+from sweeps.ranking import (
+    descending_ranks,
+    leaderboard,
+    order,
+    points,
+    rank_scores,
+    resolve_terms,
+    t_interval,
+)
 
 
 def models(params_p=5_000_000, params_q=3_000_000) -> pl.DataFrame:
