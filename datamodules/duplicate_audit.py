@@ -119,7 +119,7 @@ def classify(frame: pl.DataFrame) -> pl.DataFrame:
     (more than one known patient id: one id may be wrong), `redundant` (one class, one split, one patient).
 
     Args:
-        frame: images with `cluster_id`, `label`, `split`, `patient_id`, `relpath`, `digest`.
+        frame: images with `cluster_id`, `label`, `split`, `patient_id`, `relpath`, `path`, `digest`.
     """
     part = frame.filter(pl.col("cluster_id").is_not_null())
     clusters = part.group_by("cluster_id").agg(
@@ -128,7 +128,11 @@ def classify(frame: pl.DataFrame) -> pl.DataFrame:
         classes=pl.col("label").unique().sort(),
         splits=pl.col("split").drop_nulls().unique().sort(),
         patients=pl.col("patient_id").drop_nulls().unique().sort(),
-        files=pl.col("relpath").sort(),
+        files=pl.col("relpath").sort_by("relpath"),
+        paths=pl.col("path").sort_by("relpath"),
+        labels=pl.col("label").sort_by("relpath"),
+        split_of=pl.col("split").sort_by("relpath"),
+        patient_of=pl.col("patient_id").sort_by("relpath"),
     )
     clusters = clusters.with_columns(
         label_conflict=pl.col("classes").list.len() > 1,

@@ -1,0 +1,87 @@
+"""`python cli.py audit --config <fit config> [--label-issues]`: the data audit on its own, with its report.
+
+It resolves the data exactly as `fit` would (same scan, decode cache, split and duplicate audit) but never
+stops on label conflicts (`data.on_conflict` is set to `keep` so that the report can show them), then writes
+the report of `audit.report` and prints the one-screen summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import polars as pl
+import yaml
+
+from audit.label_issues import find_issues, out_of_fold_probabilities
+from audit.report import HTML, write_audit_report
+from datamodules import ImageDataModule
+from datamodules.duplicate_audit import summary_text
+from errors import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cli.py audit", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="a fit config YAML (its data: section is audited)")
+    p.add_argument("--out", help="report folder (default: <data.artifacts_dir>/audit/<dataset>)")
+    p.add_argument("--label-issues", action="store_true",
+                   help="train a quick k-fold model and list suspected label errors (cleanlab)")
+    p.add_argument("--probabilities", help="out-of-fold probabilities instead of training: parquet/CSV with "
+                                           "a path column and one column per class")
+    p.add_argument("--folds", type=int, default=5, help="folds of the quick model (default 5)")
+    p.add_argument("--epochs", type=int, default=4, help="epochs per fold (default 4)")
+    p.add_argument("--image-size", type=int, default=64, help="input size of the quick model (default 64)")
+    p.add_argument("--network", default="resnet10t", help="timm network of the quick model, from scratch")
+    p.add_argument("--fold-arg", action="append", default=[],
+                   help="extra CLI argument for every fold run, e.g. --fold-arg=--trainer.accelerator=cpu")
+    p.add_argument("--limit", type=int, default=60, help="clusters / label issues shown with thumbnails")
+    return p
+
+
+def _data_section(config: Path) -> dict:
+    if not config.is_file():
+        raise ConfigError(f"--config: '{config}' does not exist; pass a fit config such as configs/demo.yaml")
+    data = (yaml.safe_load(config.read_text()) or {}).get("data")
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: '{config}' has no data: section; pass a fit config such as configs/demo.yaml")
+    return data
+
+
+def _read_probabilities(path: Path, frame: pl.DataFrame, classes: list[str]):
+    table = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path)
+    missing = [c for c in ["path", *classes] if c not in table.columns]
+    if missing:
+        raise ConfigError(f"--probabilities: '{path}' lacks column(s) {missing}; it needs path and one column per class")
+    joined = frame.select("path").join(table.select("path", *classes), on="path", how="left")
+    if joined[classes[0]].null_count():
+        raise ConfigError(f"--probabilities: '{path}' has no row for {joined[classes[0]].null_count()} image(s)")
+    return joined.select(classes).to_numpy()
+
+
+def main(argv: list[str]) -> int:
+    """Run the audit; returns the exit code (errors.DataError / ConfigError propagate to `cli.py`)."""
+    args = _parser().parse_args(argv)
+    data_cfg = {**_data_section(Path(args.config)), "on_conflict": "keep"}
+    data_cfg.setdefault("audit", {})
+    if isinstance(data_cfg["audit"], dict):
+        data_cfg["audit"] = {**data_cfg["audit"], "enabled": True}
+    dm = ImageDataModule(**data_cfg)
+    data = dm.resolve()
+    source = dm._source_path()
+    out = Path(args.out) if args.out else dm.artifacts / "audit" / (source.stem if source.is_file() else source.name)
+    issues = None
+    if args.label_issues or args.probabilities:
+        if args.probabilities:
+            probs = _read_probabilities(Path(args.probabilities), data.frame, dm.classes)
+        else:
+            probs = out_of_fold_probabilities(args.config, data.frame, dm.classes, out / "folds", args.folds,
+                                              args.epochs, args.image_size, args.network, extra=args.fold_arg)
+        issues = find_issues(data.frame, probs, dm.classes)
+        data.audit["label_issues"] = issues.height
+    images = data.frame.select("relpath", "label", "patient_id", "split", "cluster_id", "exact_id", "phash")
+    page = write_audit_report(out, data.audit, data.clusters, images, issues,
+                              title=f"Data audit: {source.name}", limit=args.limit)
+    print(summary_text(data.audit, str(page)))
+    if issues is not None:
+        print(f"[audit] suspected label issues: {issues.height} (ranked in {out / HTML})")
+    return 0

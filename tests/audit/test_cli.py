@@ -1,0 +1,81 @@
+"""`audit.cli.main` (what `python cli.py audit` runs), in-process."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import yaml
+
+from audit.cli import main
+from audit.report import CLUSTERS, HTML, LABEL_ISSUES, SUMMARY
+
+
+def _config(tmp_path, source, **data):
+    cfg = tmp_path / "fit.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"source": str(source), "classes": ["normal", "covid"], "image_size": 16,
+                                            "num_workers": 0, "artifacts_dir": str(tmp_path / "a"), **data}}))
+    return cfg
+
+
+def test_audit_reports_every_cluster_with_thumbnails_and_never_stops_on_conflicts(folder, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["--config", str(_config(tmp_path, folder)), "--out", str(out)]) == 0
+    clusters = pl.read_parquet(out / CLUSTERS)
+    assert clusters.height == 3 and clusters["label_conflict"].sum() == 1
+    conflict = clusters.filter(pl.col("label_conflict")).row(0, named=True)
+    assert conflict["files"] == ["covid/copy_of_normal_0.png", "normal/normal_0.png"]
+    assert json.loads((out / SUMMARY).read_text())["label_conflict"] == 1
+    page = (out / HTML).read_text()
+    assert page.count("<img src='data:image/png;base64,iVBOR") == 7  # 2 + 2 + 3 cluster members
+    assert "label conflict" in page and "normal/normal_0.png" in page
+    assert "[audit] label conflicts 1" in capsys.readouterr().out
+
+
+def test_label_issues_from_given_probabilities_are_ranked(folder, tmp_path):
+    out = tmp_path / "report"
+    cfg = _config(tmp_path, folder)
+    suspicious = {"covid_3.png": 0.97, "covid_5.png": 0.9}  # p(normal) of two covid images
+    rows = []
+    for c in ("normal", "covid"):
+        for p in sorted((folder / c).glob("*.png")) + sorted((folder / c).glob("*.jpg")):
+            normal = suspicious.get(p.name, 0.9 if c == "normal" else 0.1)
+            rows.append({"path": str(p.resolve()), "normal": normal, "covid": 1 - normal})
+    probs = pl.DataFrame(rows)
+    probs.write_parquet(tmp_path / "probs.parquet")
+    assert main(["--config", str(cfg), "--out", str(out), "--probabilities", str(tmp_path / "probs.parquet")]) == 0
+    issues = pl.read_parquet(out / LABEL_ISSUES)
+    assert issues["relpath"].to_list() == ["covid/covid_3.png", "covid/covid_5.png"]
+    assert issues["suggested"].to_list() == ["normal", "normal"]
+    assert "Suspected label issues" in (out / HTML).read_text()
+
+
+@pytest.mark.slow
+def test_quick_kfold_model_flags_flipped_labels(tmp_path, shared_artifacts):
+    """Phantoms with 6 labels flipped: the k-fold model trained by `--label-issues` finds most of them."""
+    from datamodules import phantoms
+
+    root = phantoms.ensure_dataset(shared_artifacts / "datasets" / "chd_phantom")
+    rows = [(str(p), p.parent.name) for c in ("normal", "VSD") for p in sorted((root / c).glob("*.png"))]
+    flipped = {rows[i][0] for i in (3, 17, 41, 65, 88, 110)}
+    rows = [(p, ("VSD" if lab == "normal" else "normal") if p in flipped else lab) for p, lab in rows]
+    manifest = tmp_path / "m.csv"
+    pl.DataFrame(rows, schema=["path", "label"], orient="row").write_csv(manifest)
+    cfg = tmp_path / "fit.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "data": {"source": str(manifest), "classes": ["normal", "VSD"], "image_size": 32, "num_workers": 0,
+                 "artifacts_dir": str(shared_artifacts), "batch_size": 16},
+        "model": {"network": {"name": "resnet10t"}, "loss": "ce",
+                  "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.003}}},
+        "trainer": {"accelerator": "cpu"},
+    }))
+    out = tmp_path / "report"
+    assert main(["--config", str(cfg), "--out", str(out), "--label-issues", "--folds", "4", "--epochs", "8",
+                 "--image-size", "32"]) == 0
+    issues = pl.read_parquet(out / LABEL_ISSUES)
+    found = set(issues["path"].to_list()) & flipped
+    assert len(found) >= 4, (len(found), issues.height)
+    assert issues.height <= 20  # and not every image
+    assert np.all(np.diff(issues["label_probability"].to_numpy()) >= 0)  # ranked, most suspicious first
