@@ -13,6 +13,7 @@ import yaml
 from optuna.trial import TrialState
 
 from evaluation.document import Document, fmt
+from sweeps import compare
 
 LEADERBOARD_METRICS = [
     "val/acc", "val/loss", "val/nll", "val/overfit", "val/sensitivity", "val/specificity", "val/precision", "val/f1",
@@ -27,7 +28,7 @@ def display_board(board: pl.DataFrame) -> pl.DataFrame:
     """Leaderboard for reading: `mean ± half-width` strings instead of two columns per metric."""
     cols = []
     for c in board.columns:
-        if c.endswith(" ±95%"):
+        if c.endswith(" ±95%") or c.startswith("vs_winner_"):  # vs_winner_* are vs_winner's numbers
             continue
         if f"{c} ±95%" in board.columns:
             cols.append(pl.struct(c, f"{c} ±95%").map_elements(
@@ -165,11 +166,15 @@ def write_report(sweep, out: Path, stages: dict[str, tuple], summary: dict[str, 
             "study 002 overall score: " + ", ".join(f"{t.weight:g} x {t.metric}" for t in sweep.selection.terms))
     doc.p(f"Selection: **{sweep.selection.rule}** ({rule}); ties go to fewer parameters; {sweep.repeats} repeat(s) "
           "per grid point (mean ± 95% interval over repeats; `first_in_repeats`: how often it ranked first).")
-    for name, (study, _, board) in stages.items():
+    parsimonious = {}
+    for name, (study, trials, board) in stages.items():
         counts = status_counts(study)
         doc.h2("Stage 1: base architecture" if name == "stage1" else "Stage 2: optimizer x loss")
         doc.p("Trials: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".")
         doc.table(display_board(board))
+        notes, parsimonious[name] = compare.stage_notes(sweep.selection, trials, board, out)
+        for sentence in notes:  # which loss/overfit terms were ranked, incomplete points, the comparisons
+            doc.p(sentence)
         doc.image(plot_path(out, name), f"{name} comparison")
         failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
         if failed:
@@ -183,6 +188,11 @@ def write_report(sweep, out: Path, stages: dict[str, tuple], summary: dict[str, 
     doc.p(f"**{summary['base_architecture']}** with **{summary['optimizer']}** and **{summary['loss']}** (trial "
           f"{summary['trial']}, {summary['params']:,} parameters). Reproduce it with "
           f"`python cli.py fit --config {out / 'winner.yaml'}`.")
+    for name, simplest in parsimonious.items():
+        if simplest is not None:
+            what = simplest.get("candidate") or f"{simplest.get('optimizer')} + {simplest.get('loss')}"
+            doc.p(f"Parsimonious choice ({name}): **{what}**, {simplest['params']:,} parameters, which the validation data "
+                  "cannot tell apart from that stage's winner (see its leaderboard).")
     if summary.get("test"):
         doc.h3("Validation vs test (study 002, 3.2)")
         doc.table(val_test_table(summary))

@@ -29,7 +29,7 @@ from errors import ConfigError, SweepError
 from runs import files
 from runs.files import PROGRESS, RunFiles
 from sweeps import coordinator as coord
-from sweeps import isolation, outputs, ranking, trials
+from sweeps import compare, isolation, outputs, ranking, trials
 from sweeps.config import SweepConfig
 from sweeps.progress import StageProgress, follow
 
@@ -302,6 +302,7 @@ def stage_board(sweep: SweepConfig, study: optuna.Study, stage: coord.Stage) -> 
         raise SweepError(f"{stage.name}: no trial finished, so there is no winner. Failures:\n  " + "\n  ".join(failed[:20]))
     metrics = [m for m in outputs.LEADERBOARD_METRICS if m in frame.columns]
     board = ranking.leaderboard(frame, GRID_KEYS[stage.name], metrics, sweep.selection, expected_repeats=sweep.repeats)
+    board = compare.compare_stage(frame, board, GRID_KEYS[stage.name], sweep.selection.rule, sweep.selection.metric, sweep.out_dir)
     return frame, board
 
 

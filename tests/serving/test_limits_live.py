@@ -1,0 +1,144 @@
+"""`cli.py serve` as a real process on 127.0.0.1 (slow): its memory under parallel near-limit uploads, read from
+/proc, and a 1 GB chunked upload cut off at the limit on the wire."""
+
+from __future__ import annotations
+
+import io
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from serving.limits import Limits
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")]
+
+MAX_BYTES = 5_000_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process (VmRSS in /proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+class PeakRss:
+    """Samples a process's RSS every few milliseconds in a thread; `.peak` is the highest seen."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak, self._stop = pid, rss_bytes(pid), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes(self.pid))
+            time.sleep(0.005)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.fixture(scope="module")
+def server(served, tmp_path_factory):
+    """`python cli.py serve --run <run dir>` started from another working directory, default limits except
+    max_bytes; yields (url, pid)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "serve", "--run", str(served.run_dir), "--port", str(port),
+                             f"--max_bytes={MAX_BYTES}"], cwd=tmp_path_factory.mktemp("elsewhere"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            httpx.get(f"{url}/health", timeout=1)
+            break
+        except httpx.HTTPError:
+            assert proc.poll() is None, "the server exited"
+            time.sleep(0.1)
+    yield url, proc.pid
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def near_limit_png(max_pixels: int) -> bytes:
+    """An RGB PNG just under max_pixels (5939 x 5939 for the default): about 100 MB of pixels in ~100 kB."""
+    side = int((max_pixels * 0.98) ** 0.5)
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (90, 60, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_parallel_near_limit_uploads_keep_memory_bounded(server):
+    """8 uploads of just under the default max_pixels at once: the server's RSS stays under idle + 1.5 GB
+    (decode slots, decode-time reduction), and the memory goes back afterwards."""
+    url, pid = server
+    data = near_limit_png(Limits().max_pixels)
+    with httpx.Client() as c:  # one request first, so lazy start-up allocations count as idle
+        assert c.post(f"{url}/predict", files={"file": ("x.png", png_small(), "image/png")}).status_code == 200
+    idle = rss_bytes(pid)
+
+    def upload(_):
+        with httpx.Client(timeout=300) as c:
+            return c.post(f"{url}/predict", files={"file": ("x.png", data, "image/png")}).status_code
+
+    with PeakRss(pid) as rss, ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(upload, range(8)))
+    assert statuses == [200] * 8
+    print(f"idle {idle / 2**20:.0f} MB, peak {rss.peak / 2**20:.0f} MB (+{(rss.peak - idle) / 2**20:.0f} MB)")
+    assert rss.peak - idle < 1.5 * 2**30
+    time.sleep(0.5)
+    assert rss_bytes(pid) - idle < 0.5 * 2**30  # freed image buffers went back to the OS
+
+
+def png_small() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+def test_chunked_1gb_upload_is_413_before_twice_the_limit_is_sent(server):
+    """A 1 GB chunked body (no Content-Length), generated lazily over a raw socket: the server answers 413 and
+    closes the connection while the client has sent less than 2 x max_bytes."""
+    url, _ = server
+    host, port = url.removeprefix("http://").split(":")
+    sent, total, block = 0, 2**30, chunk(b"\0" * 65536)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n"
+                     b"Content-Type: multipart/form-data; boundary=x\r\n\r\n")
+        sock.sendall(chunk(b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+                           b"Content-Type: image/png\r\n\r\n"))
+        while sent < total and not select.select([sock], [], [], 0)[0]:  # stop once the server has answered
+            try:
+                sock.sendall(block)
+            except OSError:  # the server closed the connection
+                break
+            sent += len(block)
+        response = sock.recv(4096)
+    assert response.startswith(b"HTTP/1.1 413"), response[:200]
+    assert f"limit of {MAX_BYTES} bytes".encode() in response
+    assert sent < 2 * MAX_BYTES, sent
