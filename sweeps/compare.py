@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from evaluation.intervals import Resampler
 from runs import files
 from runs.files import RunFiles
 
@@ -61,6 +60,8 @@ def bootstrap_weights(targets: np.ndarray, groups: np.ndarray | None, n_resample
         n_resamples: R.
         seed: RNG seed.
     """
+    from evaluation.intervals import Resampler  # here: it imports torch, which the sweep coordinator avoids
+
     sampler = Resampler(targets, groups)
     rng = np.random.default_rng(seed)
     weights = np.zeros((n_resamples, len(targets)))
@@ -196,58 +197,125 @@ def _split_ratio(run_dir: Path) -> float:
     return counts["val"] / counts["train"]
 
 
-def _predictions(run_dir: str | None) -> pl.DataFrame | None:
-    path = Path(run_dir or "") / files.VAL_PREDICTIONS
-    return pl.read_parquet(path) if run_dir and path.is_file() else None
+def _predictions(run_dir: Path) -> pl.DataFrame | None:
+    path = run_dir / files.VAL_PREDICTIONS
+    return pl.read_parquet(path) if path.is_file() else None
+
+
+def _groups(preds: pl.DataFrame) -> list | None:
+    return preds["patient_id"].to_list() if "patient_id" in preds.columns else None
+
+
+def _by_point(trials: pl.DataFrame, board: pl.DataFrame, keys: list[str]) -> list[pl.DataFrame]:
+    """The trials of each leaderboard row, in board order, sorted by repeat."""
+    return [trials.filter(pl.all_horizontal([pl.col(k) == r[k] for k in keys])).sort("repeat")
+            for r in board.iter_rows(named=True)]
+
+
+def _uses_t_test(trials: pl.DataFrame, name: str) -> bool:
+    return trials["repeat"].n_unique() > 1 and f"val/{name}" in trials.columns
+
+
+def method_text(trials: pl.DataFrame, board: pl.DataFrame, keys: list[str], rule: str, metric: str, root: Path,
+                n_resamples: int = 2000) -> str:
+    """One sentence naming how `compare_stage` compares these candidates (for the report)."""
+    name, note = headline_metric(rule, metric)
+    if board.height < 2:
+        return ""
+    winner = _by_point(trials, board.head(1), keys)[0]
+    run_dir = Path(root) / winner["run_dir"][0]
+    if _uses_t_test(trials, name):
+        text = (f"Each candidate is compared with the winner by the corrected resampled t-test (Nadeau & Bengio "
+                f"2003) on validation {name} over repeats paired by seed (n_val/n_train = {_split_ratio(run_dir):.3f})")
+    else:
+        base = _predictions(run_dir)
+        if base is None:
+            return "No paired comparison: the winner's val_predictions.parquet is missing."
+        ids = [g for g in (_groups(base) or []) if g is not None]
+        text = (f"Each candidate is compared with the winner by a paired bootstrap ({n_resamples} resamples of "
+                f"the same {base.height} validation images, stratified by class"
+                + (f", patients drawn whole ({len(set(ids))} patient ids)" if ids else "")
+                + f") of the difference in validation {name}")
+    return text + "; `vs_winner` is winner minus candidate (positive: the winner is better) with its 95% interval." + (
+        f" {note}" if note else "")
 
 
 def compare_stage(
-    trials: pl.DataFrame, board: pl.DataFrame, keys: list[str], rule: str, metric: str,
+    trials: pl.DataFrame, board: pl.DataFrame, keys: list[str], rule: str, metric: str, root: Path = Path("."),
     n_resamples: int = 2000, seed: int = 0,
-) -> tuple[pl.DataFrame, str]:
-    """The leaderboard with every candidate compared to the winner (row 0), and a sentence on the method.
+) -> pl.DataFrame:
+    """The leaderboard with every candidate compared to the winner (row 0).
 
     Several repeats: corrected t-test on the per-repeat `val/<metric>` (paired by repeat). One run per
     grid point: paired bootstrap on the two trials' val_predictions.parquet (joined on the image path).
-    Candidates that cannot be compared (missing files) get no mark.
+    Candidates that cannot be compared (missing files, other images) get no mark.
+
+    Args:
+        trials: the stage's trials (keys, repeat, run_dir, val/<metric>).
+        board: the leaderboard, winner first.
+        keys: grid-point columns.
+        rule, metric: the selection rule and metric (see `headline_metric`).
+        root: folder the trials' run_dir values are relative to (the sweep folder).
+        n_resamples, seed: the bootstrap.
     """
-    name, note = headline_metric(rule, metric)
-    higher = PAIRED_METRICS[name]
+    name, _ = headline_metric(rule, metric)
     if board.height < 2:
-        return board, note
-    point = [tuple(r[k] for k in keys) for r in board.iter_rows(named=True)]
-    by_point = {p: trials.filter(pl.all_horizontal([pl.col(k) == v for k, v in zip(keys, p, strict=True)])).sort("repeat")
-                for p in point}
-    winner = by_point[point[0]]
+        return board
+    points = _by_point(trials, board, keys)
+    winner = points[0]
     diffs: dict[int, Difference] = {}
-    if trials["repeat"].n_unique() > 1 and f"val/{name}" in trials.columns:
-        ratio = _split_ratio(Path(winner["run_dir"][0]))
-        for i, p in enumerate(point[1:], start=1):
-            pair = winner.select("repeat", pl.col(f"val/{name}").alias("a")).join(
-                by_point[p].select("repeat", pl.col(f"val/{name}").alias("b")), on="repeat")
+    if _uses_t_test(trials, name):
+        ratio = _split_ratio(Path(root) / winner["run_dir"][0])
+        col = f"val/{name}"
+        for i, other in enumerate(points[1:], start=1):
+            pair = winner.select("repeat", pl.col(col).alias("a")).join(other.select("repeat", pl.col(col).alias("b")), on="repeat")
             diffs[i] = corrected_t_test(pair["a"].to_list(), pair["b"].to_list(), ratio)
-        method = (f"corrected resampled t-test (Nadeau & Bengio 2003) over repeats paired by seed, on "
-                  f"validation {name}, with n_val/n_train = {ratio:.3f}")
     else:
-        base = _predictions(winner["run_dir"][0])
+        base = _predictions(Path(root) / winner["run_dir"][0])
         if base is None:
-            return board, "No paired comparison: the winner's val_predictions.parquet is missing."
+            return board
         prob_cols = [c for c in base.columns if c.startswith("p_")]
-        groups = base["patient_id"].to_list() if "patient_id" in base.columns else None
-        weights = bootstrap_weights(base["target"].to_numpy(), groups, n_resamples, seed)
-        for i, p in enumerate(point[1:], start=1):
-            other = _predictions(by_point[p]["run_dir"][0])
-            if other is None:
+        weights = bootstrap_weights(base["target"].to_numpy(), _groups(base), n_resamples, seed)
+        for i, other in enumerate(points[1:], start=1):
+            theirs = _predictions(Path(root) / other["run_dir"][0])
+            if theirs is None:
                 continue
-            joined = base.select("path").join(other, on="path", how="left", maintain_order="left")
+            joined = base.select("path").join(theirs, on="path", how="left", maintain_order="left")
             if joined[prob_cols[0]].null_count():
                 continue  # not the same validation images: no paired comparison
             diffs[i] = paired_bootstrap(base.select(prob_cols).to_numpy(), joined.select(prob_cols).to_numpy(),
                                         base["target"].to_numpy(), metric=name, weights=weights)
-        n_groups = len(set(g for g in groups if g is not None)) if groups else 0
-        method = (f"paired bootstrap ({n_resamples} resamples of the same {base.height} validation images"
-                  + (f", patients resampled whole, {n_groups} with ids" if n_groups else "")
-                  + f", stratified by class) of the difference in validation {name}")
-    if not higher:  # report as winner-better-is-positive for every metric
+    if not PAIRED_METRICS[name]:  # lower is better: flip so that positive always means the winner is better
         diffs = {i: Difference(-d.diff, -d.high, -d.low, d.method) for i, d in diffs.items()}
-    return mark(board, diffs), method + (f". {note}" if note else "")
+    return mark(board, diffs)
+
+
+def stage_notes(selection, trials: pl.DataFrame, board: pl.DataFrame, root: Path) -> tuple[list[str], dict | None]:
+    """The report's sentences under a stage's leaderboard: which loss and overfit terms the rank score used,
+    which grid points are incomplete, how candidates were compared, and whether the data separate the
+    winner from them; plus the parsimonious choice (None when it is the winner or nothing was compared).
+
+    Args:
+        selection: the sweep's `Selection`.
+        trials: the stage's trials.
+        board: its leaderboard (after `compare_stage`).
+        root: the sweep folder.
+    """
+    from sweeps.ranking import resolve_terms
+
+    keys = [k for k in ("candidate", "optimizer", "loss") if k in board.columns]
+
+    def label(row: dict) -> str:
+        return "**" + " + ".join(str(row[k]) for k in keys) + "**"
+
+    notes = resolve_terms(trials, selection)[1] if selection.rule == "rank_score" else []
+    if "complete" in board.columns and not board["complete"].all():
+        short = ", ".join(f"{label(r)} ({r['repeats']} repeats)" for r in board.iter_rows(named=True) if not r["complete"])
+        notes.append(f"Incomplete (failed, pruned or missing repeats): {short}; "
+                     + ("they may still win (selection.allow_incomplete)." if selection.allow_incomplete
+                        else "they cannot win (selection.allow_incomplete: false)."))
+    notes.append(method_text(trials, board, keys, selection.rule, selection.metric, root))
+    text, simplest = verdict(board, label)
+    if text:
+        notes.append(text)
+    return [n for n in notes if n], simplest

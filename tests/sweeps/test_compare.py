@@ -25,6 +25,7 @@ from sweeps.compare import (
     corrected_t_test,
     headline_metric,
     mark,
+    method_text,
     paired_bootstrap,
     verdict,
     weighted_metric,
@@ -157,11 +158,12 @@ def test_verdict_names_the_simplest_indistinguishable_candidate():
 def write_run(root, name: str, pred: np.ndarray, targets: np.ndarray, patients) -> str:
     run = root / name
     run.mkdir()
+    name = run.name  # run_dir values are relative to the sweep folder
     probs = one_hot_probs(pred)
     pl.DataFrame({"path": [f"img{i}.png" for i in range(len(targets))], "patient_id": patients, "target": targets,
                   "p_a": probs[:, 0], "p_b": probs[:, 1]}).write_parquet(run / files.VAL_PREDICTIONS)
     (run / files.TRAIN_EVAL).write_text(json.dumps({"n_train": 400, "n_val": 100, "metrics": {}}))
-    return str(run)
+    return name
 
 
 def test_compare_stage_single_repeat_uses_paired_bootstrap(tmp_path):
@@ -174,10 +176,11 @@ def test_compare_stage_single_repeat_uses_paired_bootstrap(tmp_path):
         "candidate": ["W", "S", "L"], "repeat": [0, 0, 0], "params": [5_000, 1_000, 9_000],
         "run_dir": [write_run(tmp_path, n, p, targets, patients) for n, p in (("W", targets), ("S", near), ("L", far))],
     })
-    marked, method = compare_stage(trials, board(), ["candidate"], "rank_score", "val/acc", n_resamples=500)
+    marked = compare_stage(trials, board(), ["candidate"], "rank_score", "val/acc", tmp_path, n_resamples=500)
     assert marked["indistinguishable"].to_list() == [None, True, False]
     assert marked["vs_winner_diff"][2] == pytest.approx(0.40)
-    assert "paired bootstrap" in method and "100 validation images" in method
+    method = method_text(trials, board(), ["candidate"], "rank_score", "val/acc", tmp_path)
+    assert "paired bootstrap" in method and "100 validation images" in method and "50 patient ids" in method
 
 
 def test_compare_stage_repeats_use_the_corrected_t_test(tmp_path):
@@ -186,8 +189,9 @@ def test_compare_stage_repeats_use_the_corrected_t_test(tmp_path):
     for r, (w, s, big) in enumerate([(0.80, 0.78, 0.60), (0.90, 0.85, 0.62), (0.85, 0.86, 0.61)]):
         rows += [{"candidate": c, "repeat": r, "params": p, "run_dir": runs[c], "val/acc": v}
                  for c, p, v in (("W", 5_000, w), ("S", 1_000, s), ("L", 9_000, big))]
-    marked, method = compare_stage(pl.DataFrame(rows), board(), ["candidate"], "rank_score", "val/acc")
-    assert "Nadeau" in method and "0.250" in method
+    marked = compare_stage(pl.DataFrame(rows), board(), ["candidate"], "rank_score", "val/acc", tmp_path)
+    assert "Nadeau" in method_text(pl.DataFrame(rows), board(), ["candidate"], "rank_score", "val/acc", tmp_path)
+    assert "0.250" in method_text(pl.DataFrame(rows), board(), ["candidate"], "rank_score", "val/acc", tmp_path)
     assert marked["indistinguishable"].to_list() == [None, True, False]
 
 
@@ -198,5 +202,5 @@ def test_lower_is_better_metric_is_reported_winner_better_positive(tmp_path):
         "run_dir": [write_run(tmp_path, "W", targets, targets, [None] * 40),
                     write_run(tmp_path, "S", 1 - targets, targets, [None] * 40)],
     })
-    marked, _ = compare_stage(trials, board().head(2), ["candidate"], "metric", "val/nll", n_resamples=200)
+    marked = compare_stage(trials, board().head(2), ["candidate"], "metric", "val/nll", tmp_path, n_resamples=200)
     assert marked["vs_winner_diff"][1] > 0 and marked["indistinguishable"][1] is False
