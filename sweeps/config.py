@@ -10,7 +10,7 @@ or nested mappings such as `{model: {loss: ce}}`), or one of the short aliases i
       candidates:                      # each one: fit overrides (+ an optional `label`)
         - network: legacy_xception
         - {network: inception_v3, data.image_size: 160}
-      defaults: {optimizer: rmsprop, loss: ce, batch_size: 32, max_epochs: 15, image_size: 128}
+      defaults: {optimizer: rmsprop, loss: ce, data.batch_size: 32}   # default: STUDY002_DEFAULTS
     stage2: {optimizers: [rmsprop, adam, adagrad], losses: [ce, mse, mae], overrides: {lr: 1.0e-4}}
     selection: {rule: rank_score}
     repeats: 1

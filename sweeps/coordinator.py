@@ -170,6 +170,26 @@ def grid_status(ss: StageStudy) -> list[PointStatus]:
     return out
 
 
+def report_incomplete(ss: StageStudy, log: Callable[[str], None] = print) -> list[dict[str, str]]:
+    """Grid points of a stage with no finished trial, printed with what to do about them."""
+    missing = [p for p in grid_status(ss) if p.state != "finished"]
+    if not missing:
+        return []
+    log(f"[sweep] {ss.stage.name}: {len(missing)} of {len(ss.stage.grid)} grid points have no finished trial:")
+    rows = []
+    for p in missing:
+        point = ", ".join(f"{k}={v}" for k, v in p.params.items())
+        rows.append({"stage": ss.stage.name, "grid point": point, "state": p.state, "reason": p.reason})
+        log(f"  - {point}: {p.state}{' (' + p.reason + ')' if p.reason else ''}")
+    interrupted = sum(p.state == INTERRUPTED for p in missing)
+    failed = sum(p.state == "failed" for p in missing)
+    if interrupted:
+        log(f"[sweep] {interrupted} trials were interrupted; rerun the same command to retry them.")
+    if failed:
+        log(f"[sweep] {failed} trials failed with an error; rerun with --retry_failed true to retry them.")
+    return rows
+
+
 def ensure_grid(ss: StageStudy, retry_failed: bool = False) -> int:
     """Enqueue every grid point that has no live or finished trial, unless it failed with an error and
     `retry_failed` is off; interrupted points are always enqueued again. Returns how many were enqueued."""

@@ -31,6 +31,7 @@ from runs.files import PROGRESS, RunFiles
 from sweeps import coordinator as coord
 from sweeps import compare, isolation, outputs, ranking, trials
 from sweeps.config import SweepConfig
+from sweeps.preflight import check_in_child
 from sweeps.progress import StageProgress, follow
 
 GRID_KEYS = {"stage1": ["candidate"], "stage2": ["optimizer", "loss"]}
@@ -260,26 +261,6 @@ def run_stage(sweep: SweepConfig, stage: coord.Stage, base: str | None, configs:
     return ss
 
 
-def incomplete_points(sweep: SweepConfig, ss: coord.StageStudy) -> list[dict[str, str]]:
-    """Grid points of a stage with no finished trial, printed with what to do about them."""
-    missing = [p for p in coord.grid_status(ss) if p.state != "finished"]
-    if not missing:
-        return []
-    print(f"[sweep] {ss.stage.name}: {len(missing)} of {len(ss.stage.grid)} grid points have no finished trial:", flush=True)
-    rows = []
-    for p in missing:
-        point = ", ".join(f"{k}={v}" for k, v in p.params.items())
-        rows.append({"stage": ss.stage.name, "grid point": point, "state": p.state, "reason": p.reason})
-        print(f"  - {point}: {p.state}{' (' + p.reason + ')' if p.reason else ''}", flush=True)
-    interrupted = sum(p.state == coord.INTERRUPTED for p in missing)
-    failed = sum(p.state == "failed" for p in missing)
-    if interrupted:
-        print(f"[sweep] {interrupted} trials were interrupted; rerun the same command to retry them.", flush=True)
-    if failed:
-        print(f"[sweep] {failed} trials failed with an error; rerun with --retry_failed true to retry them.", flush=True)
-    return rows
-
-
 def _as_dict(sweep: SweepConfig) -> dict:
     return asdict(sweep)
 
@@ -306,16 +287,8 @@ def stage_board(sweep: SweepConfig, study: optuna.Study, stage: coord.Stage) -> 
     return frame, board
 
 
-def preflight_in_child(sweep: SweepConfig) -> None:
-    """`sweeps.preflight.check` in a process forked from the pre-importing forkserver, so this (coordinator)
-    process never imports torch. Raises its ConfigError listing every problem."""
-    outcome = isolation.run_in_process("check", {"sweep": _as_dict(sweep)}, sweep.out_dir)
-    if outcome.status != "ok":
-        raise ConfigError(outcome.reason)
-
-
 def _stop_if_incomplete(sweep: SweepConfig, ss: coord.StageStudy, summary: dict[str, Any]) -> bool:
-    summary.setdefault("incomplete", []).extend(incomplete_points(sweep, ss))
+    summary.setdefault("incomplete", []).extend(coord.report_incomplete(ss, lambda line: print(line, flush=True)))
     if summary["incomplete"] and not sweep.allow_failures:
         print(f"[sweep] stopping after {ss.stage.name}: no winner is chosen from an incomplete grid (exit code 1). "
               "Pass --allow_failures true to choose one from the finished trials.", flush=True)
@@ -330,7 +303,7 @@ def run(sweep: SweepConfig, execute: Execute | None = None,
     Args:
         sweep: the sweep config.
         execute: trains one trial config (default: `isolation.execute`, in its own process).
-        preflight: checks every trial config before the first trial (default: `preflight_in_child`).
+        preflight: checks every trial config before the first trial (default: `preflight.check_in_child`).
 
     Returns:
         The winner summary written to winner.json, with `incomplete`: the grid points that have no
@@ -342,7 +315,7 @@ def run(sweep: SweepConfig, execute: Execute | None = None,
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.yaml").write_text(yaml.safe_dump(_as_dict(sweep), sort_keys=False))
     print(f"[sweep] {sweep.name}: storage {sweep.storage_url}", flush=True)
-    (preflight or preflight_in_child)(sweep)
+    (preflight or check_in_child)(sweep)
     configs = trials.TrialConfigs(sweep)
     summary: dict[str, Any] = {"sweep": sweep.name}
 

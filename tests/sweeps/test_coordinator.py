@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 from sweeps import coordinator as coord
 
-STAGE = coord.Stage("stage1", "s/stage1", [{"candidate": c, "repeat": 0} for c in "abcdef"], "val/loss", "minimize")
+STAGE = coord.Stage("stage1", "s/stage1", [{"candidate": c, "repeat": 0} for c in "abcdefgh"], "val/loss", "minimize")
 
 
 def open_stage(tmp_path, stage=STAGE) -> coord.StageStudy:
@@ -21,23 +21,23 @@ def open_stage(tmp_path, stage=STAGE) -> coord.StageStudy:
 def test_claim_is_exactly_once_across_workers_and_never_creates_trials(tmp_path):
     """Checks the storage contract `claim` rests on (see its docstring) on the installed Optuna."""
     ss = open_stage(tmp_path)
-    assert coord.ensure_grid(ss) == 6
-    claimed: list[list[int]] = [[], [], []]
+    assert coord.ensure_grid(ss) == 8
+    claimed: list[list[int]] = [[], []]
 
     def worker(k: int) -> None:
         mine = open_stage(tmp_path)  # each worker with its own storage connection, as separate processes have
         while (trial := coord.claim(mine)) is not None:
             claimed[k].append(trial.number)
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     numbers = [n for c in claimed for n in c]
-    assert sorted(numbers) == list(range(6))  # every trial claimed, none twice
+    assert sorted(numbers) == list(range(8))  # every trial claimed, none twice
     assert coord.claim(ss) is None
-    assert len(ss.study.get_trials()) == 6  # claiming never samples a new trial
+    assert len(ss.study.get_trials()) == 8  # claiming never samples a new trial
     assert all(t.state == TrialState.RUNNING for t in ss.study.get_trials())
     assert optuna.__version__  # the version `claim` was checked against is named in its docstring
 

@@ -12,6 +12,7 @@ from optuna.trial import TrialState
 
 from runs import files
 from sweeps import sweep as sweep_mod
+from sweeps.config import Stage2
 from tests.sweeps.fakes import FakeTrials, tiny_sweep
 
 
@@ -57,7 +58,7 @@ def test_a_rerun_of_a_finished_sweep_trains_nothing(finished_sweep, capsys):
 
 
 def test_sigkilled_trial_is_interrupted_and_retried_on_rerun_without_flags(tmp_path, capsys):
-    sweep = tiny_sweep(tmp_path)
+    sweep = tiny_sweep(tmp_path, stage2=Stage2(optimizers=["adam"], losses=["ce"]))
     first = sweep_mod.run(sweep, execute=FakeTrials({"ctnet10": ["interrupted"]}), preflight=no_preflight)
     out = capsys.readouterr().out
     assert sweep_mod.exit_code(sweep, first) == 1  # a grid point never finished: no winner from an incomplete grid
@@ -75,7 +76,7 @@ def test_sigkilled_trial_is_interrupted_and_retried_on_rerun_without_flags(tmp_p
 
 
 def test_failed_trial_is_retried_only_with_retry_failed_and_allow_failures_exits_zero(tmp_path, capsys):
-    sweep = tiny_sweep(tmp_path)
+    sweep = tiny_sweep(tmp_path, stage2=Stage2(optimizers=["adam"], losses=["ce"]))
     first = sweep_mod.run(sweep, execute=FakeTrials({"ctnet10": ["failed", "failed"]}), preflight=no_preflight)
     assert sweep_mod.exit_code(sweep, first) == 1
     assert first["incomplete"][0]["state"] == "failed" and "always fails" in first["incomplete"][0]["reason"]
