@@ -28,8 +28,8 @@ from optuna.trial import FrozenTrial, TrialState
 from errors import ConfigError, SweepError
 from runs import files
 from runs.files import PROGRESS, RunFiles
-from sweeps import coordinator as coord
 from sweeps import compare, isolation, outputs, ranking, trials
+from sweeps import coordinator as coord
 from sweeps.config import SweepConfig
 from sweeps.preflight import check_in_child
 from sweeps.progress import StageProgress, follow

@@ -7,6 +7,7 @@ import pytest
 from errors import ConfigError
 from sweeps import trials
 from sweeps.config import STUDY002_DEFAULTS, Stage1, Stage2, fit_overrides
+from tests.conftest import REPO
 from tests.sweeps.fakes import tiny_sweep
 
 
@@ -50,3 +51,21 @@ def test_trial_configs_layer_base_defaults_candidate_and_grid_point(tmp_path, mo
 def test_study002_defaults_are_the_default():
     assert Stage1().defaults == STUDY002_DEFAULTS
     assert fit_overrides(STUDY002_DEFAULTS, "d")["trainer"]["max_epochs"] == 15
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("sweep_*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_sweep_config_composes_its_trial_configs(path):
+    from sweeps.cli import _to_sweep, build_parser
+
+    parser = build_parser()
+    sweep = _to_sweep(parser, parser.parse_args(["--config", str(path)]))
+    assert sweep.problems() == []
+    configs = trials.TrialConfigs(sweep)
+    for name in configs.candidates:
+        cfg = configs.candidate(name)
+        assert cfg["model"]["network"]["name"] and cfg["model"]["optimizer"]["class_path"].startswith("torch.optim.")
+    point = configs.stage2(name, sweep.stage2.optimizers[-1], sweep.stage2.losses[-1])
+    assert point["model"]["loss"] == sweep.stage2.losses[-1]
+    lr = fit_overrides(sweep.stage2.overrides, "stage2.overrides").get("model", {}).get("optimizer", {}).get("init_args", {}).get("lr")
+    if lr is not None:  # the studies' stage-2 learning rate reaches every optimizer
+        assert point["model"]["optimizer"]["init_args"]["lr"] == lr
