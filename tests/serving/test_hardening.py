@@ -148,8 +148,9 @@ def test_docs_scripts_are_served_locally(client):
 
 
 def test_a_pickle_checkpoint_is_one_error_line_and_never_unpickled(served, tmp_path, capsys, monkeypatch):
-    import cli as entry
     import uvicorn
+
+    import cli as entry
 
     marker = tmp_path / "payload-ran"
 

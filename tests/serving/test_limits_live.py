@@ -8,7 +8,6 @@ import select
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +16,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from benchmarks.bench_serve import PeakRss, near_limit_png, rss_bytes
 from serving.limits import Limits
 from tests.conftest import REPO
 
@@ -29,35 +29,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident memory of a process (VmRSS in /proc/<pid>/status)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
-class PeakRss:
-    """Samples a process's RSS every few milliseconds in a thread; `.peak` is the highest seen."""
-
-    def __init__(self, pid: int):
-        self.pid, self.peak, self._stop = pid, rss_bytes(pid), threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes(self.pid))
-            time.sleep(0.005)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +50,6 @@ def server(served, tmp_path_factory):
     yield url, proc.pid
     proc.terminate()
     proc.wait(timeout=30)
-
-
-def near_limit_png(max_pixels: int) -> bytes:
-    """An RGB PNG just under max_pixels (5939 x 5939 for the default): about 100 MB of pixels in ~100 kB."""
-    side = int((max_pixels * 0.98) ** 0.5)
-    buf = io.BytesIO()
-    Image.new("RGB", (side, side), (90, 60, 30)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def test_parallel_near_limit_uploads_keep_memory_bounded(server):
