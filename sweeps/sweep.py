@@ -198,8 +198,8 @@ def _open(sweep: SweepConfig, stage: coord.Stage) -> coord.StageStudy:
 
 
 def run_stage_worker(sweep: SweepConfig, stage: coord.Stage, base: str | None, configs: trials.TrialConfigs,
-                     execute: Execute | None = None) -> None:
-    ss = _open(sweep, stage)
+                     execute: Execute | None = None, ss: coord.StageStudy | None = None) -> None:
+    ss = ss or _open(sweep, stage)
     # Several workers print plain lines side by side; a live display needs the terminal to itself.
     progress = StageProgress(stage.name, len(stage.grid), points_done(ss), sweep.workers,
                              tty=sys.stdout.isatty() and sweep.workers == 1)
@@ -248,7 +248,7 @@ def run_stage(sweep: SweepConfig, stage: coord.Stage, base: str | None, configs:
         print(f"[sweep] {stage.name}: {before['failed']} trials failed with an error; rerun with --retry_failed true "
               "to retry them", flush=True)
     if sweep.workers == 1:
-        run_stage_worker(sweep, stage, base, configs, execute)
+        run_stage_worker(sweep, stage, base, configs, execute, ss)
     else:
         per_trial = _devices(configs.shared)
         ctx = mp.get_context("spawn")

@@ -20,6 +20,15 @@ def no_preflight(sweep) -> None:
     return None
 
 
+@pytest.fixture
+def no_plots(monkeypatch):
+    """Tests of retry logic skip drawing the stage plots (matplotlib: seconds); test_two_stages... draws them."""
+    from sweeps import outputs
+
+    for name in ("plot_stage1", "plot_stage2"):
+        monkeypatch.setattr(outputs, name, lambda board, selection, path: path.write_bytes(b""))
+
+
 def studies(sweep):
     return [optuna.load_study(study_name=f"{sweep.name}/stage{k}", storage=sweep.storage_url) for k in (1, 2)]
 
@@ -47,9 +56,10 @@ def test_two_stages_pick_the_winner_and_write_relative_paths(finished_sweep):
     assert all(not t.user_attrs["run_dir"].startswith("/") for t in s1.get_trials() + s2.get_trials())
     assert s2.user_attrs["base_candidate"] == "resnet10t"
     assert "# Reproduces" in (out / "winner.yaml").read_text() and (out / "report.md").exists()
+    assert (out / "stage1.png").stat().st_size > 1000 and (out / "stage2_heatmap.png").stat().st_size > 1000
 
 
-def test_a_rerun_of_a_finished_sweep_trains_nothing(finished_sweep, capsys):
+def test_a_rerun_of_a_finished_sweep_trains_nothing(finished_sweep, capsys, no_plots):
     sweep, _, _ = finished_sweep
     fake = FakeTrials()
     summary = sweep_mod.run(sweep, execute=fake, preflight=no_preflight)
@@ -57,7 +67,7 @@ def test_a_rerun_of_a_finished_sweep_trains_nothing(finished_sweep, capsys):
     assert "0 newly enqueued (0 interrupted before), 2 finished before" in capsys.readouterr().out
 
 
-def test_sigkilled_trial_is_interrupted_and_retried_on_rerun_without_flags(tmp_path, capsys):
+def test_sigkilled_trial_is_interrupted_and_retried_on_rerun_without_flags(tmp_path, capsys, no_plots):
     sweep = tiny_sweep(tmp_path, stage2=Stage2(optimizers=["adam"], losses=["ce"]))
     first = sweep_mod.run(sweep, execute=FakeTrials({"ctnet10": ["interrupted"]}), preflight=no_preflight)
     out = capsys.readouterr().out
@@ -75,7 +85,7 @@ def test_sigkilled_trial_is_interrupted_and_retried_on_rerun_without_flags(tmp_p
     assert second["base_architecture"] == "resnet10t"
 
 
-def test_failed_trial_is_retried_only_with_retry_failed_and_allow_failures_exits_zero(tmp_path, capsys):
+def test_failed_trial_is_retried_only_with_retry_failed_and_allow_failures_exits_zero(tmp_path, capsys, no_plots):
     sweep = tiny_sweep(tmp_path, stage2=Stage2(optimizers=["adam"], losses=["ce"]))
     first = sweep_mod.run(sweep, execute=FakeTrials({"ctnet10": ["failed", "failed"]}), preflight=no_preflight)
     assert sweep_mod.exit_code(sweep, first) == 1
