@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from datamodules.dicom import DicomConfig
 from datamodules.images import ImageDecodeError, ResizeMode, decode, resize
 
 _HASH_SCHEMA = {"path": pl.String, "size": pl.Int64, "mtime_ns": pl.Int64, "hash": pl.String}
@@ -77,6 +78,7 @@ class ImageCache:
         channels: 3 (RGB) or 1 (grayscale).
         resize_mode: how the aspect ratio is handled, see `datamodules.images.resize`.
         workers: decoding threads (PIL and OpenCV release the GIL while decoding/resizing).
+        dicom: window and frame for DICOM files; non-default settings get their own cache folder.
     """
 
     def __init__(
@@ -86,13 +88,16 @@ class ImageCache:
         channels: int = 3,
         resize_mode: ResizeMode = "squash",
         workers: int | None = None,
+        dicom: DicomConfig | None = None,
     ):
         self.root = Path(root)
         self.size = size
         self.channels = channels
         self.resize_mode = resize_mode
         self.workers = workers or min(8, os.cpu_count() or 1)
-        self.dir = self.root / f"{size[0]}x{size[1]}x{channels}-{resize_mode}"
+        self.dicom = dicom or DicomConfig()
+        tag = self.dicom.tag()
+        self.dir = self.root / (f"{size[0]}x{size[1]}x{channels}-{resize_mode}" + (f"-dcm{tag}" if tag else ""))
         self.data_file = self.dir / "images.u8"
         self.index_file = self.dir / "index.parquet"
         self.hash_file = self.root / "hashes.parquet"
@@ -141,7 +146,7 @@ class ImageCache:
 
     def _decode_one(self, data: bytes) -> np.ndarray | str:
         try:
-            return resize(decode(data, self.channels), self.size, self.resize_mode)
+            return resize(decode(data, self.channels, self.dicom), self.size, self.resize_mode)
         except ImageDecodeError as e:
             return str(e)
 

@@ -21,8 +21,9 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from datamodules import duplicate_audit, phantoms, splits
 from datamodules.cache import CachedImages, ImageCache
+from datamodules.dicom import DicomConfig, dicom_patient_id
 from datamodules.duplicate_audit import AuditConfig
-from errors import DataError
+from errors import ConfigError, DataError
 from datamodules.images import IMAGE_EXTENSIONS, ResizeMode
 from datamodules.sources import (
     Problem,
@@ -82,6 +83,22 @@ def _seed_worker(worker_id: int) -> None:
         transform.set_random_seed(torch.initial_seed() % 2**32)
 
 
+def _dicom_patient_ids(frame: pl.DataFrame) -> pl.DataFrame:
+    """Fill a missing `patient_id` of `.dcm` rows from the file's PatientID header (header only, cheap)."""
+    todo = frame.with_row_index("_i").filter(pl.col("patient_id").is_null() & pl.col("path").str.to_lowercase()
+                                             .str.ends_with(".dcm"))
+    if todo.is_empty():
+        return frame
+    ids = frame["patient_id"].to_list()
+    for i, path in todo.select("_i", "path").iter_rows():
+        try:
+            with open(path, "rb") as fh:
+                ids[i] = dicom_patient_id(fh.read())
+        except (OSError, ValueError):
+            continue  # unreadable: reported by the decode step
+    return frame.with_columns(patient_id=pl.Series(ids, dtype=pl.String))
+
+
 @dataclass
 class ResolvedData:
     """The dataset after scanning, decoding and splitting: what `setup` builds loaders from."""
@@ -124,6 +141,8 @@ class ImageDataModule(LightningDataModule):
         audit: exact/near-duplicate detection run when the data is resolved (`datamodules.duplicate_audit`).
         on_conflict: a duplicate cluster spanning two classes "error"s before training (listing every
             cluster), or its images are all "drop"ped, or "keep" trains on them; recorded in the run dir.
+        dicom: how `.dcm` files become 8-bit images: `window` (a preset such as lung/mediastinum/bone/brain
+            or {center, width}; default the file's own VOI LUT/window) and `frame` for multi-frame files.
     """
 
     def __init__(
@@ -149,6 +168,7 @@ class ImageDataModule(LightningDataModule):
         source_hint: str | None = None,
         audit: AuditConfig = AuditConfig(),  # noqa: B008 -- frozen
         on_conflict: Literal["error", "drop", "keep"] = "error",
+        dicom: DicomConfig = DicomConfig(),  # noqa: B008 -- frozen
     ):
         super().__init__()
         if source == EMBEDDED and classes is None:
@@ -175,6 +195,11 @@ class ImageDataModule(LightningDataModule):
         self.source_hint = source_hint
         self.audit_cfg = AuditConfig(**audit) if isinstance(audit, dict) else audit
         self.on_conflict = on_conflict
+        self.dicom = DicomConfig(**dicom) if isinstance(dicom, dict) else dicom
+        try:
+            self.dicom.center_width()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.artifacts = Path(artifacts_dir)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers
@@ -202,13 +227,14 @@ class ImageDataModule(LightningDataModule):
             table = scan_folder(source, self.classes, self.exclude)
             base = source
         base = base.resolve()
+        table.frame = _dicom_patient_ids(table.frame)
         table.frame = table.frame.with_columns(
             relpath=pl.Series([os.path.relpath(p, base) for p in table.frame["path"]], dtype=pl.String)
         )
         return table
 
     def _cache(self) -> ImageCache:
-        return ImageCache(self.artifacts / "cache", self.image_size, self.channels, self.resize)
+        return ImageCache(self.artifacts / "cache", self.image_size, self.channels, self.resize, dicom=self.dicom)
 
     def resolve(self) -> ResolvedData:
         """Scan, decode (once, into the cache), handle bad inputs and load or create the split file."""
@@ -227,8 +253,8 @@ class ImageDataModule(LightningDataModule):
         audit: dict[str, Any] | None = None
         if self.audit_cfg.enabled:
             size, channels, mode = duplicate_audit.AUDIT_GEOMETRY
-            audit_view, audit_slots, _ = ImageCache(self.artifacts / "cache", size, channels, mode).resolve(
-                frame["path"].to_list())
+            audit_view, audit_slots, _ = ImageCache(self.artifacts / "cache", size, channels, mode,
+                                                    dicom=self.dicom).resolve(frame["path"].to_list())
             frame = duplicate_audit.find_clusters(frame, audit_view, audit_slots, self.audit_cfg,
                                                   self.artifacts / "audit")
             frame, audit = self._apply_conflict_policy(frame, source)

@@ -1,6 +1,6 @@
 """Decode any image a clinic exports into a uint8 array of fixed size and channel count.
 
-Medical exports mix PNG/JPEG/BMP/TIFF, grayscale, RGB, RGBA, palette and 16-bit files; every path into a
+Medical exports mix PNG/JPEG/BMP/TIFF/DICOM, grayscale, RGB, RGBA, palette and 16-bit files; every path into a
 model (training cache, `cli.py predict`, the web server) goes through `load_image` so they all see the
 same pixels.
 """
@@ -15,7 +15,9 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+from datamodules.dicom import DicomConfig, DicomDecodeError, decode_dicom, dicom_size, is_dicom
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 ResizeMode = Literal["squash", "letterbox"]
 
 # Decompression-bomb guard stays on, but medical scans are legitimately large (whole slides are not
@@ -86,6 +88,11 @@ def image_size_of(data: bytes) -> tuple[int, int, str]:
     """
     if len(data) == 0:
         raise ImageDecodeError("empty file (0 bytes)")
+    if is_dicom(data):
+        try:
+            return (*dicom_size(data), "DICOM")
+        except DicomDecodeError as e:
+            raise ImageDecodeError(str(e)) from None
     try:
         with Image.open(io.BytesIO(data)) as img:
             return img.width, img.height, img.format or "?"
@@ -95,18 +102,25 @@ def image_size_of(data: bytes) -> tuple[int, int, str]:
         raise ImageDecodeError("not a readable image (unknown or corrupt format)") from None
 
 
-def decode(data: bytes, channels: int = 3) -> np.ndarray:
-    """Decode encoded image bytes to (H, W, channels) uint8, fully, so truncated files fail here.
+def decode(data: bytes, channels: int = 3, dicom: DicomConfig | None = None) -> np.ndarray:
+    """Decode encoded image bytes (any PIL format, or DICOM) to (H, W, channels) uint8, fully, so truncated
+    files fail here.
 
     Args:
         data: the file's bytes.
         channels: 3 (RGB) or 1 (grayscale).
+        dicom: window and frame for DICOM files (see `datamodules.dicom.decode_dicom`).
 
     Raises:
         ImageDecodeError: empty, not an image, truncated or otherwise unreadable.
     """
     if len(data) == 0:
         raise ImageDecodeError("empty file (0 bytes)")
+    if is_dicom(data):
+        try:
+            return decode_dicom(data, channels, dicom)
+        except (DicomDecodeError, ValueError) as e:
+            raise ImageDecodeError(str(e)) from None
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # forces the full decode: a truncated file raises here, not later in a worker
@@ -128,7 +142,8 @@ def decode(data: bytes, channels: int = 3) -> np.ndarray:
 
 
 def load_image(
-    path: str | Path, size: tuple[int, int], channels: int = 3, mode: ResizeMode = "squash"
+    path: str | Path, size: tuple[int, int], channels: int = 3, mode: ResizeMode = "squash",
+    dicom: DicomConfig | None = None,
 ) -> np.ndarray:
     """Read, decode and resize one file to (size[0], size[1], channels) uint8.
 
@@ -141,4 +156,4 @@ def load_image(
         raise ImageDecodeError("file does not exist") from None
     except OSError as e:
         raise ImageDecodeError(f"cannot read file: {e.strerror or e}") from None
-    return resize(decode(data, channels), size, mode)
+    return resize(decode(data, channels, dicom), size, mode)

@@ -1,0 +1,123 @@
+"""DICOM input: small files written by pydicom in the test decode to the pixel values the standard implies."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEG2000, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from datamodules.datamodule import ImageDataModule
+from datamodules.dicom import DicomConfig, decode_dicom
+from datamodules.images import ImageDecodeError, decode, image_size_of
+from errors import ConfigError
+
+
+def dicom_bytes(pixels: np.ndarray, photometric="MONOCHROME2", slope=None, intercept=None, window=None,
+                patient="P001", frames=None, syntax=ExplicitVRLittleEndian, data=None) -> bytes:
+    """A minimal CT image (Part 10 file) holding `pixels` as stored values."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = syntax
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.PatientID = patient
+    ds.Modality = "CT"
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1 if pixels.dtype == np.int16 else 0
+    if frames:
+        ds.NumberOfFrames = frames
+    if slope is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelData = data if data is not None else pixels.tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+# Stored CT values: with slope 1 / intercept -1024 they are -1024 (air), -600, 0 (water), 400, 2000 HU.
+CT = np.array([[0, 424, 1024, 1424, 3024]] * 4, dtype=np.int16)
+
+
+def window(hu, center, width):
+    return np.round(np.clip((hu - (center - 0.5 - (width - 1) / 2)) / (width - 1), 0, 1) * 255).astype(np.uint8)
+
+
+def test_ct_rescale_and_lung_window_give_the_expected_pixels():
+    out = decode_dicom(dicom_bytes(CT, slope=1, intercept=-1024), channels=1, config=DicomConfig(window="lung"))
+    hu = CT.astype(float) - 1024
+    assert out.shape == (4, 5, 1)
+    np.testing.assert_array_equal(out[..., 0], window(hu, -600, 1500))
+    assert out[0, 0, 0] == 55 and out[0, 1, 0] == 128 and out[0, 4, 0] == 255  # -600 HU mid-grey, bone white
+
+
+def test_slope_and_explicit_window_and_the_files_own_window():
+    stored = np.array([[100, 500, 900]], dtype=np.uint16)  # slope 2, intercept -1000: -800, 0, 800 HU
+    data = dicom_bytes(stored, slope=2, intercept=-1000, window=(0, 801))
+    hu = stored.astype(float) * 2 - 1000
+    np.testing.assert_array_equal(decode_dicom(data, 1)[..., 0], window(hu, 0, 801))  # the file's window
+    custom = decode_dicom(data, 3, DicomConfig(window={"center": 400, "width": 801}))
+    assert custom.shape == (1, 3, 3)
+    np.testing.assert_array_equal(custom[..., 1], window(hu, 400, 801))
+
+
+def test_monochrome1_is_inverted_and_16_bit_range_kept():
+    stored = np.array([[0, 1000, 4095]], dtype=np.uint16)  # 12-bit values: an 8-bit cast would clip them
+    out = decode_dicom(dicom_bytes(stored, photometric="MONOCHROME1"), 1)[0, :, 0]
+    np.testing.assert_array_equal(out, [255, 255 - round(1000 * 255 / 4095), 0])
+
+
+def test_multi_frame_is_rejected_unless_a_frame_is_chosen():
+    frames = np.stack([np.full((2, 3), v, np.uint16) for v in (0, 500, 1000)])
+    frames[:, 0, 0], frames[:, 0, 1] = 4000, 0  # every frame spans 0..4000
+    data = dicom_bytes(frames, frames=3)
+    with pytest.raises(ImageDecodeError, match=r"multi-frame DICOM \(3 frames\).*data.dicom.frame"):
+        decode(data, 1)
+    out = decode(data, 1, DicomConfig(frame=1))[..., 0]
+    np.testing.assert_array_equal(out[0], [255, 0, round(500 * 255 / 4000)])
+    assert (out[1] == round(500 * 255 / 4000)).all()
+
+
+def test_compressed_without_decoder_names_the_package():
+    data = dicom_bytes(np.zeros((2, 2), np.uint16), syntax=JPEG2000, data=encapsulate([b"\xff\x4f" + b"\x00" * 30]))
+    with pytest.raises(ImageDecodeError, match="pip install pylibjpeg pylibjpeg-openjpeg"):
+        decode(data, 1)
+
+
+def test_header_size_without_decoding():
+    assert image_size_of(dicom_bytes(CT)) == (5, 4, "DICOM")
+
+
+def test_bad_window_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown preset 'lungs'"):
+        ImageDataModule(dicom={"window": "lungs"})
+
+
+def test_dcm_folder_uses_patient_id_and_trains_from_the_cache(tmp_path):
+    rng = np.random.default_rng(0)
+    for c in ("normal", "covid"):
+        for i in range(10):
+            (tmp_path / "d" / c).mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 3000, (24, 24)).astype(np.int16)
+            (tmp_path / "d" / c / f"{i}.dcm").write_bytes(dicom_bytes(pixels, slope=1, intercept=-1024,
+                                                                      patient=f"{c}-{i // 2}"))
+    dm = ImageDataModule(source=str(tmp_path / "d"), classes=["normal", "covid"], image_size=16, num_workers=0,
+                         artifacts_dir=str(tmp_path / "a"), dicom={"window": "mediastinum"})
+    frame = dm.resolve().frame
+    assert frame.height == 20 and frame["patient_id"].n_unique() == 10
+    per_patient = {p: set(s) for p, s in frame.group_by("patient_id").agg("split").iter_rows()}
+    assert all(len(s) == 1 for s in per_patient.values())  # patients from PatientID keep their slices together
+    dm.setup()
+    image, _ = dm.datasets["train"][0]
+    assert image.shape == (16, 16, 3)
