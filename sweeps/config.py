@@ -21,6 +21,7 @@ Every trial's config is then parsed by the fit parser (`runs.cli.MedselCLI`) bef
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,8 +69,6 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
 def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     """Deep merge. A `{class_path, init_args}` value naming another class replaces the old one whole,
     so e.g. Adam's `amsgrad` never leaks into RMSprop."""
-    import copy
-
     out = copy.deepcopy(dict(base))
     for key, value in (override or {}).items():
         old = out.get(key)

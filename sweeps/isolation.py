@@ -3,6 +3,8 @@
 Single-device trials fork from a forkserver that has torch, lightning and timm imported already, so a
 trial's fixed start-up cost is a fork, not a Python start and a torch import. Multi-device trials run as
 `python cli.py fit --config <trial config>`: Lightning's DDP launcher re-executes that command per rank.
+A sweep's preflight (`sweeps.preflight.check`) runs the same way as a "check" job, so the coordinator never
+imports torch. A process that dies by a signal without writing its result is `interrupted`, not `failed`.
 """
 
 from __future__ import annotations
