@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import shutil
 import struct
 import zlib
@@ -192,3 +193,31 @@ def test_bare_checkpoint_elsewhere_serves_like_cli_predict(served, tmp_path, mon
     served_probs = post(client, image).json()["probabilities"]
     for j, c in enumerate(info["classes"]):
         assert abs(served_probs[c] - float(expected[0, j])) < 1e-5, (served_probs, expected)
+
+
+def test_sweep_folder_serves_its_winner_from_any_directory(served, predictor, tmp_path, monkeypatch):
+    """winner.json's run_dir is relative to the sweep folder: served from elsewhere, the sweep gives the run's
+    model and test metrics; without the run directory it falls back to winner.ckpt."""
+    sweep = tmp_path / "sweeps" / "demo"
+    run = files.RunFiles(sweep / "runs" / "winner")
+    run.checkpoints.mkdir(parents=True)
+    shutil.copy(files.RunFiles(served.run_dir).best_checkpoint, run.best_checkpoint)
+    shutil.copy(files.RunFiles(served.run_dir).evaluation, run.evaluation)
+    (sweep / files.WINNER).write_text(json.dumps({"run_dir": "runs/winner", "sweep": "demo"}))
+    shutil.copy(files.RunFiles(served.run_dir).best_checkpoint, sweep / files.WINNER_CKPT)
+    monkeypatch.chdir(tmp_path / "sweeps")
+    image = (served.phantoms / "ASD" / "ASD_001.png").read_bytes()
+    expected = predictor.predict(predictor.preprocess(image, 10**6), False)["probabilities"]
+    client = TestClient(create_app(Predictor(locate("demo"), "cpu")))
+    info = client.get("/model").json()
+    assert info["checkpoint"] == "runs/winner/checkpoints/best.ckpt" and info["selected_by_sweep"]["sweep"] == "demo"
+    assert info["test_metrics"]["metrics"]["acc"]["value"] == served_metrics(served)["acc"]["value"]
+    assert post(client, image).json()["probabilities"] == pytest.approx(expected, abs=1e-6)
+    shutil.rmtree(sweep / "runs")
+    fallback = locate("demo")
+    assert fallback.checkpoint == Path("demo") / files.WINNER_CKPT and fallback.label == files.WINNER_CKPT
+    assert fallback.run_dir is None and fallback.evaluation is None
+
+
+def served_metrics(served) -> dict:
+    return json.loads(files.RunFiles(served.run_dir).evaluation.read_text())["metrics"]
