@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import sys
 
-# name -> (one-line description, module whose `main(argv) -> int` runs it; None: the LightningCLI)
+# name -> (one-line description, module whose `main(argv) -> int` runs it; None: the LightningCLI,
+# `evaluation.cli.EvaluationCLI`)
 COMMANDS: dict[str, tuple[str, str | None]] = {
     "fit": ("train a model: python cli.py fit --config chd", None),
     "validate": ("evaluate a trained run on its validation split", None),
@@ -56,11 +57,11 @@ def main(argv: list[str] | None = None) -> int:
             from importlib import import_module
 
             return int(import_module(module).main(args) or 0)
-        from runs.cli import MedselCLI
+        from evaluation.cli import EvaluationCLI
 
         if config is not None:  # recorded in the run's saved config.yaml, so the run stays reproducible
             args += [f"--run.config_file={config_names.display(config)}"]
-        MedselCLI(args=[command, *args])
+        EvaluationCLI(args=[command, *args])
         return 0
     except MedselError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,37 +1,48 @@
-"""`python cli.py report RUN_DIR [--report.heatmap gradcam++ ...]`: rebuild a finished run's report.
+"""`EvaluationCLI`: the run CLI with the evaluation report attached, behind `cli.py fit/validate/test/predict`;
+and `python cli.py report RUN_DIR [--report.heatmap gradcam++ ...]`, which rebuilds a finished run's report.
 
-Loads the run's saved config and best checkpoint (weights-only) and evaluates again; nothing is retrained.
+The report is built from the outputs of the test itself (the module's test step: one pass over the test
+split), plus one pass over the validation split for temperature scaling; nothing is predicted twice.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import fields
 from pathlib import Path
 
-import torch
-import yaml
 from jsonargparse import ArgumentParser
+from lightning.pytorch.loggers import WandbLogger
 
-from datamodules import ImageDataModule
-from lightning_modules.classifier import ImageClassifier
-from evaluation.report import ReportConfig, build_report
 from errors import ConfigError
+from evaluation.report import build_report
+from runs import files
+from runs.cli import MedselCLI, ReportConfig, RunConfig, wandb_mode
+from runs.files import RunFiles
+from runs.open import find_checkpoint
 
 
-def load_run(run_dir: Path, checkpoint: str | None = None) -> tuple[dict, ImageClassifier, ImageDataModule]:
-    """The saved config, the trained model (best checkpoint unless given) and the run's data module."""
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.exists():
-        raise ConfigError(f"'{run_dir}' is not a run directory (no config.yaml); pass artifacts/runs/<name>/<version>")
-    cfg = yaml.safe_load(cfg_path.read_text())
-    ckpt = Path(checkpoint) if checkpoint else run_dir / "checkpoints" / "best.ckpt"
-    if not ckpt.exists():
-        raise ConfigError(f"no checkpoint at '{ckpt}': the run has not finished training")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = ImageClassifier.load_trained(ckpt, map_location=device)
-    datamodule = ImageDataModule(**(cfg.get("data") or {}))
-    return cfg, model, datamodule
+class EvaluationCLI(MedselCLI):
+    """`MedselCLI` that, after `test`, writes the evaluation report its `report` config section describes."""
+
+    def after_test(self) -> None:
+        report = ReportConfig(**_fields(self._cfg().report))
+        results = self.model.test_results
+        if not report.enabled or not results or not self.trainer.is_global_zero:
+            return
+        if self.trainer.world_size > 1:  # DistributedSampler interleaves images: rows would not match paths
+            print(f"[report] skipped on {self.trainer.world_size} devices; build it with: python cli.py report {self.run_dir}")
+            return
+        val_probs = None
+        if report.temperature_scaling and self.datamodule.has_split("val"):
+            val_probs = self.trainer.predict(self.model, dataloaders=self.datamodule.val_dataloader())
+        wandb_run = next((lg.experiment for lg in self.trainer.loggers if isinstance(lg, WandbLogger)), None)
+        run = RunConfig(**_fields(self._cfg().run))
+        page = build_report(self.run_dir, self.model, self.datamodule, report, results["probs"], results["targets"],
+                            val_probs, wandb_mode(run), wandb_run=wandb_run)
+        print(f"[report] {page}")
+
+
+def _fields(namespace) -> dict:
+    return {k: v for k, v in vars(namespace).items() if not k.startswith("__")}
 
 
 def main(argv: list[str]) -> int:
@@ -40,13 +51,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--checkpoint", type=str, default=None, help="checkpoint to evaluate (default: best)")
     parser.add_class_arguments(ReportConfig, "report")
     args = parser.parse_args(argv)
-    run_dir = Path(args.run_dir)
-    cfg, model, datamodule = load_run(run_dir, args.checkpoint)
-    saved = cfg.get("report") or {}
-    given = {f.name: getattr(args.report, f.name) for f in fields(ReportConfig)}
-    defaults = ReportConfig()
-    report = ReportConfig(**{k: (v if v != getattr(defaults, k) else saved.get(k, v)) for k, v in given.items()})
-    mode = (cfg.get("run") or {}).get("wandb") or os.environ.get("WANDB_MODE", "offline")
-    page = build_report(run_dir, model, datamodule, report, mode)
-    print(f"[report] {page}")
+    checkpoint, run_dir = find_checkpoint(args.checkpoint or args.run_dir)
+    run_dir = run_dir or Path(args.run_dir)
+    if not RunFiles(run_dir).config.exists():
+        raise ConfigError(f"'{run_dir}' is not a run directory (no {files.CONFIG}); pass artifacts/runs/<name>/<version>")
+    given = [f"--report.{k}={v}" for k, v in _fields(args.report).items() if v != getattr(ReportConfig(), k)]
+    # Same path as `cli.py test`: one device (an ordered pass), the run's own config and W&B run.
+    EvaluationCLI(args=["test", "--config", str(RunFiles(run_dir).config), f"--ckpt_path={checkpoint}",
+                        "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.num_nodes=1",
+                        "--trainer.enable_progress_bar=false", *given])
     return 0

@@ -1,31 +1,32 @@
-"""Report figures as PNG files (matplotlib, headless)."""
+"""Report figures as PNG files (matplotlib's object API: no pyplot, so no global backend or figure state)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
-import torch  # noqa: E402
-from torchmetrics.functional.classification import (  # noqa: E402
+import numpy as np
+import polars as pl
+import torch
+from matplotlib.figure import Figure
+from torchmetrics.functional.classification import (
     binary_auroc,
     binary_average_precision,
     binary_precision_recall_curve,
     binary_roc,
 )
 
-from evaluation.calibration import ReliabilityBins  # noqa: E402
+from evaluation.calibration import ReliabilityBins
 
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
+
+
+def _subplots(*args, figsize, **kwargs):
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def confusion_matrices(cm: np.ndarray, classes: list[str], path: Path) -> Path:
@@ -34,7 +35,7 @@ def confusion_matrices(cm: np.ndarray, classes: list[str], path: Path) -> Path:
     rows = cm.sum(1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
     size = 1.0 + 0.7 * len(classes)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 2, size + 1))
+    fig, axes = _subplots(1, 2, figsize=(2 * size + 2, size + 1))
     for ax, data, title, fmt in ((axes[0], cm, "counts", "{:.0f}"), (axes[1], norm, "row-normalised", "{:.2f}")):
         ax.imshow(data, cmap="Blues", vmin=0, vmax=data.max() or 1)
         ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
@@ -57,7 +58,7 @@ def _one_vs_rest(probs: np.ndarray, targets: np.ndarray, classes: list[str], pos
 
 
 def roc_curves(probs, targets, classes, positive_index, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(5.2, 5))
+    fig, ax = _subplots(figsize=(5.2, 5))
     for name, s, y in _one_vs_rest(probs, targets, classes, positive_index):
         if y.sum() == 0 or y.sum() == len(y):
             continue
@@ -72,7 +73,7 @@ def roc_curves(probs, targets, classes, positive_index, path: Path) -> Path:
 
 
 def pr_curves(probs, targets, classes, positive_index, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(5.2, 5))
+    fig, ax = _subplots(figsize=(5.2, 5))
     for name, s, y in _one_vs_rest(probs, targets, classes, positive_index):
         if y.sum() == 0:
             continue
@@ -89,7 +90,7 @@ def pr_curves(probs, targets, classes, positive_index, path: Path) -> Path:
 
 def reliability_diagram(bins: dict[str, ReliabilityBins], eces: dict[str, float], path: Path) -> Path:
     """One panel per probability set (e.g. before / after temperature scaling)."""
-    fig, axes = plt.subplots(1, len(bins), figsize=(4.6 * len(bins), 4.6), squeeze=False)
+    fig, axes = _subplots(1, len(bins), figsize=(4.6 * len(bins), 4.6), squeeze=False)
     for ax, (name, b) in zip(axes[0], bins.items(), strict=True):
         centers = (b.edges[:-1] + b.edges[1:]) / 2
         width = b.edges[1] - b.edges[0]
@@ -112,7 +113,7 @@ def training_curves(metrics_csv: Path, path: Path) -> Path | None:
     frame = pl.read_csv(metrics_csv, infer_schema_length=None)
     cols = [c for c in frame.columns if c not in ("epoch", "step")]
     epochs = frame.group_by("epoch", maintain_order=True).agg([pl.col(c).drop_nulls().last() for c in cols]).sort("epoch")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = _subplots(1, 2, figsize=(10, 4))
     for ax, keys, title in ((axes[0], ("train/loss", "val/loss"), "loss"), (axes[1], ("train/acc", "val/acc"), "accuracy")):
         for key in keys:
             if key in epochs.columns:

@@ -7,10 +7,8 @@ Built at the end of `cli.py test` and rebuilt from a finished run by `cli.py rep
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import polars as pl
@@ -22,54 +20,25 @@ from evaluation import calibration, plots
 from evaluation.document import Document
 from evaluation.heatmaps import HeatmapUnavailable, heatmaps, overlay
 from evaluation.intervals import bootstrap
+from runs import files
+from runs.cli import ReportConfig, wandb_run_id
+from runs.files import RunFiles
 from lightning_modules.metrics import METRIC_NAMES
 
 TITLES = {"acc": "Accuracy", "balanced_acc": "Balanced accuracy", "precision": "Precision", "sensitivity": "Sensitivity",
           "specificity": "Specificity", "f1": "F1", "mcc": "MCC", "auroc": "AUROC"}
 
 
-@dataclass
-class ReportConfig:
-    """What an evaluation report contains.
-
-    Attributes:
-        enabled: build the report after `test`.
-        bootstrap: bootstrap resamples for the intervals.
-        level: interval coverage.
-        calibration_bins: confidence bins for ECE and the reliability diagram.
-        temperature_scaling: fit a temperature on the validation split and report calibration before/after.
-        heatmap: "gradcam", "gradcam++" or "none".
-        heatmaps_per_class: test images per class in the gallery, for correct and for wrong predictions each.
-        seed: bootstrap seed.
-    """
-
-    enabled: bool = True
-    bootstrap: int = 1000
-    level: float = 0.95
-    calibration_bins: int = 10
-    temperature_scaling: bool = True
-    heatmap: Literal["gradcam", "gradcam++", "none"] = "gradcam"
-    heatmaps_per_class: int = 2
-    seed: int = 0
+def split_rows(datamodule, split: str) -> pl.DataFrame:
+    """path/label/patient_id of one split, in the order its (unshuffled) loader yields images."""
+    return datamodule.resolve().frame.filter(pl.col("split") == split).select("path", "label", "patient_id", "target")
 
 
-def predict_split(model, datamodule, split: str) -> tuple[np.ndarray, np.ndarray, pl.DataFrame]:
-    """Probabilities for one split, in split-file order, with the rows' path/label/patient_id."""
-    frame = datamodule.resolve().frame.filter(pl.col("split") == split)
-    dataset = datamodule.datasets.get(split)
-    if dataset is None:
-        datamodule.setup()
-        dataset = datamodule.datasets[split]
-    loader = torch.utils.data.DataLoader(dataset, batch_size=datamodule.batch_size, shuffle=False, num_workers=0)
-    was = model.training
-    model.eval()
-    out = []
-    with torch.inference_mode():
-        for images, _ in loader:
-            out.append(model.predict_step((images.to(model.device),), 0).float().cpu())
-    model.train(was)
-    probs = torch.cat(out).numpy() if out else np.zeros((0, len(model.classes)), np.float32)
-    return probs, frame["target"].to_numpy(), frame.select("path", "label", "patient_id")
+def _numpy_probs(probs, k: int) -> np.ndarray:
+    """Probabilities as (N, K) float numpy, from a tensor or a list of per-batch tensors (`trainer.predict`)."""
+    if isinstance(probs, (list, tuple)):
+        probs = torch.cat([p.float().cpu() for p in probs]) if probs else torch.zeros(0, k)
+    return probs.float().cpu().numpy().reshape(-1, k)
 
 
 def _panel(image: np.ndarray, maps: list[np.ndarray], path: Path, min_side: int = 192) -> Path:
@@ -110,15 +79,18 @@ def _gallery(model, dataset, probs, targets, cfg: ReportConfig, out: Path) -> tu
     return items, layout
 
 
-def build_report(run_dir: Path, model, datamodule, cfg: ReportConfig, wandb_mode: str | None = None,
-                 wandb_project: str = "medsel", wandb_run=None) -> Path:
-    """Evaluate `model` on the test split of `datamodule` and write the report into `run_dir`.
+def build_report(run_dir: Path, model, datamodule, cfg: ReportConfig, test_probs, test_targets, val_probs=None,
+                 wandb_mode: str | None = None, wandb_project: str = "medsel", wandb_run=None) -> Path:
+    """Write the evaluation report of a tested model into `run_dir`.
 
     Args:
         run_dir: the run directory.
         model: the trained ImageClassifier.
         datamodule: its ImageDataModule.
         cfg: what to include.
+        test_probs: (N, K) test-split probabilities from the test itself, in split order.
+        test_targets: (N,) their class indices.
+        val_probs: validation-split probabilities (tensor or per-batch list) for temperature scaling, or None.
         wandb_mode: offline/online/disabled/None: where the plots and tables also go.
         wandb_project: W&B project for a resumed run.
         wandb_run: an active W&B run to log into (the test's own logger) instead of resuming one.
@@ -127,25 +99,30 @@ def build_report(run_dir: Path, model, datamodule, cfg: ReportConfig, wandb_mode
         The path of report.html.
     """
     run_dir = Path(run_dir)
-    files = run_dir / "report_files"
-    files.mkdir(parents=True, exist_ok=True)
+    out = RunFiles(run_dir) / files.REPORT_FILES
+    out.mkdir(parents=True, exist_ok=True)
     classes = list(model.classes)
     pos = model.positive_index if len(classes) == 2 else 1
-    probs, targets, rows = predict_split(model, datamodule, "test")
+    probs = _numpy_probs(test_probs, len(classes))
+    targets = np.asarray(test_targets.cpu() if hasattr(test_targets, "cpu") else test_targets).astype(int)
+    rows = split_rows(datamodule, "test")
+    if len(rows) != len(targets) or not (rows["target"].to_numpy() == targets).all():
+        raise RuntimeError(f"test outputs ({len(targets)} images) do not line up with the test split ({len(rows)} rows)")
+    rows = rows.drop("target")
     groups = rows["patient_id"].to_numpy() if rows["patient_id"].null_count() < rows.height else None
     overall, per_class = bootstrap(probs, targets, pos, groups, cfg.bootstrap, cfg.level, cfg.seed)
     rows.with_columns(
         predicted=pl.Series([classes[i] for i in probs.argmax(1)]),
         **{f"p_{c}": pl.Series(probs[:, j]) for j, c in enumerate(classes)},
-    ).write_parquet(run_dir / "test_predictions.parquet")
+    ).write_parquet(RunFiles(run_dir) / files.TEST_PREDICTIONS)
 
     eces = {"test": calibration.expected_calibration_error(probs, targets, cfg.calibration_bins)}
     bins = {"test": calibration.reliability(probs, targets, cfg.calibration_bins)}
     nlls = {"test": calibration.nll(probs, targets)}
     temperature = None
-    if cfg.temperature_scaling and (datamodule.resolve().frame["split"] == "val").any():
-        val_probs, val_targets, _ = predict_split(model, datamodule, "val")
-        temperature = calibration.fit_temperature(val_probs, val_targets)
+    if cfg.temperature_scaling and val_probs is not None:
+        val_targets = split_rows(datamodule, "val")["target"].to_numpy()
+        temperature = calibration.fit_temperature(_numpy_probs(val_probs, len(classes)), val_targets)
         scaled = calibration.apply_temperature(probs, temperature)
         name = f"test, T={temperature:.2f}"
         eces[name] = calibration.expected_calibration_error(scaled, targets, cfg.calibration_bins)
@@ -155,16 +132,16 @@ def build_report(run_dir: Path, model, datamodule, cfg: ReportConfig, wandb_mode
     cm = np.zeros((len(classes), len(classes)), dtype=int)
     np.add.at(cm, (targets, probs.argmax(1)), 1)
     figures = {
-        "confusion": plots.confusion_matrices(cm, classes, files / "confusion_matrix.png"),
-        "roc": plots.roc_curves(probs, targets, classes, pos, files / "roc.png"),
-        "pr": plots.pr_curves(probs, targets, classes, pos, files / "precision_recall.png"),
-        "reliability": plots.reliability_diagram(bins, eces, files / "reliability.png"),
-        "curves": plots.training_curves(run_dir / "metrics.csv", files / "training_curves.png"),
+        "confusion": plots.confusion_matrices(cm, classes, out / "confusion_matrix.png"),
+        "roc": plots.roc_curves(probs, targets, classes, pos, out / "roc.png"),
+        "pr": plots.pr_curves(probs, targets, classes, pos, out / "precision_recall.png"),
+        "reliability": plots.reliability_diagram(bins, eces, out / "reliability.png"),
+        "curves": plots.training_curves(RunFiles(run_dir).metrics, out / "training_curves.png"),
     }
     gallery, layout, heat_note = [], "", ""
     if cfg.heatmap != "none":
         try:
-            gallery, layout = _gallery(model, datamodule.datasets["test"], probs, targets, cfg, files)
+            gallery, layout = _gallery(model, datamodule.datasets["test"], probs, targets, cfg, out)
         except HeatmapUnavailable as e:
             heat_note = f"No heat maps: {e}."
 
@@ -177,10 +154,10 @@ def build_report(run_dir: Path, model, datamodule, cfg: ReportConfig, wandb_mode
         "calibration": {"ece": eces, "nll": nlls, "temperature": temperature, "bins": cfg.calibration_bins},
         "positive_class": classes[pos] if len(classes) == 2 else None, "classes": classes,
     }
-    (run_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
+    RunFiles(run_dir).write_json(files.EVALUATION, evaluation)
 
     doc = run_document(run_dir, model, datamodule, evaluation, figures, gallery, layout, heat_note)
-    _, page = doc.write(run_dir / "report", f"Evaluation — {run_dir.name}")
+    _, page = doc.write(RunFiles(run_dir) / files.REPORT, f"Evaluation — {run_dir.name}")
     _log_wandb(run_dir, evaluation, figures, gallery, wandb_mode, wandb_project, wandb_run)
     return page
 
@@ -244,7 +221,6 @@ def _log_wandb(run_dir: Path, evaluation: dict, figures: dict, gallery, mode: st
         return
     import wandb
 
-    from runs.cli import wandb_run_id
 
     owned = run is None
     if owned:

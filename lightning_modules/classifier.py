@@ -96,7 +96,7 @@ class ImageClassifier(LightningModule):
         # whatever the training loss, so stage-2 candidates trained with CE, MSE or MAE can be compared on it.
         self.val_nll, self.test_nll = MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
-        self.val_confusion, self.test_confusion = confusion_matrix(k), confusion_matrix(k)
+        self.test_confusion = confusion_matrix(k)
         # Per-image test outputs for intervals and reports, gathered across DDP ranks by torchmetrics.
         self.test_probs, self.test_targets = CatMetric(), CatMetric()
         self.last_val: dict[str, float] = {}
@@ -125,11 +125,20 @@ class ImageClassifier(LightningModule):
             counts = torch.tensor(self.trainer.datamodule.class_counts("train"), dtype=torch.float32)
             self.loss_fn.set_class_weights(counts.sum() / (len(counts) * counts.clamp_min(1)))
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor]):
-        images, target = batch  # (B, H, W, C) uint8, (B,)
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (B, H, W, C) as the data layer delivers them -> logits (B, num_outputs)."""
         x = self.net.normalize(images)  # (B, C, H, W) float
         x = x.contiguous(memory_format=torch.channels_last if self._use_channels_last else torch.contiguous_format)
-        logits = self(x)
+        return self(x)
+
+    def predict_probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (B, H, W, C) -> class probabilities (B, K). The one way every consumer (test metrics,
+        `predict`, the evaluation report, the web server) turns images into probabilities."""
+        return self.loss_fn.probabilities(self.logits(images))
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor]):
+        images, target = batch  # (B, H, W, C) uint8, (B,)
+        logits = self.logits(images)
         loss = self.loss_fn(logits, target)
         return loss, self.loss_fn.probabilities(logits.detach()), target
 
@@ -165,14 +174,12 @@ class ImageClassifier(LightningModule):
         self.val_loss.update(loss, weight=len(target))
         self.val_nll.update(self._nll(probs, target), weight=len(target))
         self.val_metrics.update(probs, target)
-        self.val_confusion.update(probs.argmax(1), target)
 
     def on_validation_epoch_end(self) -> None:
         values = {"val/loss": self.val_loss.compute(), "val/nll": self.val_nll.compute(), **self.val_metrics.compute()}
         self.val_loss.reset()
         self.val_nll.reset()
         self.val_metrics.reset()
-        self.val_confusion.reset()
         if self.trainer.sanity_checking:
             return
         self.val_acc_best.update(values["val/acc"])
@@ -206,8 +213,7 @@ class ImageClassifier(LightningModule):
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        x = self.net.normalize(images)
-        return self.loss_fn.probabilities(self(x))  # (B, K)
+        return self.predict_probabilities(images)  # (B, K)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

@@ -1,8 +1,7 @@
-"""Callbacks that write a run's results next to its checkpoints."""
+"""Callbacks that write a run's side files next to its checkpoints (names: `runs.files`)."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -10,6 +9,9 @@ import polars as pl
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
+
+from runs import files
+from runs.files import RunFiles
 
 
 def run_dir_of(trainer: Trainer) -> Path:
@@ -34,7 +36,7 @@ class ModelInfoWriter(Callback):
             "in_chans": hp.get("in_chans"), "loss": hp.get("loss"),
             "positive_class": pl_module.classes[pl_module.positive_index] if len(pl_module.classes) == 2 else None,
         }
-        (out / "model.json").write_text(json.dumps(info, indent=2))
+        RunFiles(out).write_json(files.MODEL_INFO, info)
 
 
 class FitTimer(Callback):
@@ -59,49 +61,30 @@ class FitTimer(Callback):
         now = time.time()
         info = {"fit_start": self.started, "train_start": self.train_start, "train_end": now,
                 "train_seconds": now - self.train_start, "epochs": trainer.current_epoch}
-        (run_dir_of(trainer) / "timing.json").write_text(json.dumps(info, indent=2))
+        RunFiles(run_dir_of(trainer)).write_json(files.TIMING, info)
 
 
 class TestResultsWriter(Callback):
-    """After `test`: test_metrics.json/.csv and the confusion matrix in the run dir, then the evaluation report
-    (intervals, calibration, plots, heat maps; see `evaluation.report`).
-
-    Args:
-        report: what the report contains (None: no report).
-        wandb_mode: W&B mode of the run, for the report's plots and tables.
-    """
-
-    def __init__(self, report=None, wandb_mode: str | None = None):
-        self.report = report
-        self.wandb_mode = wandb_mode
+    """After `test`: test_metrics.json/.csv and the confusion matrix in the run dir (the evaluation report is
+    built from the same test outputs by `evaluation.cli.EvaluationCLI`)."""
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         results = getattr(pl_module, "test_results", None)
         if not results or trainer.global_rank != 0:
             return
-        out = run_dir_of(trainer)
-        out.mkdir(parents=True, exist_ok=True)
+        run = RunFiles(run_dir_of(trainer))
         classes = results["classes"]
-        summary = {
+        run.write_json(files.TEST_METRICS, {
             "metrics": results["metrics"],
             "confusion_matrix": {"rows_true_cols_pred": classes, "counts": results["confusion_matrix"]},
             "positive_class": results["positive_class"],
             "n_images": int(len(results["targets"])),
             "checkpoint": trainer.ckpt_path,
-        }
-        (out / "test_metrics.json").write_text(json.dumps(summary, indent=2))
-        pl.DataFrame([{"metric": k, "value": v} for k, v in results["metrics"].items()]).write_csv(out / "test_metrics.csv")
+        })
+        pl.DataFrame([{"metric": k, "value": v} for k, v in results["metrics"].items()]).write_csv(run / files.TEST_METRICS_CSV)
         cm = pl.DataFrame({"true": classes, **{f"pred_{c}": [row[j] for row in results["confusion_matrix"]]
                                                for j, c in enumerate(classes)}})
-        cm.write_csv(out / "test_confusion_matrix.csv")
-        if self.report is not None and self.report.enabled and hasattr(trainer.datamodule, "resolve"):
-            from lightning.pytorch.loggers import WandbLogger
-
-            from evaluation.report import build_report
-
-            wandb_run = next((lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
-            page = build_report(out, pl_module, trainer.datamodule, self.report, self.wandb_mode, wandb_run=wandb_run)
-            print(f"[report] {page}")
+        cm.write_csv(run / files.TEST_CONFUSION)
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -122,6 +105,6 @@ class PredictionWriter(BasePredictionWriter):
         })
         out = run_dir_of(trainer)
         out.mkdir(parents=True, exist_ok=True)
-        name = "predictions.csv" if trainer.world_size == 1 else f"predictions_rank{trainer.global_rank}.csv"
+        name = files.PREDICTIONS if trainer.world_size == 1 else f"predictions_rank{trainer.global_rank}.csv"
         frame.write_csv(out / name)
         print(f"[predict] wrote {len(frame)} predictions to {out / name}")

@@ -22,10 +22,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import CSVLogger, Logger
 
 from datamodules import ImageDataModule
+from runs import files
 from runs.callbacks import FitTimer, ModelInfoWriter, PredictionWriter, TestResultsWriter
 from runs.train_eval import TrainEvalWriter
+from runs.files import RunFiles
 from lightning_modules.classifier import ImageClassifier
-from evaluation.report import ReportConfig
 from errors import ConfigError
 
 _RUN_DIR_ENV = "MEDSEL_RUN_DIR"
@@ -68,6 +69,31 @@ class RunConfig:
     config_file: str | None = None
 
 
+@dataclass
+class ReportConfig:
+    """What an evaluation report contains.
+
+    Attributes:
+        enabled: build the report after `test`.
+        bootstrap: bootstrap resamples for the intervals.
+        level: interval coverage.
+        calibration_bins: confidence bins for ECE and the reliability diagram.
+        temperature_scaling: fit a temperature on the validation split and report calibration before/after.
+        heatmap: "gradcam", "gradcam++" or "none".
+        heatmaps_per_class: test images per class in the gallery, for correct and for wrong predictions each.
+        seed: bootstrap seed.
+    """
+
+    enabled: bool = True
+    bootstrap: int = 1000
+    level: float = 0.95
+    calibration_bins: int = 10
+    temperature_scaling: bool = True
+    heatmap: Literal["gradcam", "gradcam++", "none"] = "gradcam"
+    heatmaps_per_class: int = 2
+    seed: int = 0
+
+
 def _new_version() -> str:
     for env in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"):  # every process of a multi-node job agrees on these
         if os.environ.get(env) and os.environ.get(env) != "none":
@@ -93,7 +119,7 @@ class RunConfigSaver(SaveConfigCallback):
 
     def setup(self, trainer: Trainer, pl_module, stage: str) -> None:
         stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn enum
-        self.config_filename = "config.yaml" if stage == "fit" else f"config_{stage}.yaml"
+        self.config_filename = files.stage_config(stage)
         super().setup(trainer, pl_module, stage)
 
 
@@ -128,15 +154,15 @@ def wandb_mode(run: RunConfig) -> str:
     return mode
 
 
-def build_callbacks(run: RunConfig, run_dir: Path, report: ReportConfig | None = None) -> list[Callback]:
+def build_callbacks(run: RunConfig, run_dir: Path) -> list[Callback]:
     callbacks: list[Callback] = [
         ModelCheckpoint(
-            dirpath=str(run_dir / "checkpoints"), filename="best", monitor=run.monitor, mode=run.mode,
+            dirpath=str(RunFiles(run_dir).checkpoints), filename=files.BEST, monitor=run.monitor, mode=run.mode,
             save_top_k=1, save_last=True, auto_insert_metric_name=False,
         ),
         ModelInfoWriter(),
         FitTimer(),
-        TestResultsWriter(report, wandb_mode(run)),
+        TestResultsWriter(),
         PredictionWriter(),
         TrainEvalWriter(),
     ]
@@ -219,7 +245,7 @@ class MedselCLI(LightningCLI):
             # The checkpoint supplies every weight: never download ImageNet weights just to overwrite them.
             cfg.model.network.pretrained = False
             cfg.model.network.pretrained_path = None
-        if self.subcommand == "fit" and (self.run_dir / "checkpoints" / "best.ckpt").exists() and not cfg.get("ckpt_path"):
+        if self.subcommand == "fit" and RunFiles(self.run_dir).best_checkpoint.exists() and not cfg.get("ckpt_path"):
             raise ConfigError(
                 f"run.dir '{self.run_dir}' already holds a trained model. Leave run.dir unset for a new run, "
                 "choose another folder, or pass --ckpt_path to resume it."
@@ -228,13 +254,12 @@ class MedselCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         cfg = self._cfg()
         run = RunConfig(**{k: v for k, v in vars(cfg.run).items() if not k.startswith("__")})
-        report = ReportConfig(**{k: v for k, v in vars(cfg.report).items() if not k.startswith("__")})
         if config.get("logger") in (None, True):
             config["logger"] = build_loggers(run, self.run_dir, self.subcommand or "fit")
         if config.get("enable_checkpointing") is False:
-            callbacks = callbacks + [c for c in build_callbacks(run, self.run_dir, report) if not isinstance(c, ModelCheckpoint)]
+            callbacks = callbacks + [c for c in build_callbacks(run, self.run_dir) if not isinstance(c, ModelCheckpoint)]
         else:
-            callbacks = callbacks + build_callbacks(run, self.run_dir, report)
+            callbacks = callbacks + build_callbacks(run, self.run_dir)
         config["default_root_dir"] = str(self.run_dir)
         config["precision"] = _precision(config.get("precision"), config.get("accelerator"))
         return super()._instantiate_trainer(config, callbacks)
@@ -242,7 +267,7 @@ class MedselCLI(LightningCLI):
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if subcommand in ("validate", "test", "predict") and not kwargs.get("ckpt_path"):
-            best = self.run_dir / "checkpoints" / "best.ckpt"
+            best = RunFiles(self.run_dir).best_checkpoint
             if not best.exists():
                 raise ConfigError(
                     f"`{subcommand}` needs a trained model: pass the run's saved config "
@@ -256,4 +281,4 @@ class MedselCLI(LightningCLI):
         if self.trainer.is_global_zero:
             best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
             print(f"\n[run] finished: {self.run_dir}\n[run] best checkpoint: {best}\n"
-                  f"[run] evaluate it: python cli.py test --config {self.run_dir / 'config.yaml'}")
+                  f"[run] evaluate it: python cli.py test --config {RunFiles(self.run_dir).config}")

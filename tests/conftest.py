@@ -1,4 +1,9 @@
-"""Shared test set-up: every run shrunk (CPU, tiny images, no W&B, few batches) and isolated in tmp dirs."""
+"""Shared test set-up: every run shrunk (CPU, tiny images, no W&B, few batches) and isolated in tmp dirs.
+
+Runs train in-process through `cli.main` (the same entry point as the shell, without a Python and torch start
+per test); one session-scoped run (`trained_run`) is fitted, tested and predicted once and shared by every test
+that only reads a finished run. Subprocess runs are for what needs a process boundary (DDP, kills, servers).
+"""
 
 from __future__ import annotations
 
@@ -56,3 +61,31 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600, env: dict | None =
         [sys.executable, str(REPO / "cli.py"), *args], cwd=cwd, text=True, timeout=timeout,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
     )
+
+
+def cli_in_process(*args: str) -> int:
+    """`python cli.py ARGS` in this process; returns the exit code (argparse errors exit through SystemExit)."""
+    import cli
+
+    try:
+        return cli.main(list(args))
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+def run_dirs(runs: Path) -> list[Path]:
+    return sorted(p.parent for p in runs.rglob("config.yaml"))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """CTnet-10 trained 10 epochs on the phantoms (W&B offline), then `test` (which writes the report) and
+    `predict`, all through `cli.py`'s entry point: the finished run directory."""
+    tmp = tmp_path_factory.mktemp("trained")
+    args = small_fit_args(tmp / "a", tmp / "runs", "--model.network={name: ctnet10, pool: null, hidden: null, dropout: null}",
+                          "--data.image_size=64", "--report.bootstrap=200", "--run.wandb=offline", epochs=10)
+    assert cli_in_process("fit", *args) == 0
+    (run_dir,) = run_dirs(tmp / "runs")
+    for command in ("test", "predict"):
+        assert cli_in_process(command, "--config", str(run_dir / "config.yaml"), "--trainer.enable_progress_bar=false") == 0
+    return run_dir

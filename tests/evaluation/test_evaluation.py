@@ -18,7 +18,8 @@ from evaluation.heatmaps import heatmaps, target_layer
 from evaluation.intervals import bootstrap
 from lightning_modules.metrics import METRIC_NAMES
 from lightning_modules.networks import NetworkConfig, build_network
-from tests.conftest import REPO, run_cli, small_fit_args
+from runs.open import open_run
+from tests.conftest import REPO, cli_in_process
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -111,24 +112,9 @@ def test_heatmaps_work_inside_inference_mode_for_every_custom_net():
     assert target_layer(build_network(NetworkConfig(name="resnet10t"), 2, (64, 64)), (64, 64)).__class__.__name__ == "Sequential"
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """CTnet-10 trained on the phantoms, then `cli.py test` (which writes the report)."""
-    tmp = tmp_path_factory.mktemp("eval")
-    args = small_fit_args(tmp / "a", tmp / "runs", "--model.network={name: ctnet10, pool: null, hidden: null, dropout: null}",
-                          "--data.image_size=64", "--report.bootstrap=200", epochs=10)
-    proc = run_cli("fit", *args)
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    run_dir = next((tmp / "runs").rglob("config.yaml")).parent
-    proc = run_cli("test", "--config", str(run_dir / "config.yaml"), "--trainer.enable_progress_bar=false")
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    return run_dir
-
-
 def test_gradcam_points_at_the_class_defining_region(trained_run):
-    from evaluation.cli import load_run
-
-    _, model, dm = load_run(trained_run)
+    opened = open_run(trained_run, overrides={"data": {"num_workers": 0}})
+    model, dm = opened.model, opened.datamodule
     dm.setup()
     rows = dm.resolve().frame.filter(pl.col("split") == "test")
     images = torch.stack([dm.datasets["test"][i][0] for i in range(rows.height)])
@@ -171,6 +157,7 @@ def test_report_files_and_numbers(trained_run):
     assert preds.height == 24 and {"path", "label", "predicted", "p_normal"} <= set(preds.columns)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_html_report_shows_every_image_in_headless_chromium(trained_run):
     from playwright.sync_api import sync_playwright
@@ -191,14 +178,17 @@ def test_html_report_shows_every_image_in_headless_chromium(trained_run):
     assert {"Test metrics", "Calibration", "Plots", "Where the model looks"} <= set(headings)
 
 
-def test_report_command_rebuilds_without_retraining(trained_run):
+def test_report_command_rebuilds_without_retraining(trained_run, capsys, monkeypatch):
     ckpt = trained_run / "checkpoints" / "best.ckpt"
     before = ckpt.stat().st_mtime_ns
     (trained_run / "report.html").unlink()
-    proc = run_cli("report", str(trained_run), "--report.heatmap=gradcam++", "--report.bootstrap=100")
-    assert proc.returncode == 0, proc.stdout[-3000:]
+    fits = []
+    monkeypatch.setattr("lightning.pytorch.Trainer.fit", lambda *a, **k: fits.append(a))
+    assert cli_in_process("report", str(trained_run), "--report.heatmap=gradcam++", "--report.bootstrap=100") == 0
     assert (trained_run / "report.html").exists() and ckpt.stat().st_mtime_ns == before
-    assert "Epoch" not in proc.stdout  # no training loop ran
-    assert json.loads((trained_run / "evaluation.json").read_text())["bootstrap"] == 100
-    proc = run_cli("report", str(REPO / "nonexistent"))
-    assert proc.returncode == 2 and "not a run directory" in proc.stdout
+    assert not fits  # no training loop ran
+    ev = json.loads((trained_run / "evaluation.json").read_text())
+    assert ev["bootstrap"] == 100
+    capsys.readouterr()
+    assert cli_in_process("report", str(REPO / "nonexistent")) == 2
+    assert "not a sweep folder" in capsys.readouterr().err

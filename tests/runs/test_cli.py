@@ -1,48 +1,98 @@
-"""`cli.py` end to end: config validation, fit/test run directories, DDP on CPU, learning on real data."""
+"""`cli.py` for runs: config validation and names, fit/test/predict run directories, DDP on CPU, real data."""
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import polars as pl
+import pytest
 import torch
 
-from tests.conftest import REPO, run_cli, small_fit_args
+from runs import config_names
+from runs.open import find_checkpoint, open_run
+from tests.conftest import REPO, cli_in_process, run_cli, run_dirs, small_fit_args
 
 
-def only_run_dir(runs):
-    dirs = [d for d in runs.rglob("config.yaml")]
-    assert len(dirs) == 1, dirs
-    return dirs[0].parent
+def test_misspelled_key_is_an_error(tmp_path, capsys):
+    assert cli_in_process("fit", *small_fit_args(tmp_path / "a", tmp_path / "runs", "--data.batchsize=3")) != 0
+    assert "batchsize" in capsys.readouterr().err
 
 
-def test_misspelled_key_is_an_error(tmp_path):
-    proc = run_cli("fit", *small_fit_args(tmp_path / "a", tmp_path / "runs", "--data.batchsize=3"))
-    assert proc.returncode != 0
-    assert "batchsize" in proc.stdout
-
-
-def test_misspelled_key_in_config_file_is_an_error(tmp_path):
+def test_misspelled_key_in_config_file_is_an_error(tmp_path, capsys):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text((REPO / "configs" / "demo.yaml").read_text().replace("early_stopping_patience", "early_stoping_patience"))
-    proc = run_cli("fit", "--config", str(cfg), "--trainer.max_epochs=1")
-    assert proc.returncode != 0 and "early_stoping_patience" in proc.stdout
+    assert cli_in_process("fit", "--config", str(cfg), "--trainer.max_epochs=1") != 0
+    assert "early_stoping_patience" in capsys.readouterr().err
 
 
-def test_print_config_shows_every_section():
-    proc = run_cli("fit", "--config", str(REPO / "configs" / "demo.yaml"), "--print_config")
-    assert proc.returncode == 0, proc.stdout
-    for key in ("run:", "data:", "model:", "trainer:", "network:", "split:"):
-        assert key in proc.stdout
+def test_print_config_shows_every_section(capsys):
+    assert cli_in_process("fit", "--config", str(REPO / "configs" / "demo.yaml"), "--print_config") == 0
+    out = capsys.readouterr().out
+    for key in ("run:", "data:", "model:", "trainer:", "network:", "split:", "report:"):
+        assert key in out
 
 
-def test_fit_then_test_writes_a_complete_run_dir(tmp_path):
-    runs = tmp_path / "runs"
-    proc = run_cli("fit", *small_fit_args(tmp_path / "a", runs, "--run.wandb=offline", epochs=2))
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    run_dir = only_run_dir(runs)
-    for name in ("config.yaml", "metrics.csv", "split.json", "split_counts.csv", "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
+def test_help_lists_every_command(capsys):
+    assert cli_in_process("--help") == 0
+    out = capsys.readouterr().out
+    for command in ("fit", "validate", "test", "predict", "sweep", "report", "serve"):
+        assert re.search(rf"^  {command}\s+\S", out, re.M), command
+    assert cli_in_process("sweep", "--help") == 0 and "--stage1" in capsys.readouterr().out
+
+
+def _resolved(capsys, *args: str) -> str:
+    assert cli_in_process("fit", *args, "--print_config") == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["demo", "demo.yaml"])
+def test_config_by_name_resolves_like_its_path_from_any_directory(name, tmp_path, monkeypatch, capsys):
+    by_path = _resolved(capsys, "--config", str(REPO / "configs" / "demo.yaml"))
+    monkeypatch.chdir(tmp_path)
+    announced, by_name = _resolved(capsys, "--config", name).split("\n", 1)
+    assert announced == f"[config] {name} -> configs/demo.yaml"
+    assert "config_file: configs/demo.yaml" in by_name
+    # Identical resolved configs (the by-path run records its absolute path instead).
+    assert by_name.replace("config_file: configs/demo.yaml", "") == re.sub(r"config_file: \S+", "", by_path)
+
+
+def test_config_name_resolution_is_printed_and_a_local_file_wins(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv, path = config_names.resolve_argv(["--config", "demo"])
+    assert argv == ["--config", str(config_names.CONFIGS / "demo.yaml")] and path == config_names.CONFIGS / "demo.yaml"
+    assert capsys.readouterr().out.strip() == "[config] demo -> configs/demo.yaml"
+    (tmp_path / "demo.yaml").write_text("seed_everything: 7\n")
+    argv, path = config_names.resolve_argv(["--config=demo.yaml"])
+    assert argv == ["--config=demo.yaml"] and path.resolve() == (tmp_path / "demo.yaml").resolve()
+    assert capsys.readouterr().out == ""  # used as given: nothing to say
+
+
+def test_unknown_config_name_lists_the_available_ones(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli_in_process("fit", "--config", "chd_typo") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --config 'chd_typo': no such file. Tried")
+    for name in ("chd", "covid_ct", "demo", "sweep_demo"):
+        assert name in err
+    assert "Traceback" not in err
+
+
+def test_cli_from_another_directory_resolves_names(tmp_path):
+    """As a user runs it: `python <repo>/cli.py` from elsewhere (a fresh interpreter; no torch import needed)."""
+    proc = subprocess.run([sys.executable, str(REPO / "cli.py"), "--help"], cwd=tmp_path, text=True, capture_output=True)
+    assert proc.returncode == 0 and "sweep" in proc.stdout and "serve" in proc.stdout and "report" in proc.stdout
+    proc = subprocess.run([sys.executable, str(REPO / "cli.py"), "sweep", "--config", "nope"], cwd=tmp_path,
+                          text=True, capture_output=True)
+    assert proc.returncode == 2 and "sweep_demo" in proc.stderr
+
+
+def test_fit_test_predict_write_a_complete_run_dir(trained_run):
+    run_dir = trained_run
+    for name in ("config.yaml", "metrics.csv", "split.json", "split_counts.csv", "checkpoints/best.ckpt",
+                 "checkpoints/last.ckpt", "model.json", "timing.json"):
         assert (run_dir / name).exists(), name
     assert list((run_dir / "wandb").glob("offline-run-*")), "no offline W&B run"
     history = pl.read_csv(run_dir / "metrics.csv")
@@ -53,30 +103,45 @@ def test_fit_then_test_writes_a_complete_run_dir(tmp_path):
     val_acc = history.filter(pl.col("val/acc").is_not_null())["val/acc"]
     assert abs(ep["val/overfit"][-1] - (train_acc[-1] - val_acc[-1])) < 1e-5
 
-    proc = run_cli("test", "--config", str(run_dir / "config.yaml"), "--trainer.enable_progress_bar=false")
-    assert proc.returncode == 0, proc.stdout[-3000:]
     results = json.loads((run_dir / "test_metrics.json").read_text())
     assert set(results["metrics"]) == {"loss", "nll", "acc", "balanced_acc", "precision", "sensitivity", "specificity", "f1", "mcc", "auroc"}
     assert sum(map(sum, results["confusion_matrix"]["counts"])) == results["n_images"] == 24
     assert (run_dir / "test_metrics.csv").exists() and (run_dir / "config_test.yaml").exists()
-    assert pl.read_csv(run_dir / "metrics.csv").height == history.height  # test did not overwrite the training log
+    assert history.height > 0 and pl.read_csv(run_dir / "metrics.csv").height == history.height
     preds = pl.read_parquet(run_dir / "test_predictions.parquet")
     assert preds.height == 24 and all(p.endswith(".png") for p in preds["path"])
 
     ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True, map_location="cpu")
     assert ckpt["hyper_parameters"]["classes"] == ["normal", "ASD", "VSD", "PDA"]
-
-    proc = run_cli("predict", "--config", str(run_dir / "config.yaml"), "--trainer.enable_progress_bar=false")
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    assert pl.read_csv(run_dir / "predictions.csv").height == 24
-
-
-def test_test_without_a_model_says_what_to_pass(tmp_path):
-    proc = run_cli("test", *small_fit_args(tmp_path / "a", tmp_path / "runs"))
-    assert proc.returncode == 2
-    assert "needs a trained model" in proc.stdout and "Traceback" not in proc.stdout
+    assert ckpt["hyper_parameters"]["resize"] == "squash" and ckpt["hyper_parameters"]["image_size"] == 64
+    predicted = pl.read_csv(run_dir / "predictions.csv")
+    assert predicted.height == 24
+    # `predict` and `test` used the same probabilities (one prediction path).
+    assert predicted["predicted"].to_list() == preds["predicted"].to_list()
 
 
+def test_open_run_rebuilds_the_trained_model_from_a_dir_or_a_bare_checkpoint(trained_run, tmp_path):
+    bare = tmp_path / "copy.ckpt"
+    bare.write_bytes((trained_run / "checkpoints" / "best.ckpt").read_bytes())
+    assert find_checkpoint(trained_run) == (trained_run / "checkpoints" / "best.ckpt", trained_run)
+    assert find_checkpoint(bare) == (bare, None)
+    runs = [open_run(trained_run, overrides={"data": {"num_workers": 0}}), open_run(bare)]
+    images = torch.randint(0, 255, (3, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        probs = [r.model.predict_probabilities(images) for r in runs]
+    torch.testing.assert_close(probs[0], probs[1])
+    assert runs[1].datamodule.classes == ["normal", "ASD", "VSD", "PDA"] and runs[1].datamodule.image_size == (64, 64)
+    with pytest.raises(Exception, match="not a sweep folder"):
+        find_checkpoint(tmp_path)
+
+
+def test_test_without_a_model_says_what_to_pass(tmp_path, capsys):
+    assert cli_in_process("test", *small_fit_args(tmp_path / "a", tmp_path / "runs")) == 2
+    err = capsys.readouterr().err
+    assert "needs a trained model" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_train_on_identical_splits(tmp_path):
     runs = tmp_path / "runs"
     proc = run_cli("fit", *small_fit_args(
@@ -87,21 +152,22 @@ def test_ddp_two_cpu_processes_train_on_identical_splits(tmp_path):
     ranks = dict(re.findall(r"\[data\] rank (\d)/2 uses split \S+ assignment (\w+)", proc.stdout))
     assert set(ranks) == {"0", "1"}, proc.stdout[-3000:]
     assert ranks["0"] == ranks["1"]
-    run_dir = only_run_dir(runs)
+    (run_dir,) = run_dirs(runs)
     assert (run_dir / "checkpoints" / "best.ckpt").exists()
 
 
+@pytest.mark.slow
 def test_fit_then_test_learns_on_covid_ct(tmp_path, covid_ct, shared_artifacts):
     """Small backbone, small images, from scratch: test accuracy clearly above the majority-class rate."""
     runs = tmp_path / "runs"
     proc = run_cli(
-        "fit", "--config", str(REPO / "configs" / "covid_ct.yaml"), f"--data.source={covid_ct / 'metadata.csv'}",
+        "fit", "--config", "covid_ct", f"--data.source={covid_ct / 'metadata.csv'}",
         f"--data.artifacts_dir={shared_artifacts}", "--data.image_size=64", "--model.network={name: resnet10t, pretrained: false, pool: null, hidden: null, dropout: null}",
         "--model.loss=ce", "--model.optimizer.init_args.lr=0.002", "--trainer.max_epochs=10", f"--run.root={runs}",
         "--run.wandb=disabled", "--trainer.enable_progress_bar=false",
     )
     assert proc.returncode == 0, proc.stdout[-3000:]
-    run_dir = only_run_dir(runs)
+    (run_dir,) = run_dirs(runs)
     proc = run_cli("test", "--config", str(run_dir / "config.yaml"), "--trainer.enable_progress_bar=false")
     assert proc.returncode == 0, proc.stdout[-3000:]
     results = json.loads((run_dir / "test_metrics.json").read_text())
