@@ -43,3 +43,23 @@ def test_follow_reads_each_complete_line_once(tmp_path):
             fh.write("}\n")
     assert seen == [{"epoch": 0}, {"epoch": 1}]
     assert clock(3725) == "1:02:05" and clock(None) == "--"
+
+
+def test_trial_callback_appends_one_line_per_validation_epoch(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    from sweeps.epoch_progress import EpochProgress
+
+    callback = EpochProgress()
+    trainer = SimpleNamespace(sanity_checking=True, is_global_zero=True, current_epoch=0, max_epochs=3,
+                              default_root_dir=str(tmp_path), callback_metrics={"val/loss": torch.tensor(0.7)})
+    callback.on_validation_end(trainer, None)  # the sanity check is not an epoch
+    trainer.sanity_checking = False
+    for epoch, loss in ((0, 0.7), (1, 0.5)):
+        trainer.current_epoch, trainer.callback_metrics = epoch, {"val/loss": torch.tensor(loss), "val/cm": torch.eye(2)}
+        callback.on_validation_end(trainer, None)
+    records = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1] and records[1]["max_epochs"] == 3
+    assert records[1]["metrics"] == {"val/loss": 0.5}  # scalars only
