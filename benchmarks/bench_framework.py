@@ -12,7 +12,6 @@ times and their ratio (target <= 1.10).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -23,9 +22,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from runs.cli import MedselCLI  # noqa: E402
 from lightning_modules.losses import build_loss  # noqa: E402
 from lightning_modules.networks import NetworkConfig, build_network  # noqa: E402
+from runs import files  # noqa: E402
+from runs.cli import MedselCLI  # noqa: E402
+from runs.files import RunFiles  # noqa: E402
 
 
 def config(args, root: str) -> dict:
@@ -46,7 +47,7 @@ def lightning_epochs(args) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         cli = MedselCLI(args=config(args, tmp), run=False)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        timing = json.loads(next(Path(tmp).rglob("timing.json")).read_text())
+        timing = RunFiles(cli.run_dir).read_json(files.TIMING)
     return timing["train_seconds"] / args.epochs
 
 

@@ -20,10 +20,10 @@ from evaluation import calibration, plots
 from evaluation.document import Document
 from evaluation.heatmaps import HeatmapUnavailable, heatmaps, overlay
 from evaluation.intervals import bootstrap
+from lightning_modules.metrics import METRIC_NAMES
 from runs import files
 from runs.cli import ReportConfig, wandb_run_id
 from runs.files import RunFiles
-from lightning_modules.metrics import METRIC_NAMES
 
 TITLES = {"acc": "Accuracy", "balanced_acc": "Balanced accuracy", "precision": "Precision", "sensitivity": "Sensitivity",
           "specificity": "Specificity", "f1": "F1", "mcc": "MCC", "auroc": "AUROC"}

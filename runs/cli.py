@@ -22,12 +22,12 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import CSVLogger, Logger
 
 from datamodules import ImageDataModule
+from errors import ConfigError
+from lightning_modules.classifier import ImageClassifier
 from runs import files
 from runs.callbacks import FitTimer, ModelInfoWriter, PredictionWriter, TestResultsWriter
-from runs.train_eval import TrainEvalWriter
 from runs.files import RunFiles
-from lightning_modules.classifier import ImageClassifier
-from errors import ConfigError
+from runs.train_eval import TrainEvalWriter
 
 _RUN_DIR_ENV = "MEDSEL_RUN_DIR"
 _RUN_DIR_OWNER_ENV = "MEDSEL_RUN_DIR_OWNER_PID"
