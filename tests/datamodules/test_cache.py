@@ -5,11 +5,13 @@ from __future__ import annotations
 import builtins
 import multiprocessing as mp
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 from datamodules import ImageDataModule
 from datamodules.cache import ImageCache
@@ -117,12 +119,35 @@ def test_epochs_open_no_image_file(tmp_path, monkeypatch):
     assert opened == []  # epoch 2: not even the cache file is re-opened
 
 
+class _WhereFrom(torch.utils.data.Dataset):
+    """Reports, from inside a loader worker, where an item's pixels came from."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        image, _ = self.inner[i]
+        mapped = self.inner._images
+        return os.getpid(), type(mapped).__name__, str(mapped.filename), image.numpy()
+
+
 def test_workers_share_the_map(tmp_path):
     dm = ImageDataModule(image_size=32, num_workers=2, batch_size=8, artifacts_dir=str(tmp_path), persistent_workers=False)
     dm.setup("fit")
-    seen = torch_cat([x for x, _ in dm.val_dataloader()])
-    direct = np.stack([dm.datasets["val"][i][0].numpy() for i in range(len(dm.datasets["val"]))])
-    np.testing.assert_array_equal(seen, direct)
+    dataset = dm.datasets["val"]
+    # What each worker receives: settings and indices, not pixels (the map is never pickled).
+    assert dataset._images is None and len(pickle.dumps(dataset)) < 20_000
+    loader = torch.utils.data.DataLoader(_WhereFrom(dataset), num_workers=2, batch_size=4, collate_fn=list)
+    items = [item for batch in loader for item in batch]
+    pids = {pid for pid, *_ in items}
+    assert len(pids) == 2 and os.getpid() not in pids
+    # Every worker reads the one cache file through a memory map (shared OS page cache, no private copy).
+    assert {(kind, file) for _, kind, file, _ in items} == {("memmap", str(Path(dm.resolve().view.file).resolve()))}
+    direct = np.stack([dataset[i][0].numpy() for i in range(len(dataset))])
+    np.testing.assert_array_equal(np.stack([image for *_, image in items]), direct)
 
 
 def torch_cat(batches):

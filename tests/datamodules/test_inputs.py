@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import polars as pl
 import pytest
 from PIL import Image
 
 from datamodules import ImageDataModule
-from errors import DataError
 from datamodules.images import ImageDecodeError, decode, load_image
+from errors import DataError
 from tests.conftest import run_cli, small_fit_args
 
 
 def write_image(path, mode="RGB", size=(40, 30), fmt=None, value=None):
     path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(abs(hash(path.name)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(path.name.encode()))  # stable across processes, unlike hash()
     if mode == "I;16":
         arr = (rng.integers(0, 4096, size[::-1])).astype(np.uint16)  # a 12-bit detector in a 16-bit file
         img = Image.fromarray(arr)
