@@ -204,3 +204,31 @@ def test_lower_is_better_metric_is_reported_winner_better_positive(tmp_path):
     })
     marked = compare_stage(trials, board().head(2), ["candidate"], "metric", "val/nll", tmp_path, n_resamples=200)
     assert marked["vs_winner_diff"][1] > 0 and marked["indistinguishable"][1] is False
+
+
+@pytest.mark.slow
+def test_real_sweep_marks_indistinguishable_candidates_and_says_which_terms_it_ranked(tmp_path, shared_artifacts):
+    import yaml
+
+    from tests.conftest import REPO, run_cli
+
+    cfg = {
+        "name": "cmp", "base_config": str(REPO / "configs" / "demo.yaml"), "root": str(tmp_path / "sweeps"),
+        "overrides": {"run": {"early_stopping_patience": None}, "trainer": {"enable_model_summary": False},
+                      "data": {"num_workers": 0, "artifacts_dir": str(shared_artifacts)}},
+        "stage1": {"candidates": [{"network": "ctnet10"}, {"network": "ctnet10", "label": "ctnet10-lr01", "lr": 0.01}],
+                   "defaults": {"optimizer": "adam", "loss": "ce", "batch_size": 32, "max_epochs": 2, "image_size": 32}},
+        "stage2": {"optimizers": ["adam"], "losses": ["ce", "mse"]}, "wandb": "disabled",
+    }
+    (tmp_path / "cmp.yaml").write_text(yaml.safe_dump(cfg))
+    proc = run_cli("sweep", "--config", str(tmp_path / "cmp.yaml"))
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    out = tmp_path / "sweeps" / "cmp"
+    for stage in ("stage1", "stage2"):
+        board = pl.read_parquet(out / f"{stage}_leaderboard.parquet")
+        assert board["indistinguishable"][0] is None and board["indistinguishable"][1] is not None
+        assert board["vs_winner"][1].count("[") == 1 and board["complete"].all()
+        assert "train_eval/overfit" in board.columns  # the eval-mode overfit term was ranked
+    report = (out / "report.md").read_text()
+    assert "ranks `val/nll`" in report and "`train_eval/overfit`" in report and "paired bootstrap" in report
+    assert "cannot separate" in report or "better than every other candidate" in report
