@@ -69,53 +69,55 @@ def popcount(x: np.ndarray) -> np.ndarray:
     return np.bitwise_count(x) if hasattr(np, "bitwise_count") else np.unpackbits(x.view(np.uint8)).reshape(-1, 64).sum(1)
 
 
-def _blocks(max_distance: int) -> list[tuple[int, int]]:
-    """Split 64 bits into max_distance + 1 contiguous blocks (start, width): pigeonhole says two hashes
-    within `max_distance` bits agree exactly on at least one block."""
-    n = max_distance + 1
-    widths = [HASH_BITS // n + (1 if k < HASH_BITS % n else 0) for k in range(n)]
-    starts = np.cumsum([0, *widths[:-1]])
-    return [(int(s), w) for s, w in zip(starts, widths, strict=True)]
+_BLOCKS = 4  # 16-bit blocks: with 100,000 hashes a block value holds ~1.5 of them
+
+
+def _masks(radius: int) -> np.ndarray:
+    """Every 16-bit XOR mask with at most `radius` bits set (the block values to probe)."""
+    all_masks = np.arange(1 << 16, dtype=np.uint64)
+    return all_masks[popcount(all_masks) <= radius]
 
 
 def near_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
     """All index pairs (i < j) whose hashes differ in at most `max_distance` bits.
 
-    Multi-index hashing: for each block, sort the hashes by that block's value; equal values sit next to
-    each other, so comparing every element with the ones 1, 2, ... places further on (while the block still
-    matches) enumerates exactly the candidates, each offset as one vectorised step. Candidates are checked
-    with a vectorised popcount. No structure in a library does this for 64-bit Hamming space on the CPU.
+    Multi-index hashing (Norouzi et al., 2012): split the 64 bits into 4 blocks of 16; by pigeonhole two
+    hashes within `d` bits differ by at most floor(d / 4) bits in at least one block. For each block, the
+    hashes are sorted by the block's value and every value within that radius is looked up at once
+    (a bucket table of all 65,536 block values, probed for all hashes per XOR mask); the candidates are checked with a vectorised popcount.
+    No library offers this for 64-bit Hamming space on the CPU, hence the hand-written search.
 
     Args:
-        hashes: (N,) uint64, distinct values (duplicates are grouped before, see `cluster`).
+        hashes: (N,) uint64 (repeats allowed; `cluster` removes them first).
         max_distance: largest Hamming distance that still links two images (0..63).
 
     Returns:
         (i, j): int64 arrays of pair indices into `hashes`.
     """
     hashes = np.asarray(hashes, dtype=np.uint64)
-    found_i: list[np.ndarray] = []
-    found_j: list[np.ndarray] = []
-    for start, width in _blocks(max_distance):
-        shift = np.uint64(HASH_BITS - start - width)
-        key = (hashes >> shift) & np.uint64((1 << width) - 1)
+    n = len(hashes)
+    masks = _masks(max_distance // _BLOCKS)
+    found: list[np.ndarray] = []
+    for b in range(_BLOCKS):
+        key = ((hashes >> np.uint64(16 * b)) & np.uint64(0xFFFF)).astype(np.int64)
         order = np.argsort(key, kind="stable")
-        skey, shash = key[order], hashes[order]
-        active = np.arange(len(order) - 1)
-        offset = 1
-        while len(active):
-            active = active[active + offset < len(order)]
-            active = active[skey[active] == skey[active + offset]]  # still inside the same bucket
-            if not len(active):
-                break
-            close = popcount(shash[active] ^ shash[active + offset]) <= max_distance
-            a, b = order[active[close]], order[active[close] + offset]
-            found_i.append(np.minimum(a, b))
-            found_j.append(np.maximum(a, b))
-            offset += 1
-    if not found_i:
+        starts = np.concatenate([[0], np.cumsum(np.bincount(key, minlength=1 << 16))])  # bucket v: order[starts[v]:starts[v+1]]
+        for mask in masks.astype(np.int64):
+            probe = key ^ mask
+            left = starts[probe]
+            count = starts[probe + 1] - left
+            total = int(count.sum())
+            if not total:
+                continue
+            i = np.repeat(np.arange(n), count)
+            within = np.arange(total) - np.repeat(np.cumsum(count) - count, count)
+            j = order[np.repeat(left, count) + within]
+            keep = (i < j) & (popcount(hashes[i] ^ hashes[j]) <= max_distance)
+            if keep.any():
+                found.append(np.stack([i[keep], j[keep]], axis=1))
+    if not found:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    pairs = np.unique(np.stack([np.concatenate(found_i), np.concatenate(found_j)], axis=1), axis=0)
+    pairs = np.unique(np.concatenate(found), axis=0)  # a pair found through several blocks counts once
     return pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
 
 
