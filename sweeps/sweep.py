@@ -336,7 +336,9 @@ def run(sweep: SweepConfig, execute: Execute | None = None,
     print(f"[sweep] stage 2 winner: {base} + {best['optimizer']} + {best['loss']}", flush=True)
 
     winner_trials = trials2.filter((pl.col("optimizer") == best["optimizer"]) & (pl.col("loss") == best["loss"]))
-    winner_trials = winner_trials.sort(s2.objective, descending=s2.direction == "maximize", nulls_last=True)
+    # NaN as null: polars orders NaN above every number, so it would come first under maximize
+    winner_trials = winner_trials.sort(pl.col(s2.objective).cast(pl.Float64).fill_nan(None),
+                                       descending=s2.direction == "maximize", nulls_last=True)
     winner_row = winner_trials.row(0, named=True)
     winner_dir = out / winner_row["run_dir"]  # stored relative to the sweep folder
     summary.update({
