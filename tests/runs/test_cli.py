@@ -38,7 +38,7 @@ def test_print_config_shows_every_section(capsys):
 def test_help_lists_every_command(capsys):
     assert cli_in_process("--help") == 0
     out = capsys.readouterr().out
-    for command in ("fit", "validate", "test", "predict", "sweep", "report", "serve"):
+    for command in ("fit", "validate", "test", "predict", "sweep", "report", "serve", "audit"):
         assert re.search(rf"^  {command}\s+\S", out, re.M), command
     assert cli_in_process("sweep", "--help") == 0 and "--stage1" in capsys.readouterr().out
 
