@@ -172,3 +172,16 @@ def test_grid_point_with_missing_repeats_is_incomplete_and_cannot_win():
 def test_no_complete_grid_point_is_an_error_naming_the_key():
     with pytest.raises(SweepError, match="allow_incomplete"):
         leaderboard(repeat_trials().filter(pl.col("repeat") == 0), ["candidate"], ["val/acc"], Selection(rule="metric"), 3)
+
+
+def test_trial_summary_carries_the_eval_mode_overfit_gap(tmp_path):
+    import json
+
+    from runs import files
+    from sweeps.trials import summarize
+
+    (tmp_path / files.METRICS).write_text("epoch,step,val/loss,val/acc,train/acc,val/overfit\n"
+                                          "0,4,0.9,0.6,,\n0,4,,,0.7,0.1\n1,9,0.8,0.7,,\n1,9,,,0.95,0.25\n")
+    (tmp_path / files.TRAIN_EVAL).write_text(json.dumps({"metrics": {"train_eval/acc": 0.75, "train_eval/overfit": 0.05}}))
+    metrics = summarize(tmp_path, "best", "val/loss", "min")["metrics"]
+    assert metrics["val/overfit"] == 0.25 and metrics["train_eval/overfit"] == 0.05
