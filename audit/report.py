@@ -127,3 +127,31 @@ def write_audit_report(
         _issues_section(doc, issues, files, limit)
     _, page = doc.write(out / "audit", title)
     return page
+
+
+def add_audit_section(doc: Document, run_dir: Path, out: Path) -> Path | None:
+    """Append a run's audit (the one-screen summary and a link) to another report, e.g. a sweep's, and write
+    the full audit report into `out`. Nothing happens for runs without an audit (audit disabled).
+
+    Args:
+        doc: the report being built.
+        run_dir: a run directory holding `runs.files.AUDIT` and `runs.files.AUDIT_CLUSTERS`.
+        out: folder for the full audit report (e.g. `<sweep>/audit`).
+
+    Returns:
+        The audit HTML, or None.
+    """
+    from datamodules.duplicate_audit import summary_text
+    from runs import files
+
+    counts_file, clusters_file = Path(run_dir) / files.AUDIT, Path(run_dir) / files.AUDIT_CLUSTERS
+    if not counts_file.exists() or not clusters_file.exists():
+        return None
+    counts = json.loads(counts_file.read_text())
+    page = write_audit_report(out, counts, pl.read_parquet(clusters_file), title="Data audit")
+    doc.h2("Data audit")
+    for line in summary_text(counts).splitlines():
+        doc.p(line.removeprefix("[audit] "))
+    doc.table(_counts_table(counts))
+    doc.p(f"Every cluster with thumbnails: `{page.relative_to(doc.base) if page.is_relative_to(doc.base) else page}`.")
+    return page

@@ -53,29 +53,36 @@ def test_label_issues_from_given_probabilities_are_ranked(folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_kfold_model_flags_flipped_labels(tmp_path, shared_artifacts):
-    """Phantoms with 6 labels flipped: the k-fold model trained by `--label-issues` finds most of them."""
-    from datamodules import phantoms
+def test_quick_kfold_model_flags_flipped_labels(tmp_path):
+    """Two easy classes (horizontal vs vertical stripes), 5 labels flipped: the k-fold model trained by
+    `--label-issues` puts them at the top of its list."""
+    import cv2
 
-    root = phantoms.ensure_dataset(shared_artifacts / "datasets" / "chd_phantom")
-    rows = [(str(p), p.parent.name) for c in ("normal", "VSD") for p in sorted((root / c).glob("*.png"))]
-    flipped = {rows[i][0] for i in (3, 17, 41, 65, 88, 110)}
-    rows = [(p, ("VSD" if lab == "normal" else "normal") if p in flipped else lab) for p, lab in rows]
+    rng = np.random.default_rng(0)
+    rows = []
+    for c in ("horizontal", "vertical"):
+        for i in range(40):
+            stripes = np.tile((np.arange(32) // rng.integers(2, 5) % 2 * 160 + 40)[:, None], (1, 32))
+            image = (stripes if c == "horizontal" else stripes.T) + rng.normal(0, 20, (32, 32))
+            path = tmp_path / "d" / c / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(path), np.clip(image, 0, 255).astype(np.uint8))
+            rows.append((str(path), c))
+    flipped = {rows[i][0] for i in (3, 17, 41, 55, 70)}
+    rows = [(p, ({"horizontal": "vertical", "vertical": "horizontal"}[c]) if p in flipped else c) for p, c in rows]
     manifest = tmp_path / "m.csv"
     pl.DataFrame(rows, schema=["path", "label"], orient="row").write_csv(manifest)
     cfg = tmp_path / "fit.yaml"
     cfg.write_text(yaml.safe_dump({
-        "data": {"source": str(manifest), "classes": ["normal", "VSD"], "image_size": 32, "num_workers": 0,
-                 "artifacts_dir": str(shared_artifacts), "batch_size": 16},
+        "data": {"source": str(manifest), "classes": ["horizontal", "vertical"], "image_size": 32, "num_workers": 0,
+                 "artifacts_dir": str(tmp_path / "a"), "batch_size": 16},
         "model": {"network": {"name": "resnet10t"}, "loss": "ce",
                   "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.003}}},
         "trainer": {"accelerator": "cpu"},
     }))
     out = tmp_path / "report"
-    assert main(["--config", str(cfg), "--out", str(out), "--label-issues", "--folds", "4", "--epochs", "8",
+    assert main(["--config", str(cfg), "--out", str(out), "--label-issues", "--folds", "3", "--epochs", "4",
                  "--image-size", "32"]) == 0
     issues = pl.read_parquet(out / LABEL_ISSUES)
-    found = set(issues["path"].to_list()) & flipped
-    assert len(found) >= 4, (len(found), issues.height)
-    assert issues.height <= 20  # and not every image
-    assert np.all(np.diff(issues["label_probability"].to_numpy()) >= 0)  # ranked, most suspicious first
+    assert set(issues["path"].head(5).to_list()) == flipped, issues
+    assert issues.height <= 8  # and hardly anything else

@@ -64,3 +64,24 @@ def test_without_duplicate_grouping_the_manifest_split_shows_leakage(folder, tmp
     assert data.audit["leakage"] == 1
     leak = data.clusters.filter(pl.col("leakage"))
     assert leak["files"].to_list() == [["normal/normal_2.png", "normal/normal_2_copy.png"]]
+
+
+def test_a_runs_audit_goes_into_another_report(folder, tmp_path):
+    """What a sweep report shows: the winner run's audit summary, and the full audit beside it."""
+    from audit.report import add_audit_section
+    from evaluation.document import Document
+
+    dm = _module(folder, tmp_path, on_conflict="keep")
+
+    class _Trainer:
+        default_root_dir = str(tmp_path / "run")
+        global_rank = 0
+
+    dm.trainer = _Trainer()
+    dm._record_in_run_dir(dm.resolve())
+    doc = Document(tmp_path)
+    page = add_audit_section(doc, tmp_path / "run", tmp_path / "audit")
+    assert page == tmp_path / "audit" / "audit.html" and page.exists()
+    text = doc.markdown()
+    assert "## Data audit" in text and "label conflicts 1" in text and "audit/audit.html" in text
+    assert add_audit_section(Document(tmp_path), tmp_path / "no_run", tmp_path / "x") is None
