@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from evaluation.resampling import Resampler
 from runs import files
 from runs.files import RunFiles
 
@@ -60,8 +61,6 @@ def bootstrap_weights(targets: np.ndarray, groups: np.ndarray | None, n_resample
         n_resamples: R.
         seed: RNG seed.
     """
-    from evaluation.intervals import Resampler  # here: it imports torch, which the sweep coordinator avoids
-
     sampler = Resampler(targets, groups)
     rng = np.random.default_rng(seed)
     weights = np.zeros((n_resamples, len(targets)))

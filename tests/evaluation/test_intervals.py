@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from evaluation.intervals import Resampler, bootstrap, patient_groups, resampling_method
+from evaluation.intervals import bootstrap
+from evaluation.resampling import Resampler, patient_groups, resampling_method
 
 
 def rare_positives():
