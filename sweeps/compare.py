@@ -174,12 +174,19 @@ def verdict(board: pl.DataFrame, label) -> tuple[str, dict | None]:
         return "", None
     rows = list(board.iter_rows(named=True))
     ties = [r for r in rows[1:] if r["indistinguishable"]]
+    # Under the rank score the winner can be beaten on the compared metric alone: say so, never "better".
+    better = [r for r in rows[1:] if r["indistinguishable"] is False and r["vs_winner_high"] < 0]
+    beaten = "" if not better else (
+        f" {', '.join(label(r) for r in better)} scored better than the winner on this metric beyond the noise "
+        "(the interval is below 0); the winner won on the selection rule, which weighs other terms too.")
     if not ties:
+        if better:
+            return beaten.strip(), None
         return (f"The winner {label(rows[0])} is better than every other candidate by more than the noise "
                 "(every 95% interval of the difference excludes 0)."), None
     names = ", ".join(label(r) for r in ties)
     text = (f"The data cannot separate the winner {label(rows[0])} from {names}: the 95% interval of each "
-            "difference includes 0, so their order on this validation split may be chance.")
+            "difference includes 0, so their order on this validation split may be chance." + beaten)
     simplest = min([rows[0], *ties], key=lambda r: (r["params"], r["rank"]))
     if simplest is rows[0]:
         return text + " The winner is also the simplest of them.", None
@@ -187,12 +194,15 @@ def verdict(board: pl.DataFrame, label) -> tuple[str, dict | None]:
             f"{rows[0]['params']:,}), is the parsimonious choice."), simplest
 
 
-def _split_ratio(run_dir: Path) -> float:
-    """n_val / n_train of a run, from its train_eval.json or else its split_counts.csv."""
+def _split_ratio(run_dir: Path) -> float | None:
+    """n_val / n_train of a run, from its train_eval.json or else its split_counts.csv (None: unknown)."""
     info = RunFiles(run_dir).read_json(files.TRAIN_EVAL)
     if info and info.get("n_train"):
         return info["n_val"] / info["n_train"]
-    counts = pl.read_csv(Path(run_dir) / files.SPLIT_COUNTS).filter(pl.col("class") == "total").row(0, named=True)
+    path = Path(run_dir) / files.SPLIT_COUNTS
+    if not path.is_file():
+        return None
+    counts = pl.read_csv(path).filter(pl.col("class") == "total").row(0, named=True)
     return counts["val"] / counts["train"]
 
 
@@ -224,8 +234,11 @@ def method_text(trials: pl.DataFrame, board: pl.DataFrame, keys: list[str], rule
     winner = _by_point(trials, board.head(1), keys)[0]
     run_dir = Path(root) / winner["run_dir"][0]
     if _uses_t_test(trials, name):
+        ratio = _split_ratio(run_dir)
+        if ratio is None:
+            return "No comparison over repeats: the winner's run directory does not record its split sizes."
         text = (f"Each candidate is compared with the winner by the corrected resampled t-test (Nadeau & Bengio "
-                f"2003) on validation {name} over repeats paired by seed (n_val/n_train = {_split_ratio(run_dir):.3f})")
+                f"2003) on validation {name} over repeats paired by seed (n_val/n_train = {ratio:.3f})")
     else:
         base = _predictions(run_dir)
         if base is None:
@@ -265,6 +278,8 @@ def compare_stage(
     diffs: dict[int, Difference] = {}
     if _uses_t_test(trials, name):
         ratio = _split_ratio(Path(root) / winner["run_dir"][0])
+        if ratio is None:
+            return board
         col = f"val/{name}"
         for i, other in enumerate(points[1:], start=1):
             pair = winner.select("repeat", pl.col(col).alias("a")).join(other.select("repeat", pl.col(col).alias("b")), on="repeat")

@@ -153,6 +153,10 @@ def test_verdict_names_the_simplest_indistinguishable_candidate():
     assert simplest is None and "better than every other candidate" in text
     winner_simplest = mark(board((500, 1_000, 9_000)), {1: Difference(0.0, -0.1, 0.1, "x")})
     assert verdict(winner_simplest, lambda r: r["candidate"])[1] is None
+    # The rank score's winner can lose on accuracy alone: then it is not called "better than every other".
+    beaten = mark(board(), {1: Difference(-0.2, -0.3, -0.1, "x"), 2: Difference(0.2, 0.1, 0.3, "x")})
+    text, _ = verdict(beaten, lambda r: r["candidate"])
+    assert "better than every" not in text and text.startswith("S scored better than the winner")
 
 
 def write_run(root, name: str, pred: np.ndarray, targets: np.ndarray, patients) -> str:
