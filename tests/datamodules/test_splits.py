@@ -70,7 +70,7 @@ def test_split_file_is_read_back_not_recomputed(covid_ct, shared_artifacts, monk
 def test_manifest_split_column(covid_ct, shared_artifacts):
     dm = ImageDataModule(
         source=str(covid_ct / "metadata.csv"), classes=CLASSES, image_size=32, artifacts_dir=str(shared_artifacts),
-        columns={"split": "official_split"}, split=SplitConfig(use_manifest_split=True),
+        columns={"split": "official_split"}, split=SplitConfig(use_manifest_split=True), on_conflict="keep",
     )
     counts = count_table(dm.resolve().frame, CLASSES).filter(pl.col("class") == "total").row(0, named=True)
     assert (counts["train"], counts["val"], counts["test"]) == (425, 118, 203)
