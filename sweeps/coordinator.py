@@ -9,19 +9,23 @@ and the others finish as pruned duplicates without training. Results go back wit
 Only Optuna's public API is used: the storage object is the one this module creates and keeps (studies
 do not expose theirs), trial ids come from `storage.get_trial_id_from_study_id_trial_number`.
 
-A running trial records its host, pid and a heartbeat. A trial whose process is gone (same host: at once)
-or whose heartbeat stopped (other hosts: after a grace period) is interrupted: it is marked FAIL with that
-reason and enqueued again. A trial process killed by a signal (SIGKILL, the OOM killer) is interrupted
+A running trial records its host and pid, and Optuna's storage heartbeat (`RDBStorage(heartbeat_interval,
+grace_period)`, `record_heartbeat`). A trial whose process is gone is interrupted: on the same host that is
+seen at once (the pid), it is marked FAIL with that reason and enqueued again; on other hosts Optuna's
+`fail_stale_trials` fails it once its heartbeat is older than the grace period and its
+`RetryHeartbeatStaleTrialCallback` enqueues it again. A trial process killed by a signal (SIGKILL, the OOM killer) is interrupted
 too and is retried on the next run. Finished trials are never retrained; trials that failed with an error
 are retried only on request (`retry_failed`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import threading
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -84,12 +88,28 @@ class StageStudy:
         self.storage.set_trial_user_attr(self.trial_id(number), key, value)
 
 
-def make_storage(url: str, attempts: int = 8) -> optuna.storages.BaseStorage:
+def make_storage(url: str, attempts: int = 8, heartbeat_seconds: float | None = None,
+                 grace_intervals: int = 6) -> optuna.storages.RDBStorage:
     """An RDB storage; SQLite waits for its write lock instead of failing under several workers.
 
     Machines that start a sweep at the same moment on an empty database race to create Optuna's tables;
     the loser retries and finds them.
+
+    Args:
+        url: the storage URL.
+        attempts: tries to open it.
+        heartbeat_seconds: enable Optuna's trial heartbeat at this interval (whole seconds, at least 1);
+            a trial silent for `grace_intervals` intervals is stale, failed and enqueued again.
+        grace_intervals: see `heartbeat_seconds`.
     """
+    heartbeat: dict[str, Any] = {}
+    if heartbeat_seconds:
+        interval = max(1, math.ceil(heartbeat_seconds))
+        with warnings.catch_warnings():  # experimental since Optuna 2.8, unchanged through 5.0
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)
+        heartbeat = {"heartbeat_interval": interval, "grace_period": grace_intervals * interval,
+                     "heartbeat_stale_trial_callback": retry}
     import random
 
     import sqlalchemy.exc
@@ -101,7 +121,9 @@ def make_storage(url: str, attempts: int = 8) -> optuna.storages.BaseStorage:
         kwargs["pool_pre_ping"] = True
     for attempt in range(attempts):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+            with warnings.catch_warnings():  # the heartbeat arguments are "experimental" (since Optuna 2.9)
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **heartbeat)
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError):
             if attempt == attempts - 1:
                 raise
@@ -135,7 +157,10 @@ def grid_params(trial: FrozenTrial) -> dict[str, Any]:
 
 
 def is_interrupted(trial: FrozenTrial) -> bool:
-    return trial.state == TrialState.FAIL and str(trial.user_attrs.get("fail_reason", "")).startswith(INTERRUPTED)
+    """FAIL with an "interrupted" reason, or with none: every failure this package records carries a reason,
+    so a reasonless FAIL is one that Optuna's `fail_stale_trials` recorded (its heartbeat stopped)."""
+    reason = trial.user_attrs.get("fail_reason")
+    return trial.state == TrialState.FAIL and (reason is None or str(reason).startswith(INTERRUPTED))
 
 
 @dataclass
@@ -231,18 +256,17 @@ def fail(ss: StageStudy, number: int, reason: str, state: TrialState = TrialStat
     ss.study.tell(number, state=state, skip_if_finished=True)
 
 
-def recover_stale(ss: StageStudy, grace_seconds: float) -> list[int]:
-    """Fail interrupted RUNNING trials (worker gone) and enqueue each once more; returns their numbers."""
+def recover_stale(ss: StageStudy) -> list[int]:
+    """Fail interrupted RUNNING trials and enqueue each once more; returns their numbers.
+
+    Same host: the trial's worker process is gone (seen at once). Other hosts: Optuna's heartbeat is older
+    than the grace period (`fail_stale_trials`, whose `RetryHeartbeatStaleTrialCallback` enqueues the retry).
+    """
     recovered = []
-    now = time.time()
-    for t in ss.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    running = ss.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for t in running:
         ua = t.user_attrs
-        if ua.get("host") == HOST:
-            stale = not _alive(ua.get("pid"), ua.get("pid_start"))
-        else:
-            beat = ua.get("heartbeat") or (t.datetime_start.timestamp() if t.datetime_start else now)
-            stale = now - float(beat) > grace_seconds
-        if not stale:
+        if ua.get("host") != HOST or _alive(ua.get("pid"), ua.get("pid_start")):
             continue
         tid = ss.trial_id(t.number)
         try:
@@ -252,7 +276,11 @@ def recover_stale(ss: StageStudy, grace_seconds: float) -> list[int]:
             continue  # another worker recovered it first
         ss.study.enqueue_trial(grid_params(t), user_attrs={"grid_point": ua.get("grid_point"), "retry_of": t.number})
         recovered.append(t.number)
-    return recovered
+    with warnings.catch_warnings():  # experimental since Optuna 2.9, unchanged through 5.0
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(ss.study)
+    states = {t.number: t.state for t in ss.study.get_trials(deepcopy=False)}
+    return recovered + [t.number for t in running if t.number not in recovered and states[t.number] == TrialState.FAIL]
 
 
 def claim(ss: StageStudy) -> FrozenTrial | None:
@@ -308,20 +336,26 @@ def duplicate_of(ss: StageStudy, trial: FrozenTrial) -> int | None:
 
 
 class Heartbeat:
-    """Marks a claimed trial as alive: host, pid and a timestamp refreshed every `seconds`."""
+    """Marks a claimed trial as alive: its host and pid, and Optuna's storage heartbeat every `seconds`
+    (a storage opened without heartbeats records the host and pid only)."""
 
     def __init__(self, ss: StageStudy, number: int, seconds: float):
         self.storage, self.trial_id, self.seconds = ss.storage, ss.trial_id(number), seconds
         self._stop = threading.Event()
-        for key, value in (("host", HOST), ("pid", os.getpid()), ("pid_start", _process_start(os.getpid())),
-                           ("heartbeat", time.time())):
+        for key, value in (("host", HOST), ("pid", os.getpid()), ("pid_start", _process_start(os.getpid()))):
             self.storage.set_trial_user_attr(self.trial_id, key, value)
+        self._enabled = bool(getattr(self.storage, "get_heartbeat_interval", lambda: None)())
+        self._record()
         self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _record(self) -> None:
+        if self._enabled:
+            self.storage.record_heartbeat(self.trial_id)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.seconds):
             try:
-                self.storage.set_trial_user_attr(self.trial_id, "heartbeat", time.time())
+                self._record()
             except Exception:  # noqa: BLE001 -- a missed beat must not kill the trial; staleness has a grace
                 pass
 
@@ -340,11 +374,11 @@ def live_trials(ss: StageStudy) -> list[FrozenTrial]:
 
 def work(
     ss: StageStudy, run_trial: Callable[[StageStudy, FrozenTrial], None],
-    grace_seconds: float, poll_seconds: float = 2.0, log: Callable[[str], None] = print,
+    poll_seconds: float = 2.0, log: Callable[[str], None] = print,
 ) -> None:
     """Worker loop: claim grid points until none is waiting or running (others' trials included)."""
     while True:
-        for number in recover_stale(ss, grace_seconds):
+        for number in recover_stale(ss):
             log(f"[sweep] {ss.stage.name} trial {number} was interrupted; enqueued again")
         trial = claim(ss)
         if trial is None:

@@ -194,7 +194,8 @@ def _worker_main(sweep_dict: dict, stage_name: str, base: str | None, env: dict[
 
 
 def _open(sweep: SweepConfig, stage: coord.Stage) -> coord.StageStudy:
-    return coord.open_study(coord.make_storage(sweep.storage_url), stage, coord.make_pruner(sweep.pruner), sweep.seed)
+    storage = coord.make_storage(sweep.storage_url, heartbeat_seconds=sweep.heartbeat_seconds)
+    return coord.open_study(storage, stage, coord.make_pruner(sweep.pruner), sweep.seed)
 
 
 def run_stage_worker(sweep: SweepConfig, stage: coord.Stage, base: str | None, configs: trials.TrialConfigs,
@@ -204,8 +205,7 @@ def run_stage_worker(sweep: SweepConfig, stage: coord.Stage, base: str | None, c
     progress = StageProgress(stage.name, len(stage.grid), points_done(ss), sweep.workers,
                              tty=sys.stdout.isatty() and sweep.workers == 1)
     try:
-        coord.work(ss, TrialRunner(sweep, stage, base, configs, progress, execute),
-                   grace_seconds=6 * sweep.heartbeat_seconds)
+        coord.work(ss, TrialRunner(sweep, stage, base, configs, progress, execute))
     finally:
         progress.close()
 

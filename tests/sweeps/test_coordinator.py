@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import threading
+import time
 
 import optuna
 from optuna.trial import TrialState
@@ -13,8 +14,8 @@ from sweeps import coordinator as coord
 STAGE = coord.Stage("stage1", "s/stage1", [{"candidate": c, "repeat": 0} for c in "abcdefgh"], "val/loss", "minimize")
 
 
-def open_stage(tmp_path, stage=STAGE) -> coord.StageStudy:
-    storage = coord.make_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+def open_stage(tmp_path, stage=STAGE, **heartbeat) -> coord.StageStudy:
+    storage = coord.make_storage(f"sqlite:///{tmp_path / 'optuna.db'}", **heartbeat)
     return coord.open_study(storage, stage, coord.make_pruner("none"))
 
 
@@ -65,7 +66,7 @@ def test_running_trial_of_a_dead_process_is_recovered(tmp_path):
     proc.join()  # a pid that no longer runs, on this host
     for key, value in (("host", coord.HOST), ("pid", proc.pid), ("pid_start", None)):
         ss.set_attr(trial.number, key, value)
-    assert coord.recover_stale(ss, grace_seconds=60) == [trial.number]
+    assert coord.recover_stale(ss) == [trial.number]
     old = ss.study.get_trials()[trial.number]
     assert old.state == TrialState.FAIL and coord.is_interrupted(old)
     waiting = ss.study.get_trials(states=(TrialState.WAITING,))
@@ -77,6 +78,23 @@ def test_duplicate_enqueue_trains_once(tmp_path):
     coord.ensure_grid(ss)
     ss.study.enqueue_trial({"candidate": "a", "repeat": 0})  # a second machine enqueued it at the same moment
     ran = []
-    coord.work(ss, lambda s, t: (ran.append(t.number), s.study.tell(t.number, 1.0)), grace_seconds=60, poll_seconds=0.01)
+    coord.work(ss, lambda s, t: (ran.append(t.number), s.study.tell(t.number, 1.0)), poll_seconds=0.01)
     assert ran == [0]
     assert ss.study.get_trials()[1].user_attrs["duplicate_of"] == 0
+
+
+def test_trial_of_another_host_whose_heartbeat_stopped_is_failed_and_retried(tmp_path):
+    ss = open_stage(tmp_path, heartbeat_seconds=1, grace_intervals=1)
+    coord.ensure_grid(ss)
+    trial = coord.claim(ss)
+    with coord.Heartbeat(ss, trial.number, seconds=1):
+        ss.set_attr(trial.number, "host", "another-machine")  # its pid means nothing here
+    assert coord.recover_stale(ss) == []  # its heartbeat is fresh
+    time.sleep(2.1)  # past the grace period with no beat
+    assert coord.recover_stale(ss) == [trial.number]
+    old = ss.study.get_trials()[trial.number]
+    assert old.state == TrialState.FAIL and coord.is_interrupted(old)
+    states = {p.params["candidate"]: p.state for p in coord.grid_status(ss)}
+    assert states["a"] == "live"  # Optuna's RetryHeartbeatStaleTrialCallback enqueued it again
+    retry = ss.study.get_trials(states=(TrialState.WAITING,))[-1]
+    assert coord.grid_params(retry) == coord.grid_params(old)

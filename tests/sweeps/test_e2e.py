@@ -145,7 +145,7 @@ def test_killed_sweep_resumes_with_each_grid_point_finished_once(tmp_path, share
         except KeyError:
             continue
         running = study.get_trials(states=(TrialState.RUNNING,))
-        if running and running[0].user_attrs.get("heartbeat"):
+        if running and running[0].user_attrs.get("pid"):
             run_dir = tmp_path / "sweeps" / "t" / running[0].user_attrs.get("run_dir", "/nonexistent")
             if (run_dir / "fit.log").exists() and time.time() - running[0].datetime_start.timestamp() > 3:
                 killed_trial = running[0].number
