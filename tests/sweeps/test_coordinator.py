@@ -90,7 +90,7 @@ def test_trial_of_another_host_whose_heartbeat_stopped_is_failed_and_retried(tmp
     with coord.Heartbeat(ss, trial.number, seconds=1):
         ss.set_attr(trial.number, "host", "another-machine")  # its pid means nothing here
     assert coord.recover_stale(ss) == []  # its heartbeat is fresh
-    time.sleep(2.1)  # past the grace period with no beat
+    time.sleep(2.1)  # past the 1 s grace period (heartbeats are stored to the second)
     assert coord.recover_stale(ss) == [trial.number]
     old = ss.study.get_trials()[trial.number]
     assert old.state == TrialState.FAIL and coord.is_interrupted(old)
