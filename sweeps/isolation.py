@@ -163,11 +163,15 @@ def run_in_subprocess(config: dict[str, Any], workdir: Path, env: dict[str, str]
     return outcome_of(None, proc.returncode, log)
 
 
+def devices(config: dict[str, Any]) -> int:
+    """How many devices a fit config trains on (`trainer.devices`: a count, a list, or "auto" = 1)."""
+    value = (config.get("trainer") or {}).get("devices", 1)
+    return len(value) if isinstance(value, list) else value if isinstance(value, int) else 1
+
+
 def execute(config: dict[str, Any], run_dir: Path) -> Outcome:
     """Train one trial config in its own process: forked for one device, `cli.py fit` for several."""
-    devices = (config.get("trainer") or {}).get("devices", 1)
-    n = len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) else 1
-    if n > 1:
+    if devices(config) > 1:
         return run_in_subprocess(config, run_dir)
     return run_in_process("fit", {"config": config}, run_dir)
 

@@ -77,11 +77,6 @@ def trial_config(configs: trials.TrialConfigs, stage: coord.Stage, params: dict[
     return cfg, tags
 
 
-def _devices(cfg: dict[str, Any]) -> int:
-    devices = (cfg.get("trainer") or {}).get("devices", 1)
-    return len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) else 1
-
-
 def _label(stage: coord.Stage, params: dict[str, Any]) -> str:
     return "-".join(str(params[k]) for k in GRID_KEYS[stage.name])
 
@@ -250,7 +245,7 @@ def run_stage(sweep: SweepConfig, stage: coord.Stage, base: str | None, configs:
     if sweep.workers == 1:
         run_stage_worker(sweep, stage, base, configs, execute, ss)
     else:
-        per_trial = _devices(configs.shared)
+        per_trial = isolation.devices(configs.shared)
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=_worker_main, args=(_as_dict(sweep), stage.name, base, _gpu_env(i, per_trial)))
                  for i in range(sweep.workers)]
