@@ -19,6 +19,8 @@ from datamodules import ImageDataModule
 from datamodules.duplicate_audit import summary_text
 from errors import ConfigError
 
+OOF = "oof_probabilities.parquet"
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cli.py audit", description=__doc__.split("\n\n")[0])
@@ -76,6 +78,8 @@ def main(argv: list[str]) -> int:
         else:
             probs = out_of_fold_probabilities(args.config, data.frame, dm.classes, out / "folds", args.folds,
                                               args.epochs, args.image_size, args.network, extra=args.fold_arg)
+            oof = pl.DataFrame({"path": data.frame["path"], **{c: probs[:, k] for k, c in enumerate(dm.classes)}})
+            oof.write_parquet(out / OOF)  # reusable: --probabilities <out>/oof_probabilities.parquet
         issues = find_issues(data.frame, probs, dm.classes)
         data.audit["label_issues"] = issues.height
     images = data.frame.select("relpath", "label", "patient_id", "split", "cluster_id", "exact_id", "phash")

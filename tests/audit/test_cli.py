@@ -86,3 +86,4 @@ def test_quick_kfold_model_flags_flipped_labels(tmp_path):
     issues = pl.read_parquet(out / LABEL_ISSUES)
     assert set(issues["path"].head(5).to_list()) == flipped, issues
     assert issues.height <= 8  # and hardly anything else
+    assert pl.read_parquet(out / "oof_probabilities.parquet").columns == ["path", "horizontal", "vertical"]
