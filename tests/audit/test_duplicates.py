@@ -82,7 +82,7 @@ def test_multi_index_search_equals_brute_force():
         i, j = near_pairs(hashes, d)
         dist = popcount(hashes[:, None] ^ hashes[None, :])
         bi, bj = np.nonzero(np.triu(dist <= d, 1))
-        assert sorted(zip(i.tolist(), j.tolist())) == sorted(zip(bi.tolist(), bj.tolist())), d
+        assert sorted(zip(i.tolist(), j.tolist(), strict=True)) == sorted(zip(bi.tolist(), bj.tolist(), strict=True)), d
 
 
 def test_hash_clusters_are_transitive_components():
