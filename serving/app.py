@@ -2,7 +2,7 @@
 docs at `/docs` and `/redoc`, whose scripts are served from the `fastapi-offline` package (no CDN).
 
 Bad input is a 4xx with a message, never a 5xx: empty bodies (400), uploads over the byte limit or
-images over the pixel limit (413), anything but PNG/JPEG/BMP/TIFF by content (415), truncated images (422).
+images over the pixel limit (413), anything but PNG/JPEG/BMP/TIFF/DICOM by content (415), truncated images (422).
 The client's file name and content type are never used.
 """
 
@@ -80,7 +80,7 @@ def create_app(predictor: Predictor, limits: Limits | None = None) -> FastAPI:
 
     @app.post("/predict", response_model=Prediction, response_model_by_alias=True, responses=ERRORS)
     def predict(
-        file: Annotated[UploadFile, File(description="an image file (PNG, JPEG, BMP or TIFF)")],
+        file: Annotated[UploadFile, File(description="an image file (PNG, JPEG, BMP, TIFF or DICOM)")],
         heatmap: Annotated[bool, Query(description="also return a Grad-CAM overlay")] = False,
     ) -> Prediction:
         upload = file.file  # spooled by Starlette (on disk past 1 MB); read only inside a decode slot

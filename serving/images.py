@@ -18,12 +18,14 @@ pixel conversion, so they give the same probabilities as `cli.py predict`.
 from __future__ import annotations
 
 import io
+import threading
 from typing import BinaryIO
 
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from datamodules.images import ImageDecodeError, ResizeMode, _pil_to_array, resize
+from datamodules.dicom import DicomConfig, DicomDecodeError, dicom_size, is_dicom
+from datamodules.images import ImageDecodeError, ResizeMode, _pil_to_array, decode, resize
 
 # What PIL may detect. "JPEG" also covers its MPO variant (multi-picture JPEG from cameras).
 ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
@@ -31,10 +33,12 @@ ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 # detail the model's input cannot hold anyway.
 MARGIN = 4
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+# pydicom decodes every pixel and windows in float64 (~25 bytes per pixel at the peak): one DICOM at a time.
+_DICOM_DECODE = threading.Lock()
 
 
 class UnsupportedImage(ImageDecodeError):
-    """Not one of the accepted formats (HTTP 415)."""
+    """Not one of the accepted formats: PNG, JPEG, BMP, TIFF, DICOM (HTTP 415)."""
 
 
 class TooManyPixels(ImageDecodeError):
@@ -54,7 +58,7 @@ def open_upload(source: bytes | BinaryIO, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise TooManyPixels(f"image has too many pixels ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise UnsupportedImage("not an image this server reads: send a PNG, JPEG, BMP or TIFF file") from None
+        raise UnsupportedImage("not an image this server reads: send a PNG, JPEG, BMP, TIFF or DICOM file") from None
     width, height = img.size
     if width * height > max_pixels:
         img.close()
@@ -104,10 +108,25 @@ def _windowed(img: Image.Image, window: tuple[float, float]) -> Image.Image:
     return Image.fromarray(np.clip(np.round((arr - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8))
 
 
+def _decode_dicom(data: bytes, channels: int, size: tuple[int, int], mode: ResizeMode, max_pixels: int,
+                  dicom: DicomConfig | None) -> np.ndarray:
+    """A DICOM upload through the data layer's own decoder (window, frame, MONOCHROME1 as in training)."""
+    try:
+        width, height = dicom_size(data)
+    except DicomDecodeError as e:
+        raise ImageDecodeError(str(e)) from None
+    if width * height > max_pixels:
+        raise TooManyPixels(f"image has {width}x{height} pixels, over the limit of {max_pixels}")
+    with _DICOM_DECODE:
+        return resize(decode(data, channels, dicom), size, mode)
+
+
 def decode_upload(
-    source: bytes | BinaryIO, channels: int, size: tuple[int, int], mode: ResizeMode, max_pixels: int
+    source: bytes | BinaryIO, channels: int, size: tuple[int, int], mode: ResizeMode, max_pixels: int,
+    dicom: DicomConfig | None = None,
 ) -> np.ndarray:
-    """Encoded upload -> (H, W, C) uint8 model input.
+    """Encoded upload -> (H, W, C) uint8 model input; DICOM (recognised by "DICM" at byte 128) goes through
+    the data layer's DICOM decoder with the model's training settings.
 
     Args:
         source: the file's bytes, or a seekable binary file.
@@ -115,12 +134,18 @@ def decode_upload(
         size: the model's input (height, width).
         mode: "squash" or "letterbox", as the model was trained.
         max_pixels: largest accepted width x height.
+        dicom: how the model's training data turned DICOM files into 8-bit images (window, frame).
 
     Raises:
         UnsupportedImage: not an accepted format (415).
         TooManyPixels: over `max_pixels` (413).
         ImageDecodeError: truncated or corrupt (422).
     """
+    head = source[:132] if isinstance(source, bytes) else source.read(132)
+    if not isinstance(source, bytes):
+        source.seek(0)
+    if is_dicom(head):
+        return _decode_dicom(source if isinstance(source, bytes) else source.read(), channels, size, mode, max_pixels, dicom)
     img = open_upload(source, max_pixels)
     try:
         orientation = int(img.getexif().get(ExifTags.Base.Orientation, 1))

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from datamodules.dicom import DicomConfig
 from errors import ConfigError
 from lightning_modules.classifier import ImageClassifier
 from runs import files
@@ -97,6 +98,13 @@ def load_model(checkpoint: Path, device: torch.device) -> ImageClassifier:
                           "Serve a checkpoint written by `cli.py fit` or a sweep.") from None
 
 
+def datamodule_hparams(checkpoint: Path) -> dict[str, Any]:
+    """The DataModule's hyper-parameters saved in the checkpoint (e.g. `dicom`), read weights-only and
+    memory-mapped (the tensors are not read)."""
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    return dict(ckpt.get("datamodule_hyper_parameters") or {})
+
+
 class Predictor:
     """The model and its preprocessing, loaded once. Inference is serialised by a lock: heat maps register
     hooks on the network, so two requests must not run it at the same time."""
@@ -114,6 +122,7 @@ class Predictor:
             self.resize_mode = "squash"
             print(f"[serve] warning: {run.label} does not record its resize mode (trained before it was stored); "
                   "assuming squash. Retrain to serve letterbox models exactly.", file=sys.stderr)
+        self.dicom = DicomConfig(**(datamodule_hparams(run.checkpoint).get("dicom") or {}))
         self.classes = list(self.model.classes)
         self.heatmap_method = heatmap
         self._lock = threading.Lock()
@@ -144,7 +153,7 @@ class Predictor:
         Raises:
             ImageDecodeError: and its subclasses UnsupportedImage (415) and TooManyPixels (413).
         """
-        return decode_upload(source, self.channels, self.image_size, self.resize_mode, max_pixels)
+        return decode_upload(source, self.channels, self.image_size, self.resize_mode, max_pixels, self.dicom)
 
     def predict(self, image: np.ndarray, with_heatmap: bool) -> dict[str, Any]:
         batch = torch.from_numpy(image).unsqueeze(0).to(self.device)  # (1, H, W, C) uint8

@@ -221,3 +221,24 @@ def test_sweep_folder_serves_its_winner_from_any_directory(served, predictor, tm
 
 def served_metrics(served) -> dict:
     return json.loads(files.RunFiles(served.run_dir).evaluation.read_text())["metrics"]
+
+
+def test_dicom_is_read_by_the_data_layer_as_in_training(client, predictor):
+    """A CT slice as a DICOM file (whatever its label): the data layer's DICOM decoder with the checkpoint's
+    `data.dicom` settings gives the model input; a header claiming too many pixels is 413 before decoding."""
+    from datamodules.images import decode, resize
+    from tests.datamodules.test_dicom import dicom_bytes
+
+    stored = np.random.default_rng(2).integers(0, 3000, (48, 64)).astype(np.int16)
+    data = dicom_bytes(stored, slope=1, intercept=-1024, window=(40, 400))
+    r = post(client, data, "application/octet-stream", name="slice.dcm")
+    assert r.status_code == 200, r.text
+    expected = predictor.predict(resize(decode(data, predictor.channels, predictor.dicom), predictor.image_size,
+                                        "letterbox"), False)["probabilities"]
+    assert r.json()["probabilities"] == pytest.approx(expected, abs=1e-6)
+    header_only = dicom_bytes(np.zeros((2, 2), np.int16), data=b"\0" * 8)
+    huge = header_only.replace(b"\x28\x00\x10\x00US\x02\x00\x02\x00", b"\x28\x00\x10\x00US\x02\x00\xd0\x07")
+    huge = huge.replace(b"\x28\x00\x11\x00US\x02\x00\x02\x00", b"\x28\x00\x11\x00US\x02\x00\xd0\x07")  # 2000 x 2000
+    assert huge != header_only
+    r = post(client, huge)
+    assert r.status_code == 413 and "2000x2000" in r.json()["detail"], r.text

@@ -68,7 +68,7 @@ def test_formats_like_training(client, predictor, mode, fmt):
 @pytest.mark.parametrize("data, ctype, status, message", [
     (b"", "image/png", 400, "empty"),
     (b"hello, I am text", "image/png", 415, "not an image"),
-    (encoded(np.zeros((20, 20, 3), np.uint8), "GIF"), "image/png", 415, "PNG, JPEG, BMP or TIFF"),
+    (encoded(np.zeros((20, 20, 3), np.uint8), "GIF"), "image/png", 415, "PNG, JPEG, BMP, TIFF or DICOM"),
     (png_bytes()[:300], "image/png", 422, "could not be decoded"),
     (png_bytes((1200, 1000), constant=7), "image/png", 413, "pixels, over the limit"),
     (b"\x89PNG" + bytes(300_000), "image/png", 413, "larger than the limit"),
