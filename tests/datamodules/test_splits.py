@@ -17,6 +17,7 @@ def covid_module(covid_ct, artifacts, **split) -> ImageDataModule:
     return ImageDataModule(
         source=str(covid_ct / "metadata.csv"), classes=CLASSES, image_size=32, artifacts_dir=str(artifacts),
         split=SplitConfig(**split), num_workers=0,
+        on_conflict="keep",  # COVID-CT's two cross-class copies, kept as configs/covid_ct.yaml does
     )
 
 
