@@ -16,10 +16,12 @@ import torch
 from PIL import Image
 
 from datamodules import splits
+from datamodules.duplicate_audit import summary_text
 from evaluation import calibration, plots
 from evaluation.document import Document
 from evaluation.heatmaps import HeatmapUnavailable, heatmaps, overlay
 from evaluation.intervals import bootstrap
+from evaluation.resampling import patient_groups, resampling_method
 from lightning_modules.metrics import METRIC_NAMES
 from runs import files
 from runs.cli import ReportConfig, wandb_run_id
@@ -109,7 +111,7 @@ def build_report(run_dir: Path, model, datamodule, cfg: ReportConfig, test_probs
     if len(rows) != len(targets) or not (rows["target"].to_numpy() == targets).all():
         raise RuntimeError(f"test outputs ({len(targets)} images) do not line up with the test split ({len(rows)} rows)")
     rows = rows.drop("target")
-    groups = rows["patient_id"].to_numpy() if rows["patient_id"].null_count() < rows.height else None
+    groups = patient_groups(rows["patient_id"].to_list())  # None: no ids; a missing id is a patient of its own
     overall, per_class = bootstrap(probs, targets, pos, groups, cfg.bootstrap, cfg.level, cfg.seed)
     rows.with_columns(
         predicted=pl.Series([classes[i] for i in probs.argmax(1)]),
@@ -148,6 +150,7 @@ def build_report(run_dir: Path, model, datamodule, cfg: ReportConfig, test_probs
     evaluation = {
         "n_images": int(len(targets)), "resampled": "patients" if groups is not None else "images",
         "n_groups": int(len(np.unique(groups))) if groups is not None else int(len(targets)),
+        "resampling": resampling_method(targets, groups),
         "level": cfg.level, "bootstrap": cfg.bootstrap,
         "metrics": {k: asdict(v) for k, v in overall.items()},
         "per_class": {m: {classes[c]: asdict(v) for c, v in enumerate(vals)} for m, vals in per_class.items()},
@@ -180,10 +183,17 @@ def run_document(run_dir: Path, model, datamodule, evaluation: dict, figures: di
     doc.p("This is a research tool. Its numbers describe this test set, not a clinical validation.")
     doc.h2("Data split")
     doc.table(splits.count_table(datamodule.resolve().frame, classes))
+    audit = RunFiles(run_dir).read_json(files.AUDIT)
+    if audit is not None:
+        doc.h2("Data audit")
+        doc.p("Duplicates and leakage found in this run's data before training (full list: "
+              f"`{files.AUDIT_CLUSTERS}`; with thumbnails: `python cli.py audit --config {RunFiles(run_dir).config}`):")
+        for line in summary_text(audit).splitlines():
+            doc.p(line.removeprefix("[audit] "))
     doc.h2("Test metrics")
     doc.p(f"{evaluation['n_images']} test images; {100 * evaluation['level']:g}% bootstrap intervals from "
-          f"{evaluation['bootstrap']} resamples of {evaluation['n_groups']} {evaluation['resampled']}"
-          + (" (all images of a patient are drawn together)." if evaluation["resampled"] == "patients" else "."))
+          f"{evaluation['bootstrap']} resamples: {evaluation['resampling']}. Stratifying by class keeps every class in "
+          "every resample, so no interval is padded by resamples in which a metric is undefined.")
     doc.table(metrics_table(evaluation))
     if evaluation["per_class"]:
         doc.h3("Per class (one-vs-rest)")

@@ -10,6 +10,7 @@ data or sweep error, printed as one `error:` line (every problem of the sweep's 
 from __future__ import annotations
 
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -35,9 +36,26 @@ def sweep_from_dict(values: dict[str, Any]) -> SweepConfig:
     return _to_sweep(parser, parser.parse_object(values))
 
 
+def _resolve_base_config(value: str) -> str:
+    """`base_config: chd` (or `configs/chd.yaml` from another working directory) is the project's config;
+    an unknown name is left for the sweep's validation, which lists every problem at once."""
+    from errors import ConfigError
+    from runs import config_names
+
+    if Path(value).expanduser().is_file():
+        return value
+    try:
+        path = config_names.resolve(value)
+    except ConfigError:
+        return value
+    print(f"[config] base_config {value} -> {config_names.display(path)}", flush=True)
+    return str(path)
+
+
 def main(argv: list[str]) -> int:
     parser = build_parser()
     sweep = _to_sweep(parser, parser.parse_args(argv))
+    sweep.base_config = _resolve_base_config(sweep.base_config)
     from sweeps import isolation
 
     # Before the heavy imports below: one W&B service for all trials, and the forkserver importing torch,

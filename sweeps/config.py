@@ -264,7 +264,10 @@ class SweepConfig:
 
         found = []
         if not Path(self.base_config).is_file():
-            found.append(f"sweep base_config '{self.base_config}' does not exist")
+            from runs import config_names
+
+            found.append(f"sweep base_config '{self.base_config}' does not exist (project configs: "
+                         f"{', '.join(n for n in config_names.available() if not n.startswith('sweep_'))})")
         if not self.stage1.candidates:
             found.append("sweep stage1.candidates is empty: list at least one network")
         names = []

@@ -26,7 +26,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 PRELOAD = ["torch", "lightning.pytorch", "timm", "torchmetrics", "albumentations", "polars", "wandb",
            "wandb.sdk.launch",  # imported lazily by every wandb.init (~1-2 s): import it once, here
-           "runs.cli", "datamodules", "sweeps.isolation"]
+           "evaluation.cli", "datamodules", "sweeps.isolation"]
 
 
 @dataclass
@@ -107,10 +107,12 @@ def _child(job: str, payload: Any, result_file: str, log_file: str, worker: int)
     _redirect_output(Path(log_file))
     os.chdir(payload.get("cwd", os.getcwd()) if isinstance(payload, dict) else os.getcwd())
     try:
-        from runs.cli import MedselCLI
+        from evaluation.cli import (
+            EvaluationCLI,  # the CLI behind `cli.py fit/test`: the test writes the report
+        )
 
         if job == "fit":
-            cli = MedselCLI(args=payload["config"], run=False)
+            cli = EvaluationCLI(args=payload["config"], run=False)
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         elif job == "check":  # a sweep's preflight, away from the coordinator's light process
             from sweeps.cli import sweep_from_dict
@@ -118,8 +120,8 @@ def _child(job: str, payload: Any, result_file: str, log_file: str, worker: int)
 
             check(sweep_from_dict(payload["sweep"]))
         else:  # test a finished run with its best checkpoint, exactly as `cli.py test --config` does
-            MedselCLI(args=["test", "--config", payload["config_path"], "--trainer.enable_progress_bar=false",
-                            *payload.get("extra", [])])
+            EvaluationCLI(args=["test", "--config", payload["config_path"], "--trainer.enable_progress_bar=false",
+                                *payload.get("extra", [])])
         _finish_wandb()
         _write(Path(result_file), {"status": "ok"})
     except BaseException as e:  # noqa: BLE001 -- every failure becomes the trial's recorded reason

@@ -202,7 +202,9 @@ def write_report(sweep, out: Path, stages: dict[str, tuple], summary: dict[str, 
     if winner_report.exists():
         doc.h2("Evaluation of the winner")
         doc.extend(Document.load_json(winner_report))
-    from audit.report import add_audit_section  # the data audit of the winner's run: summary here, all in audit/
+    from audit.report import (
+        add_audit_section,  # the data audit of the winner's run: summary here, all in audit/
+    )
 
     add_audit_section(doc, out / summary["run_dir"], out / "audit")
     doc.write(out / "report", f"Sweep {sweep.name}")

@@ -19,7 +19,8 @@ from evaluation.intervals import bootstrap
 from lightning_modules.metrics import METRIC_NAMES
 from lightning_modules.networks import NetworkConfig, build_network
 from runs.open import open_run
-from tests.conftest import REPO, cli_in_process
+from tests.conftest import REPO, cli_in_process, run_dirs, small_fit_args
+from tests.datamodules.test_inputs import make_folder
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -192,3 +193,24 @@ def test_report_command_rebuilds_without_retraining(trained_run, capsys, monkeyp
     capsys.readouterr()
     assert cli_in_process("report", str(REPO / "nonexistent")) == 2
     assert "not a sweep folder" in capsys.readouterr().err
+
+
+def test_report_with_partial_patient_ids_resamples_missing_ids_as_single_patients(tmp_path):
+    """Manifests may give a patient id for some rows only (the split code supports it); so must the report."""
+    root = make_folder(tmp_path / "data", per_class=20)
+    paths = sorted(root.rglob("*.png"))
+    ids = [f"p{i // 2}" if i % 3 else None for i in range(len(paths))]  # pairs of images per patient, gaps
+    pl.DataFrame({"path": [str(p) for p in paths], "label": [p.parent.name for p in paths], "patient_id": ids}).write_csv(
+        tmp_path / "manifest.csv")
+    args = small_fit_args(tmp_path / "a", tmp_path / "runs", f"--data.source={tmp_path / 'manifest.csv'}",
+                          "--data.classes=[benign, malignant]", "--data.augmentation=none", "--report.heatmap=none",
+                          "--report.bootstrap=50")
+    assert cli_in_process("fit", *args) == 0
+    (run_dir,) = run_dirs(tmp_path / "runs")
+    assert cli_in_process("test", "--config", str(run_dir / "config.yaml"), "--trainer.enable_progress_bar=false") == 0
+    ev = json.loads((run_dir / "evaluation.json").read_text())
+    test_ids = pl.read_parquet(run_dir / "test_predictions.parquet")["patient_id"]
+    assert 0 < test_ids.null_count() < len(test_ids)  # the test split really mixes known and missing ids
+    assert ev["resampled"] == "patients" and "without a patient id counts as a patient of its own" in ev["resampling"]
+    assert ev["n_groups"] == test_ids.n_unique() - 1 + test_ids.null_count()
+    assert "stratified by class" in (run_dir / "report.md").read_text()

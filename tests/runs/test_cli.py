@@ -176,3 +176,14 @@ def test_fit_then_test_learns_on_covid_ct(tmp_path, covid_ct, shared_artifacts):
     print(f"COVID-CT test: {json.dumps(results['metrics'])}, majority rate {majority:.3f}")
     assert results["metrics"]["acc"] >= majority + 0.10
     assert results["metrics"]["auroc"] >= 0.70
+
+
+def test_sweep_base_config_resolves_by_name_from_any_directory(tmp_path, monkeypatch, capsys):
+    from sweeps.cli import _resolve_base_config
+
+    monkeypatch.chdir(tmp_path)
+    demo = str(config_names.CONFIGS / "demo.yaml")
+    assert _resolve_base_config("demo") == demo
+    assert _resolve_base_config("configs/demo.yaml") == demo  # the shipped sweep configs' form, from elsewhere
+    assert "[config] base_config demo -> configs/demo.yaml" in capsys.readouterr().out
+    assert _resolve_base_config("no_such_config") == "no_such_config"  # left for the sweep's one-message check
