@@ -12,11 +12,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch  # noqa: F401 -- see below
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 COVID_CT = (REPO / ".." / "shared" / "datasets" / "covid_ct").resolve()
 
+# Lightning gives its logger a stream handler bound to sys.stderr at import. Imported here, under pytest's
+# session-long capture, rather than first inside some test whose per-test capture is closed afterwards (every
+# later log line would then fail with "Logging error ... I/O operation on closed file").
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
