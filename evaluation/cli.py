@@ -33,7 +33,7 @@ class EvaluationCLI(MedselCLI):
             return
         val_probs = None
         if report.temperature_scaling and self.datamodule.has_split("val"):
-            val_probs = self.trainer.predict(self.model, dataloaders=self.datamodule.val_dataloader())
+            val_probs, _ = self.model.predict_loader(self.datamodule.val_dataloader())
         wandb_run = next((lg.experiment for lg in self.trainer.loggers if isinstance(lg, WandbLogger)), None)
         run = RunConfig(**_fields(self._cfg().run))
         page = build_report(self.run_dir, self.model, self.datamodule, report, results["probs"], results["targets"],

@@ -18,10 +18,10 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import CatMetric, MaxMetric, MeanMetric
 
+from errors import ConfigError
 from lightning_modules.losses import build_loss
 from lightning_modules.metrics import ClassificationMetrics, confusion_matrix
 from lightning_modules.networks import NetworkConfig, build_network
-from errors import ConfigError
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -135,6 +135,23 @@ class ImageClassifier(LightningModule):
         """uint8 images (B, H, W, C) -> class probabilities (B, K). The one way every consumer (test metrics,
         `predict`, the evaluation report, the web server) turns images into probabilities."""
         return self.loss_fn.probabilities(self.logits(images))
+
+    def predict_loader(self, loader) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, K) probabilities and (N,) targets of one eval-mode pass over a loader of (images, targets), for
+        passes outside a Trainer stage (no callbacks run); the module's train/eval mode is restored."""
+        was_training = self.training
+        self.eval()
+        probs, targets = [], []
+        try:
+            with torch.inference_mode():
+                for images, target in loader:
+                    probs.append(self.predict_probabilities(images.to(self.device)).float().cpu())
+                    targets.append(torch.as_tensor(target))
+        finally:
+            self.train(was_training)
+        if not probs:
+            return torch.zeros(0, len(self.classes)), torch.zeros(0, dtype=torch.long)
+        return torch.cat(probs), torch.cat(targets).long()
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor]):
         images, target = batch  # (B, H, W, C) uint8, (B,)

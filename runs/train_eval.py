@@ -29,15 +29,6 @@ from runs import files
 from runs.files import RunFiles
 
 
-def _probabilities(pl_module: LightningModule, loader) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) probabilities and (N,) targets of one pass over `loader` in eval mode."""
-    probs, targets = [], []
-    for images, target in loader:
-        probs.append(pl_module.predict_step((images.to(pl_module.device), target), 0).float().cpu())
-        targets.append(torch.as_tensor(target))
-    return torch.cat(probs), torch.cat(targets).long()
-
-
 class TrainEvalWriter(Callback):
     """At fit end, on rank 0: eval-mode metrics of the best checkpoint on train and val (see module doc)."""
 
@@ -56,8 +47,8 @@ class TrainEvalWriter(Callback):
             with torch.inference_mode():
                 plain = copy.copy(dm.datasets["train"])
                 plain.transform = None  # no augmentation: the images the model would be judged on
-                train_p, train_t = _probabilities(pl_module, dm._loader("train", dataset=plain))
-                val_p, val_t = _probabilities(pl_module, dm._loader("val"))
+                train_p, train_t = pl_module.predict_loader(dm._loader("train", dataset=plain))
+                val_p, val_t = pl_module.predict_loader(dm._loader("val"))
         finally:
             pl_module.load_state_dict(kept)
             pl_module.train(was_training)

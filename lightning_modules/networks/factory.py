@@ -23,8 +23,8 @@ from lightning.pytorch.callbacks import BaseFinetuning
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from lightning_modules.networks.custom import AttentionVGG16, CTNet10
 from errors import ConfigError
+from lightning_modules.networks.custom import AttentionVGG16, CTNet10
 from lightning_modules.registry import Registry, unknown_name_message
 
 Pool = Literal["default", "avg", "max", "flatten"]
