@@ -23,7 +23,6 @@ from datamodules import duplicate_audit, phantoms, splits
 from datamodules.cache import CachedImages, ImageCache
 from datamodules.dicom import DicomConfig, dicom_patient_id
 from datamodules.duplicate_audit import AuditConfig
-from errors import ConfigError, DataError
 from datamodules.images import IMAGE_EXTENSIONS, ResizeMode
 from datamodules.sources import (
     Problem,
@@ -36,6 +35,7 @@ from datamodules.sources import (
 )
 from datamodules.splits import SplitConfig
 from datamodules.transforms import AugmentationSpec, build_pipeline
+from errors import ConfigError, DataError
 
 EMBEDDED = "embedded:chd"
 AUDIT_FILE = "audit.json"  # runs.files.AUDIT (datamodules cannot import runs)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import polars as pl
 
-from errors import DataError
 from datamodules.images import IMAGE_EXTENSIONS
+from errors import DataError
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".parquet")
 DEFAULT_COLUMNS = {"path": "path", "label": "label", "patient_id": "patient_id", "split": "split"}

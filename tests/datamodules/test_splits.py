@@ -7,8 +7,8 @@ import polars as pl
 import pytest
 
 from datamodules import ImageDataModule
-from errors import DataError
 from datamodules.splits import SplitConfig, compute_split, count_table, load_or_create, parse_ratios
+from errors import DataError
 
 CLASSES = ["NonCOVID", "COVID"]
 

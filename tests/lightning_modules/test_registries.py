@@ -219,7 +219,7 @@ def test_ce_logcosh_is_study_003_equation_5_by_hand():
     p = [math.exp(1) / z, 1 / z, math.exp(-1) / z]
     y = [0.0, 1.0, 0.0]
     ce = -math.log(p[1])
-    lch = sum(math.log(math.cosh(pi - yi)) for pi, yi in zip(p, y))
+    lch = sum(math.log(math.cosh(pi - yi)) for pi, yi in zip(p, y, strict=True))
     expected = 0.3 * ce + 0.7 * lch
     got = build_loss("ce_logcosh", 3, alpha=0.3, beta=0.7)(torch.tensor([[1.0, 0.0, -1.0]]), torch.tensor([1]))
     assert got.item() == pytest.approx(expected, rel=1e-5)
