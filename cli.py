@@ -51,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command not in COMMANDS:
             raise MedselError(f"unknown command '{command}'. Commands: {', '.join(COMMANDS)}. See python cli.py --help")
+        from datamodules.images import allow_large_scans
         from runs import config_names
+
+        allow_large_scans()
 
         args, config = config_names.resolve_argv(argv[1:])
         module = COMMANDS[command][1]

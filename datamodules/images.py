@@ -20,9 +20,14 @@ from datamodules.dicom import DicomConfig, DicomDecodeError, decode_dicom, dicom
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 ResizeMode = Literal["squash", "letterbox"]
 
-# Decompression-bomb guard stays on, but medical scans are legitimately large (whole slides are not
-# in scope; a 16k x 16k radiograph is).
-Image.MAX_IMAGE_PIXELS = 16384 * 16384
+MAX_SCAN_PIXELS = 16384 * 16384
+
+
+def allow_large_scans() -> None:
+    """Raise PIL's decompression-bomb limit to a 16k x 16k radiograph (the guard stays on; whole slides are
+    not in scope). PIL's limit is process-wide, so the program entry points call this once (`cli.py`, a
+    sweep's trial processes) rather than importing this module changing it as a side effect."""
+    Image.MAX_IMAGE_PIXELS = MAX_SCAN_PIXELS
 
 
 class ImageDecodeError(ValueError):

@@ -107,6 +107,9 @@ def _child(job: str, payload: Any, result_file: str, log_file: str, worker: int)
     _redirect_output(Path(log_file))
     os.chdir(payload.get("cwd", os.getcwd()) if isinstance(payload, dict) else os.getcwd())
     try:
+        from datamodules.images import allow_large_scans
+
+        allow_large_scans()
         from evaluation.cli import (
             EvaluationCLI,  # the CLI behind `cli.py fit/test`: the test writes the report
         )
