@@ -51,32 +51,34 @@ class ClassificationMetrics(MetricCollection):
         num_classes: K.
         positive_index: index of the positive class for binary tasks.
         prefix: key prefix, e.g. "val/".
+        sync_on_compute: gather states across DDP ranks in `compute` (False for a pass on one rank only).
     """
 
-    def __init__(self, num_classes: int, positive_index: int = 1, prefix: str = ""):
+    def __init__(self, num_classes: int, positive_index: int = 1, prefix: str = "", sync_on_compute: bool = True):
         self.num_classes = num_classes
         self.positive_index = positive_index
+        sync = dict(sync_on_compute=sync_on_compute)
         if num_classes == 2:
             metrics: dict[str, Metric] = {
-                "acc": BinaryAccuracy(),
-                "balanced_acc": BinaryBalancedAccuracy(),
-                "precision": BinaryPrecision(),
-                "sensitivity": BinaryRecall(),
-                "specificity": BinarySpecificity(),
-                "f1": BinaryF1Score(),
-                "mcc": BinaryMatthewsCorrCoef(),
-                "auroc": BinaryAUROC(),
+                "acc": BinaryAccuracy(**sync),
+                "balanced_acc": BinaryBalancedAccuracy(**sync),
+                "precision": BinaryPrecision(**sync),
+                "sensitivity": BinaryRecall(**sync),
+                "specificity": BinarySpecificity(**sync),
+                "f1": BinaryF1Score(**sync),
+                "mcc": BinaryMatthewsCorrCoef(**sync),
+                "auroc": BinaryAUROC(**sync),
             }
         else:
-            k = dict(num_classes=num_classes, average="macro")
+            k = dict(num_classes=num_classes, average="macro", **sync)
             metrics = {
-                "acc": MulticlassAccuracy(num_classes=num_classes, average="micro"),
+                "acc": MulticlassAccuracy(num_classes=num_classes, average="micro", **sync),
                 "balanced_acc": MulticlassAccuracy(**k),
                 "precision": MulticlassPrecision(**k),
                 "sensitivity": MulticlassRecall(**k),
                 "specificity": MulticlassSpecificity(**k),
                 "f1": MulticlassF1Score(**k),
-                "mcc": MulticlassMatthewsCorrCoef(num_classes=num_classes),
+                "mcc": MulticlassMatthewsCorrCoef(num_classes=num_classes, **sync),
                 "auroc": MulticlassAUROC(**k),
             }
         # compute_groups=False: binary and macro metrics share states in ways torchmetrics' grouping

@@ -11,6 +11,7 @@ import logging
 import os
 import uuid
 import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -114,6 +115,20 @@ def resolve_run_dir(run: RunConfig) -> Path:
     return path
 
 
+@contextmanager
+def run_dir_exported():
+    """Restore the run-directory hand-off variables of the environment afterwards."""
+    saved = {k: os.environ.get(k) for k in (_RUN_DIR_ENV, _RUN_DIR_OWNER_ENV)}
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 class RunConfigSaver(SaveConfigCallback):
     """Saves config.yaml for `fit`, and config_<stage>.yaml for later stages so the fit config survives."""
 
@@ -212,18 +227,22 @@ class MedselCLI(LightningCLI):
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any):
         self.run_dir: Path | None = None
         quiet_lightning()
-        super().__init__(
-            ImageClassifier,
-            ImageDataModule,
-            save_config_callback=RunConfigSaver,
-            save_config_kwargs={"overwrite": True},
-            trainer_defaults={"max_epochs": 15, "devices": 1, "log_every_n_steps": 5},
-            auto_configure_optimizers=False,
-            seed_everything_default=42,
-            args=args,
-            run=run,
-            **kwargs,
-        )
+        # The run directory is handed to DDP child processes through the environment while this run trains;
+        # once a run has finished, the process (e.g. a test session or a notebook) must not pass it on to
+        # the next, unrelated run it starts.
+        with run_dir_exported() if run else nullcontext():
+            super().__init__(
+                ImageClassifier,
+                ImageDataModule,
+                save_config_callback=RunConfigSaver,
+                save_config_kwargs={"overwrite": True},
+                trainer_defaults={"max_epochs": 15, "devices": 1, "log_every_n_steps": 5},
+                auto_configure_optimizers=False,
+                seed_everything_default=42,
+                args=args,
+                run=run,
+                **kwargs,
+            )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(RunConfig, "run")

@@ -129,7 +129,7 @@ def open_run(path: str | Path, cli_class=None, overrides: dict[str, Any] | None 
     Returns:
         The opened run; its model is in eval mode on the CPU.
     """
-    from runs.cli import MedselCLI
+    from runs.cli import MedselCLI, run_dir_exported
 
     checkpoint, run_dir = find_checkpoint(path)
     ckpt = load_checkpoint(checkpoint)
@@ -142,7 +142,8 @@ def open_run(path: str | Path, cli_class=None, overrides: dict[str, Any] | None 
     quiet = {"trainer": {"logger": False, "devices": 1, "enable_progress_bar": False, "enable_model_summary": False},
              "model": {"network": {"pretrained": False, "pretrained_path": None}}}  # the checkpoint has every weight
     config = _merge(_merge(config, quiet), overrides or {})
-    cli = (cli_class or MedselCLI)(args=config, run=False)
+    with run_dir_exported():  # nothing trains here: leave no run directory for a later run to inherit
+        cli = (cli_class or MedselCLI)(args=config, run=False)
     cli.model.load_state_dict(ckpt["state_dict"])
     cli.model.eval()
     return OpenedRun(checkpoint, run_dir, config, cli)

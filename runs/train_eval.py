@@ -53,9 +53,8 @@ class TrainEvalWriter(Callback):
             pl_module.load_state_dict(kept)
             pl_module.train(was_training)
         k = len(pl_module.classes)
-        metrics = ClassificationMetrics(k, pl_module.positive_index, "train_eval/")
-        for metric in metrics.values():  # rank 0 alone, after the other DDP ranks have left: nothing to sync with
-            metric.sync_on_compute = False
+        # Rank 0 alone, after the other DDP ranks have left: there is nothing to gather from.
+        metrics = ClassificationMetrics(k, pl_module.positive_index, "train_eval/", sync_on_compute=False)
         metrics.update(train_p, train_t)
         out = {key: float(v) for key, v in metrics.compute().items()}
         out["train_eval/val_acc"] = float((val_p.argmax(1) == val_t).float().mean())

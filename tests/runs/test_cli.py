@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -187,3 +188,13 @@ def test_sweep_base_config_resolves_by_name_from_any_directory(tmp_path, monkeyp
     assert _resolve_base_config("configs/demo.yaml") == demo  # the shipped sweep configs' form, from elsewhere
     assert "[config] base_config demo -> configs/demo.yaml" in capsys.readouterr().out
     assert _resolve_base_config("no_such_config") == "no_such_config"  # left for the sweep's one-message check
+
+
+def test_a_finished_run_hands_no_run_directory_to_the_next(trained_run, tmp_path):
+    """The run directory reaches DDP children through the environment; after a run it must be gone, or the
+    next run this process starts (as a subprocess, say) would write into the old one."""
+    from runs.cli import _RUN_DIR_ENV
+
+    assert _RUN_DIR_ENV not in os.environ
+    open_run(trained_run / "checkpoints" / "best.ckpt")
+    assert _RUN_DIR_ENV not in os.environ

@@ -275,7 +275,7 @@ def test_sweep_on_covid_ct(tmp_path, covid_ct, shared_artifacts):
                       "run": {"early_stopping_patience": None}},
         "stage1": {"candidates": [{"network": "resnet10t"}, {"network": "mobilenetv4_conv_small"}, {"network": "ctnet10"}],
                    "defaults": {"optimizer": "adam", "lr": 0.002, "loss": "ce", "batch_size": 32, "max_epochs": 6, "image_size": 64}},
-        "stage2": {"optimizers": ["rmsprop", "adam", "adagrad"], "losses": ["ce", "mse", "mae"]},
+        "stage2": {"optimizers": ["rmsprop", "adam"], "losses": ["ce", "mse"]},
         "wandb": "disabled",
     }
     path = tmp_path / "covid.yaml"
@@ -286,9 +286,15 @@ def test_sweep_on_covid_ct(tmp_path, covid_ct, shared_artifacts):
     print((out / "report.md").read_text())
     s1, s2 = studies(tmp_path, "covid")
     assert_each_grid_point_once(s1, 3)
-    assert_each_grid_point_once(s2, 9)
+    assert_each_grid_point_once(s2, 4)
     winner = json.loads((out / "winner.json").read_text())
-    assert winner["test"]["metrics"]["acc"] > 0.6
+    # 75 test images: one accuracy figure moves by about +-0.11 between runs, so no point estimate is asserted;
+    # the winner must have learned something the test split can show (its AUROC interval excludes chance).
+    evaluation = json.loads((out / winner["run_dir"] / "evaluation.json").read_text())
+    auroc = evaluation["metrics"]["auroc"]
+    print(f"winner test AUROC {auroc['value']:.3f} [{auroc['low']:.3f}, {auroc['high']:.3f}]")
+    assert auroc["low"] > 0.5
+    assert "Evaluation of the winner" in (out / "report.md").read_text()
 
 
 def test_pruning_under_ddp(tmp_path, shared_artifacts):
