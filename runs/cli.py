@@ -103,11 +103,16 @@ def _new_version() -> str:
 
 
 def resolve_run_dir(run: RunConfig) -> Path:
-    """The run directory; DDP child processes inherit the one their launcher chose."""
+    """The run directory; DDP child ranks inherit the one their launcher chose.
+
+    Only a child rank (Lightning's launcher starts them with LOCAL_RANK >= 1) inherits: any other process
+    that finds the variable (a run started from a test session or notebook that trained before) gets its own.
+    """
     if run.dir:
         return Path(run.dir)
     inherited = os.environ.get(_RUN_DIR_ENV)
-    if inherited and os.environ.get(_RUN_DIR_OWNER_ENV) != str(os.getpid()):
+    child_rank = os.environ.get("LOCAL_RANK", "0") not in ("", "0")
+    if inherited and child_rank and os.environ.get(_RUN_DIR_OWNER_ENV) != str(os.getpid()):
         return Path(inherited)
     path = Path(run.root) / run.name / _new_version()
     os.environ[_RUN_DIR_ENV] = str(path)

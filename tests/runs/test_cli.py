@@ -198,3 +198,17 @@ def test_a_finished_run_hands_no_run_directory_to_the_next(trained_run, tmp_path
     assert _RUN_DIR_ENV not in os.environ
     open_run(trained_run / "checkpoints" / "best.ckpt")
     assert _RUN_DIR_ENV not in os.environ
+
+
+def test_only_a_ddp_child_rank_inherits_the_run_directory(tmp_path, monkeypatch):
+    from runs.cli import _RUN_DIR_ENV, _RUN_DIR_OWNER_ENV, RunConfig, resolve_run_dir
+
+    monkeypatch.setenv(_RUN_DIR_ENV, str(tmp_path / "launcher-run"))
+    monkeypatch.setenv(_RUN_DIR_OWNER_ENV, "1")  # exported by another process
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    fresh = resolve_run_dir(RunConfig(root=str(tmp_path)))
+    assert fresh != tmp_path / "launcher-run" and fresh.parent == tmp_path / "run"
+    monkeypatch.setenv(_RUN_DIR_OWNER_ENV, "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv(_RUN_DIR_ENV, str(tmp_path / "launcher-run"))
+    assert resolve_run_dir(RunConfig(root=str(tmp_path))) == tmp_path / "launcher-run"
