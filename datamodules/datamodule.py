@@ -183,6 +183,7 @@ class ImageDataModule(LightningDataModule):
         self.channels = channels
         self.resize = resize
         self.split_cfg = SplitConfig(**split) if isinstance(split, dict) else split
+        self.split_cfg.check()
         self.augmentation = augmentation
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -264,6 +265,7 @@ class ImageDataModule(LightningDataModule):
             frame.select(keys), self.split_cfg, self.classes, self.artifacts / "splits", name or "dataset", str(source),
         )
         extra = [c for c in ("cluster_id", "exact_id", "digest", "phash", "audit_slot") if c in frame.columns]
+        split = splits.apply_fold(split, self.split_cfg)  # under cross-validation: this run's fold is val
         joined = split.join(frame.select("relpath", "path", "slot", *extra), on="relpath", how="left")
         target = {c: i for i, c in enumerate(self.classes)}
         joined = joined.with_columns(target=pl.col("label").replace_strict(target, return_dtype=pl.Int64))
@@ -355,8 +357,9 @@ class ImageDataModule(LightningDataModule):
         run_dir = Path(trainer.default_root_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         meta = splits.read_split_metadata(data.split_file)
+        fold = {"fold": self.split_cfg.fold} if self.split_cfg.folds >= 2 else {}
         (run_dir / "split.json").write_text(
-            json.dumps({"file": str(data.split_file.resolve()), **meta}, indent=2)
+            json.dumps({"file": str(data.split_file.resolve()), **meta, **fold}, indent=2)
         )
         splits.count_table(data.frame, self.classes).write_csv(run_dir / "split_counts.csv")
         if data.skipped:

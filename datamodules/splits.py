@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import polars as pl
@@ -40,6 +41,12 @@ class SplitConfig:
         group_by: what keeps images together in one split: `patient_id` and/or `near_duplicates` (the
             audit's clusters, so a duplicate never sits in two splits). Images linked by either key form
             one group.
+        folds: k-fold cross-validation when >= 2: the test split is held out once (by `ratios`' test share,
+            or the manifest's own test rows), and every other image goes to one of `folds` stratified,
+            grouped folds (the train/val shares of `ratios` are then unused). The folds are a column of
+            the split file, so every fold of every run sees the same assignment.
+        fold: with `folds`: the fold validated on (0 .. folds-1; the others train), or "all" to train on
+            every non-test image with no validation split (a cross-validated winner's final refit).
     """
 
     ratios: str | list[float] = "70/20/10"
@@ -47,6 +54,22 @@ class SplitConfig:
     group_by_patient: bool = True
     use_manifest_split: bool = False
     group_by: list[str] = field(default_factory=lambda: ["patient_id", "near_duplicates"])
+    folds: int = 0
+    fold: int | Literal["all"] | None = None
+
+    def check(self) -> None:
+        """Raise DataError naming the key when `folds`/`fold` cannot work together."""
+        if self.folds == 1 or self.folds < 0:
+            raise DataError(f"data.split.folds must be 0 (no cross-validation) or at least 2, got {self.folds}")
+        if self.folds >= 2:
+            if self.fold is None:
+                raise DataError(f"data.split.folds is {self.folds} but data.split.fold is not set: choose the "
+                                f"validation fold (0..{self.folds - 1}), or 'all' to train on every non-test image")
+            if self.fold != "all" and not (isinstance(self.fold, int) and 0 <= self.fold < self.folds):
+                raise DataError(f"data.split.fold must be 0..{self.folds - 1} or 'all', got {self.fold!r}")
+        elif self.fold is not None:
+            raise DataError(f"data.split.fold is {self.fold!r} but data.split.folds is {self.folds}: set "
+                            "data.split.folds (e.g. 5) for cross-validation, or leave fold unset")
 
 
 GROUP_KEYS = {"patient_id": "patient_id", "near_duplicates": "cluster_id"}
@@ -116,22 +139,28 @@ def _ratio_text(ratios: tuple[float, float, float]) -> str:
     return "/".join(f"{100 * r:g}" for r in ratios)
 
 
-def _stratified(labels: np.ndarray, classes: list[str], ratios, rng: np.random.Generator) -> np.ndarray:
+def _what(names: tuple[str, ...], ratios) -> str:
+    return f"{_ratio_text(ratios)} split" if names == SPLITS else f"{len(names)}-fold cross-validation"
+
+
+def _stratified(labels: np.ndarray, classes: list[str], ratios, rng: np.random.Generator,
+                names: tuple[str, ...] = SPLITS) -> np.ndarray:
+    """Each class shuffled and cut into `names` parts in proportion to `ratios`."""
     out = np.empty(len(labels), dtype=object)
     for c in classes:
         idx = np.flatnonzero(labels == c)
         t = _targets(len(idx), ratios)
-        if any(t[k] == 0 for k in range(3) if ratios[k] > 0):
+        if any(t[k] == 0 for k in range(len(ratios)) if ratios[k] > 0):
             need = int(np.ceil(1 / min(r for r in ratios if r > 0)))
             raise DataError(
-                f"class '{c}' has {len(idx)} images: too few to stratify a {_ratio_text(ratios)} split "
-                f"(every split needs at least one; that takes about {need}). Add images, merge the class, "
-                "or change data.split.ratios."
+                f"class '{c}' has {len(idx)} images: too few to stratify a {_what(names, ratios)} "
+                f"(every part needs at least one; that takes about {need}). Add images, merge the class, "
+                "or change data.split.ratios / data.split.folds."
             )
         perm = rng.permutation(idx)
-        out[perm[: t[0]]] = "train"
-        out[perm[t[0] : t[0] + t[1]]] = "val"
-        out[perm[t[0] + t[1] :]] = "test"
+        ends = np.cumsum(t)
+        for k, name in enumerate(names):
+            out[perm[ends[k] - t[k] : ends[k]]] = name
     return out
 
 
@@ -150,7 +179,8 @@ def _place(g: int, counts: np.ndarray, targets: np.ndarray, current: np.ndarray,
     return int(np.argmin(score))
 
 
-def _grouped(labels: np.ndarray, groups: np.ndarray, classes: list[str], ratios, rng) -> np.ndarray:
+def _grouped(labels: np.ndarray, groups: np.ndarray, classes: list[str], ratios, rng,
+             names: tuple[str, ...] = SPLITS) -> np.ndarray:
     """Stratified split where no group (patient) spans two splits, with alike patients in every split.
 
     First, for every class, each split with a positive ratio is seeded with one group of that class (the
@@ -184,16 +214,16 @@ def _grouped(labels: np.ndarray, groups: np.ndarray, classes: list[str], ratios,
             where[g] = _place(g, counts, targets, current, allowed)
             current[where[g]] += counts[g]
     for k, c in enumerate(classes):
-        empty = [SPLITS[s] for s in range(3) if ratios[s] > 0 and current[s, k] == 0]
+        empty = [names[s] for s in range(len(names)) if ratios[s] > 0 and current[s, k] == 0]
         if empty:
             n_groups = int((counts[:, k] > 0).sum())
             raise DataError(
                 f"class '{c}' has {int(counts[:, k].sum())} images from {n_groups} patients: too few to give "
-                f"every split of a {_ratio_text(ratios)} patient-grouped split one ({', '.join(empty)} would be "
+                f"every part of a patient-grouped {_what(names, ratios)} one ({', '.join(empty)} would be "
                 "empty). Add patients, set data.split.group_by_patient: false (accepting leakage), or change "
-                "the ratios."
+                "data.split.ratios / data.split.folds."
             )
-    return np.array(SPLITS, dtype=object)[where[inverse]]
+    return np.array(names, dtype=object)[where[inverse]]
 
 
 def split_key(frame: pl.DataFrame, cfg: SplitConfig, classes: list[str]) -> str:
@@ -203,6 +233,7 @@ def split_key(frame: pl.DataFrame, cfg: SplitConfig, classes: list[str]) -> str:
         "v": SPLIT_FORMAT_VERSION, "ratios": parse_ratios(cfg.ratios), "seed": cfg.seed,
         "group": cfg.group_by_patient, "manifest": cfg.use_manifest_split, "classes": classes,
         **({"group_by": sorted(cfg.group_by)} if "cluster_id" in frame.columns else {}),
+        **({"folds": cfg.folds} if cfg.folds >= 2 else {}),
     }, sort_keys=True).encode())
     keys = [c for c in ("relpath", "label", "patient_id", "split", "cluster_id") if c in frame.columns]
     for row in frame.select(keys).sort("relpath").iter_rows():
@@ -228,15 +259,44 @@ def compute_split(frame: pl.DataFrame, cfg: SplitConfig, classes: list[str]) -> 
         assigned = [_ALIASES[str(v).strip().lower()] for v in raw]
     else:
         ratios = parse_ratios(cfg.ratios)
-        rng = np.random.default_rng(cfg.seed)
-        labels = frame["label"].to_numpy().astype(object)
-        groups = group_by_keys(frame, cfg)  # an image with no shared key is its own group: it cannot leak
-        if groups is not None:
-            assigned = _grouped(labels, groups, classes, ratios, rng)
-        else:
-            assigned = _stratified(labels, classes, ratios, rng)
+        if cfg.folds >= 2:  # only the test share matters: the rest is cut into folds below
+            ratios = (1.0 - ratios[2], 0.0, ratios[2])
+        assigned = _assign(frame, cfg, classes, ratios, SPLITS)
     out = frame.select("relpath", "label", "patient_id").with_columns(split=pl.Series(list(assigned), dtype=pl.String))
+    if cfg.folds >= 2:
+        held = np.array([a == "test" for a in assigned])
+        rest = frame.filter(pl.Series(~held))
+        names = tuple(str(k) for k in range(cfg.folds))
+        folds = np.full(frame.height, None, dtype=object)
+        folds[~held] = _assign(rest, cfg, classes, (1.0 / cfg.folds,) * cfg.folds, names, seed_offset=1)
+        out = out.with_columns(fold=pl.Series([None if f is None else int(f) for f in folds], dtype=pl.Int32))
     return out
+
+
+def _assign(frame: pl.DataFrame, cfg: SplitConfig, classes: list[str], ratios, names: tuple[str, ...],
+            seed_offset: int = 0) -> np.ndarray:
+    """Stratified (and, where rows share a patient or duplicate cluster, grouped) assignment to `names`."""
+    rng = np.random.default_rng([cfg.seed, seed_offset] if seed_offset else cfg.seed)
+    labels = frame["label"].to_numpy().astype(object)
+    groups = group_by_keys(frame, cfg)  # an image with no shared key is its own group: it cannot leak
+    if groups is not None:
+        return _grouped(labels, groups, classes, ratios, rng, names)
+    return _stratified(labels, classes, ratios, rng, names)
+
+
+def apply_fold(split: pl.DataFrame, cfg: SplitConfig) -> pl.DataFrame:
+    """The split file's rows as one run sees them: under cross-validation the chosen fold is `val` and the
+    other folds `train` (fold "all": every non-test row trains; there is no `val`). Without folds, as is."""
+    if cfg.folds < 2:
+        return split
+    if "fold" not in split.columns:
+        raise DataError("data.split.folds is set but the split file has no fold column; delete it to recompute")
+    if cfg.fold == "all":
+        role = pl.when(pl.col("split") == "test").then(pl.lit("test")).otherwise(pl.lit("train"))
+    else:
+        role = (pl.when(pl.col("split") == "test").then(pl.lit("test"))
+                .when(pl.col("fold") == cfg.fold).then(pl.lit("val")).otherwise(pl.lit("train")))
+    return split.with_columns(split=role)
 
 
 def write_split(split: pl.DataFrame, path: Path, meta: dict) -> None:
@@ -250,6 +310,7 @@ def write_split(split: pl.DataFrame, path: Path, meta: dict) -> None:
 def read_split_metadata(path: Path) -> dict:
     return {k: json.loads(v) for k, v in pl.read_parquet_metadata(path).items() if k in {
         "key", "seed", "ratios", "group_by_patient", "use_manifest_split", "classes", "source", "assignment_hash",
+        "folds",
     }}
 
 
@@ -261,13 +322,15 @@ def load_or_create(
     path = splits_dir / f"{name}-{key}.parquet"
     if not path.exists():
         split = compute_split(frame, cfg, classes)
+        cols = ["relpath", "split", *(["fold"] if "fold" in split.columns else [])]
         assignment = hashlib.sha256(
-            "".join(f"{r}\x1f{s}\x1e" for r, s in split.select("relpath", "split").iter_rows()).encode()
+            "".join("\x1f".join(map(str, row)) + "\x1e" for row in split.select(cols).iter_rows()).encode()
         ).hexdigest()[:16]
         write_split(split, path, {
             "key": key, "seed": cfg.seed, "ratios": list(parse_ratios(cfg.ratios)),
             "group_by_patient": cfg.group_by_patient, "use_manifest_split": cfg.use_manifest_split,
             "classes": classes, "source": source, "assignment_hash": assignment,
+            **({"folds": cfg.folds} if cfg.folds >= 2 else {}),
         })
     return path, pl.read_parquet(path)
 

@@ -43,7 +43,8 @@ class RunConfig:
         root: folder of all runs.
         dir: this run's folder. Set automatically and saved in the run's config.yaml, so passing that file
             to `test`/`validate`/`predict` reuses the run (and its best checkpoint).
-        monitor: metric that picks the best checkpoint (any logged key, e.g. val/loss, val/mcc).
+        monitor: metric that picks the best checkpoint (any logged key, e.g. val/loss, val/mcc); None keeps
+            the last epoch (set automatically when there is no validation split, `data.split.fold: all`).
         mode: "min" or "max" for `monitor`.
         early_stopping_patience: stop after this many epochs without improvement of `monitor` (None: off).
         wandb: "offline" (sync later with `wandb sync`), "online", or "disabled". Default: $WANDB_MODE if set,
@@ -59,7 +60,7 @@ class RunConfig:
     name: str = "run"
     root: str = "artifacts/runs"
     dir: str | None = None
-    monitor: str = "val/loss"
+    monitor: str | None = "val/loss"
     mode: Literal["min", "max"] = "min"
     early_stopping_patience: int | None = None
     wandb: Literal["offline", "online", "disabled"] | None = None
@@ -186,7 +187,7 @@ def build_callbacks(run: RunConfig, run_dir: Path) -> list[Callback]:
         PredictionWriter(),
         TrainEvalWriter(),
     ]
-    if run.early_stopping_patience is not None:
+    if run.early_stopping_patience is not None and run.monitor is not None:
         callbacks.append(EarlyStopping(monitor=run.monitor, mode=run.mode, patience=run.early_stopping_patience))
     return callbacks
 
@@ -218,6 +219,12 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     # cli.py passes its (config-resolved) argv explicitly; that is not a mistake.
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+
+
+def _fold(cfg) -> Any:
+    """`data.split.fold` of a parsed config (a namespace or, as some parsers leave it, a dict)."""
+    split = cfg.data.get("split") if hasattr(cfg.data, "get") else getattr(cfg.data, "split", None)
+    return split.get("fold") if hasattr(split, "get") else getattr(split, "fold", None)
 
 
 class MedselCLI(LightningCLI):
@@ -269,6 +276,12 @@ class MedselCLI(LightningCLI):
             # The checkpoint supplies every weight: never download ImageNet weights just to overwrite them.
             cfg.model.network.pretrained = False
             cfg.model.network.pretrained_path = None
+        if self.subcommand == "fit" and _fold(cfg) == "all":
+            # Cross-validation's final refit: every non-test image trains, so there is nothing to validate
+            # on; the epochs come from the folds and the last epoch is the model.
+            cfg.trainer.limit_val_batches = 0
+            cfg.trainer.num_sanity_val_steps = 0
+            cfg.run.monitor = None
         if self.subcommand == "fit" and RunFiles(self.run_dir).best_checkpoint.exists() and not cfg.get("ckpt_path"):
             raise ConfigError(
                 f"run.dir '{self.run_dir}' already holds a trained model. Leave run.dir unset for a new run, "

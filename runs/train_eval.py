@@ -38,6 +38,8 @@ class TrainEvalWriter(Callback):
         dm = trainer.datamodule
         if trainer.global_rank != 0 or not Path(ckpt).is_file() or run.pruned.exists() or dm is None:
             return
+        if not dm.has_split("val"):  # a refit on every non-test image (data.split.fold: all)
+            return
         kept = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
         best = torch.load(ckpt, map_location=pl_module.device, weights_only=True)["state_dict"]
         was_training = pl_module.training

@@ -10,7 +10,10 @@ for each candidate, how much worse (or better) than the winner it is on the stag
   together cancels out of the difference;
 - several repeats (seeds): the **corrected resampled t-test** of Nadeau & Bengio (2003, "Inference for the
   generalization error") on the per-repeat differences: the variance of the mean difference is
-  (1/J + n_val/n_train) s^2 instead of s^2/J, since repeats that share data are not independent.
+  (1/J + n_val/n_train) s^2 instead of s^2/J, since repeats that share data are not independent;
+- k-fold cross-validation: both. The paired bootstrap runs on the out-of-fold predictions (every non-test
+  image, predicted by the fold model that never trained on it), and the corrected t-test on the per-fold
+  differences (n_val/n_train = 1/(k-1)); a candidate is indistinguishable when either interval includes 0.
 
 The functions here are pure (arrays in, numbers out); `compare_stage` reads the trials' files.
 Metrics are computed here on bootstrap weight matrices rather than with torchmetrics: one matrix
@@ -153,17 +156,23 @@ def headline_metric(rule: str, metric: str) -> tuple[str, str]:
     return "acc", ""
 
 
-def mark(board: pl.DataFrame, diffs: dict[int, Difference]) -> pl.DataFrame:
+def mark(board: pl.DataFrame, diffs: dict[int, Difference], folds: dict[int, Difference] | None = None) -> pl.DataFrame:
     """Add `vs_winner` (difference [interval]), its numbers and `indistinguishable` (row index -> Difference;
-    the winner is row 0 and gets no comparison)."""
+    the winner is row 0 and gets no comparison). Under cross-validation `folds` holds the corrected t-tests
+    across folds (`vs_winner_folds`); a candidate is then indistinguishable when either interval includes 0."""
     get = [diffs.get(i) for i in range(board.height)]
-    return board.with_columns(
+    per_fold = [(folds or {}).get(i) for i in range(board.height)]
+    same = [None if d is None and f is None else any(x.indistinguishable for x in (d, f) if x is not None)
+            for d, f in zip(get, per_fold, strict=True)]
+    out = board.with_columns(
         pl.Series("vs_winner", [d.text() if d else None for d in get], dtype=pl.String),
         pl.Series("vs_winner_diff", [d.diff if d else None for d in get], dtype=pl.Float64),
         pl.Series("vs_winner_low", [d.low if d else None for d in get], dtype=pl.Float64),
         pl.Series("vs_winner_high", [d.high if d else None for d in get], dtype=pl.Float64),
-        pl.Series("indistinguishable", [d.indistinguishable if d else None for d in get], dtype=pl.Boolean),
     )
+    if folds is not None:
+        out = out.with_columns(pl.Series("vs_winner_folds", [f.text() if f else None for f in per_fold], dtype=pl.String))
+    return out.with_columns(pl.Series("indistinguishable", same, dtype=pl.Boolean))
 
 
 def verdict(board: pl.DataFrame, label) -> tuple[str, dict | None]:
@@ -226,14 +235,23 @@ def _uses_t_test(trials: pl.DataFrame, name: str) -> bool:
 
 
 def method_text(trials: pl.DataFrame, board: pl.DataFrame, keys: list[str], rule: str, metric: str, root: Path,
-                n_resamples: int = 2000) -> str:
-    """One sentence naming how `compare_stage` compares these candidates (for the report)."""
+                n_resamples: int = 2000, folds: int = 0) -> str:
+    """One sentence naming how `compare_stage` compares these candidates (for the report; `folds` >= 2:
+    cross-validation, `trials` as `crossval.as_samples` gives them)."""
     name, note = headline_metric(rule, metric)
     if board.height < 2:
         return ""
     winner = _by_point(trials, board.head(1), keys)[0]
     run_dir = Path(root) / winner["run_dir"][0]
-    if _uses_t_test(trials, name):
+    if folds >= 2:
+        text = (f"Each candidate is compared with the winner on validation {name} in two ways: a paired bootstrap "
+                f"({n_resamples} resamples, stratified by class, patients drawn whole) of the out-of-fold predictions, "
+                "in which every non-test image is predicted by the fold model that never trained on it (`vs_winner`), "
+                f"and the corrected resampled t-test (Nadeau & Bengio 2003) across the {folds} folds"
+                + (" of every repeat" if trials["repeat"].n_unique() > folds else "")
+                + f" (n_val/n_train = 1/{folds - 1}; `vs_winner_folds`). A candidate is marked indistinguishable "
+                "when either 95% interval includes 0")
+    elif _uses_t_test(trials, name):
         ratio = _split_ratio(run_dir)
         if ratio is None:
             return "No comparison over repeats: the winner's run directory does not record its split sizes."
@@ -252,14 +270,47 @@ def method_text(trials: pl.DataFrame, board: pl.DataFrame, keys: list[str], rule
         f" {note}" if note else "")
 
 
+def _t_tests(trials: pl.DataFrame, points: list[pl.DataFrame], name: str, root: Path) -> dict[int, Difference] | None:
+    """Corrected t-test of the winner (points[0]) against every other point, paired by `repeat`."""
+    ratio = _split_ratio(Path(root) / points[0]["run_dir"][0])
+    if ratio is None:
+        return None
+    col, diffs = f"val/{name}", {}
+    for i, other in enumerate(points[1:], start=1):
+        pair = points[0].select("repeat", pl.col(col).alias("a")).join(other.select("repeat", pl.col(col).alias("b")), on="repeat")
+        diffs[i] = corrected_t_test(pair["a"].to_list(), pair["b"].to_list(), ratio)
+    return diffs
+
+
+def _bootstraps(predictions: dict[int, pl.DataFrame], name: str, n_resamples: int, seed: int) -> dict[int, Difference]:
+    """Paired bootstrap of the winner's predictions (key 0) against every other point's, on the same images."""
+    base = predictions.get(0)
+    if base is None:
+        return {}
+    prob_cols = [c for c in base.columns if c.startswith("p_")]
+    weights = bootstrap_weights(base["target"].to_numpy(), _groups(base), n_resamples, seed)
+    diffs = {}
+    for i, theirs in predictions.items():
+        if i == 0:
+            continue
+        joined = base.select("path").join(theirs, on="path", how="left", maintain_order="left")
+        if joined[prob_cols[0]].null_count():
+            continue  # not the same validation images: no paired comparison
+        diffs[i] = paired_bootstrap(base.select(prob_cols).to_numpy(), joined.select(prob_cols).to_numpy(),
+                                    base["target"].to_numpy(), metric=name, weights=weights)
+    return diffs
+
+
 def compare_stage(
     trials: pl.DataFrame, board: pl.DataFrame, keys: list[str], rule: str, metric: str, root: Path = Path("."),
-    n_resamples: int = 2000, seed: int = 0,
+    n_resamples: int = 2000, seed: int = 0, oof: dict[int, pl.DataFrame] | None = None,
 ) -> pl.DataFrame:
     """The leaderboard with every candidate compared to the winner (row 0).
 
     Several repeats: corrected t-test on the per-repeat `val/<metric>` (paired by repeat). One run per
     grid point: paired bootstrap on the two trials' val_predictions.parquet (joined on the image path).
+    Cross-validation (`oof` given): paired bootstrap on the out-of-fold predictions and the corrected
+    t-test across fold runs (`trials` then has one `repeat` value per fold run, `crossval.as_samples`).
     Candidates that cannot be compared (missing files, other images) get no mark.
 
     Args:
@@ -269,42 +320,31 @@ def compare_stage(
         rule, metric: the selection rule and metric (see `headline_metric`).
         root: folder the trials' run_dir values are relative to (the sweep folder).
         n_resamples, seed: the bootstrap.
+        oof: per leaderboard row, its out-of-fold predictions (`crossval.out_of_fold`).
     """
     name, _ = headline_metric(rule, metric)
     if board.height < 2:
         return board
     points = _by_point(trials, board, keys)
-    winner = points[0]
-    diffs: dict[int, Difference] = {}
-    if _uses_t_test(trials, name):
-        ratio = _split_ratio(Path(root) / winner["run_dir"][0])
-        if ratio is None:
-            return board
-        col = f"val/{name}"
-        for i, other in enumerate(points[1:], start=1):
-            pair = winner.select("repeat", pl.col(col).alias("a")).join(other.select("repeat", pl.col(col).alias("b")), on="repeat")
-            diffs[i] = corrected_t_test(pair["a"].to_list(), pair["b"].to_list(), ratio)
-    else:
-        base = _predictions(Path(root) / winner["run_dir"][0])
-        if base is None:
-            return board
-        prob_cols = [c for c in base.columns if c.startswith("p_")]
-        weights = bootstrap_weights(base["target"].to_numpy(), _groups(base), n_resamples, seed)
-        for i, other in enumerate(points[1:], start=1):
-            theirs = _predictions(Path(root) / other["run_dir"][0])
-            if theirs is None:
-                continue
-            joined = base.select("path").join(theirs, on="path", how="left", maintain_order="left")
-            if joined[prob_cols[0]].null_count():
-                continue  # not the same validation images: no paired comparison
-            diffs[i] = paired_bootstrap(base.select(prob_cols).to_numpy(), joined.select(prob_cols).to_numpy(),
-                                        base["target"].to_numpy(), metric=name, weights=weights)
-    if not PAIRED_METRICS[name]:  # lower is better: flip so that positive always means the winner is better
-        diffs = {i: Difference(-d.diff, -d.high, -d.low, d.method) for i, d in diffs.items()}
-    return mark(board, diffs)
+
+    def oriented(diffs: dict[int, Difference] | None) -> dict[int, Difference] | None:
+        if diffs is None or PAIRED_METRICS[name]:
+            return diffs
+        # lower is better: flip so that positive always means the winner is better
+        return {i: Difference(-d.diff, -d.high, -d.low, d.method) for i, d in diffs.items()}
+
+    t_tests = oriented(_t_tests(trials, points, name, root)) if _uses_t_test(trials, name) else None
+    if oof is not None:
+        return mark(board, oriented(_bootstraps(oof, name, n_resamples, seed)), folds=t_tests or {})
+    if t_tests is not None or _uses_t_test(trials, name):
+        return board if t_tests is None else mark(board, t_tests)
+    predictions = {i: p for i, point in enumerate(points) if (p := _predictions(Path(root) / point["run_dir"][0])) is not None}
+    if 0 not in predictions:
+        return board
+    return mark(board, oriented(_bootstraps(predictions, name, n_resamples, seed)))
 
 
-def stage_notes(selection, trials: pl.DataFrame, board: pl.DataFrame, root: Path) -> tuple[list[str], dict | None]:
+def stage_notes(selection, trials: pl.DataFrame, board: pl.DataFrame, root: Path, folds: int = 0) -> tuple[list[str], dict | None]:
     """The report's sentences under a stage's leaderboard: which loss and overfit terms the rank score used,
     which grid points are incomplete, how candidates were compared, and whether the data separate the
     winner from them; plus the parsimonious choice (None when it is the winner or nothing was compared).
@@ -314,6 +354,7 @@ def stage_notes(selection, trials: pl.DataFrame, board: pl.DataFrame, root: Path
         trials: the stage's trials.
         board: its leaderboard (after `compare_stage`).
         root: the sweep folder.
+        folds: the sweep's cross-validation folds (0: none); `trials` then has one `repeat` per fold run.
     """
     from sweeps.ranking import resolve_terms
 
@@ -328,7 +369,7 @@ def stage_notes(selection, trials: pl.DataFrame, board: pl.DataFrame, root: Path
         notes.append(f"Incomplete (failed, pruned or missing repeats): {short}; "
                      + ("they may still win (selection.allow_incomplete)." if selection.allow_incomplete
                         else "they cannot win (selection.allow_incomplete: false)."))
-    notes.append(method_text(trials, board, keys, selection.rule, selection.metric, root))
+    notes.append(method_text(trials, board, keys, selection.rule, selection.metric, root, folds=folds))
     text, simplest = verdict(board, label)
     if text:
         notes.append(text)

@@ -203,6 +203,29 @@ class Selection:
 
 
 @dataclass
+class CrossValidation:
+    """k-fold cross-validated selection.
+
+    Attributes:
+        folds: 0 (off: one train/val split) or k >= 2. The test split is held out once; the other images
+            are cut into k stratified, patient-grouped folds (`data.split.folds`), and every grid point
+            trains k times, validating on each fold in turn. Leaderboards show fold means with 95%
+            intervals, the rank score ranks fold means, and each grid point's out-of-fold validation
+            probabilities go to `<sweep>/oof/<stage>/<point>.parquet`.
+        final: what is tested once on the test split. "refit": the winning configuration trained again on
+            every non-test image for the median of its folds' best epochs; "ensemble": its k fold models,
+            their test probabilities averaged.
+    """
+
+    folds: int = 0
+    final: Literal["refit", "ensemble"] = "refit"
+
+    @property
+    def enabled(self) -> bool:
+        return self.folds >= 2
+
+
+@dataclass
 class SweepConfig:
     """A two-stage model-selection sweep.
 
@@ -214,6 +237,7 @@ class SweepConfig:
         stage2: optimizer x loss grid.
         selection: the winner rule.
         repeats: seeds per grid point; leaderboards then show mean +- 95% interval and wins.
+        cv: k-fold cross-validated selection (`cv: {folds: 5}`); off by default.
         seed: seed of the first repeat (repeat r uses seed + r).
         storage: Optuna storage URL; default sqlite:///<root>/<name>/optuna.db. Point every machine at the
             same postgresql://... URL to spread a sweep over machines.
@@ -236,6 +260,7 @@ class SweepConfig:
     stage2: Stage2 = field(default_factory=Stage2)
     selection: Selection = field(default_factory=Selection)
     repeats: int = 1
+    cv: CrossValidation = field(default_factory=CrossValidation)
     seed: int = 42
     storage: str | None = None
     root: str = "artifacts/sweeps"
@@ -287,6 +312,8 @@ class SweepConfig:
             found.append("sweep stage2 needs at least one optimizer and one loss")
         if self.repeats < 1:
             found.append("sweep repeats must be >= 1")
+        if self.cv.folds == 1 or self.cv.folds < 0:
+            found.append(f"sweep cv.folds must be 0 (off) or at least 2, got {self.cv.folds}")
         if self.workers < 1:
             found.append("sweep workers must be >= 1")
         return found

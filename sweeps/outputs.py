@@ -13,7 +13,7 @@ import yaml
 from optuna.trial import TrialState
 
 from evaluation.document import Document, fmt
-from sweeps import compare
+from sweeps import compare, crossval
 
 LEADERBOARD_METRICS = [
     "val/acc", "val/loss", "val/nll", "val/overfit", "val/sensitivity", "val/specificity", "val/precision", "val/f1",
@@ -164,15 +164,29 @@ def write_report(sweep, out: Path, stages: dict[str, tuple], summary: dict[str, 
     doc.p(f"Storage `{sweep.storage_url}` — browse it with `optuna-dashboard {sweep.storage_url}`.")
     rule = (f"{sweep.selection.metric} ({sweep.selection.direction})" if sweep.selection.rule == "metric" else
             "study 002 overall score: " + ", ".join(f"{t.weight:g} x {t.metric}" for t in sweep.selection.terms))
-    doc.p(f"Selection: **{sweep.selection.rule}** ({rule}); ties go to fewer parameters; {sweep.repeats} repeat(s) "
-          "per grid point (mean ± 95% interval over repeats; `first_in_repeats`: how often it ranked first).")
+    folds = sweep.cv.folds if sweep.cv.enabled else 0
+    if folds:
+        final = summary.get("cv", {})
+        how = (f"then trained once more on every non-test image for {final.get('refit_epochs')} epochs (the median "
+               "best epoch of its folds) and tested once" if sweep.cv.final == "refit" else
+               f"then its {sweep.cv.folds * sweep.repeats} fold models were tested once each and their averaged "
+               "probabilities scored (`cv.final: ensemble`)")
+        doc.p(f"Selection: **{sweep.selection.rule}** ({rule}) on **{folds}-fold cross-validation**: the test split is "
+              f"held out once and every grid point trains {folds} times ({sweep.repeats} repeat(s)), validating on each "
+              "stratified, patient-grouped fold in turn. Leaderboards show fold means ± 95% t-interval over the "
+              f"{folds * sweep.repeats} fold runs (`repeats` counts them; `first_in_repeats`: on how many fold runs the "
+              f"point ranked first); the rank score ranks the means; ties go to fewer parameters. The winner was {how}. "
+              "Out-of-fold probabilities of every grid point: `oof/<stage>/<point>.parquet`.")
+    else:
+        doc.p(f"Selection: **{sweep.selection.rule}** ({rule}); ties go to fewer parameters; {sweep.repeats} repeat(s) "
+              "per grid point (mean ± 95% interval over repeats; `first_in_repeats`: how often it ranked first).")
     parsimonious = {}
     for name, (study, trials, board) in stages.items():
         counts = status_counts(study)
         doc.h2("Stage 1: base architecture" if name == "stage1" else "Stage 2: optimizer x loss")
         doc.p("Trials: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".")
         doc.table(display_board(board))
-        notes, parsimonious[name] = compare.stage_notes(sweep.selection, trials, board, out)
+        notes, parsimonious[name] = compare.stage_notes(sweep.selection, crossval.as_samples(trials, folds), board, out, folds)
         for sentence in notes:  # which loss/overfit terms were ranked, incomplete points, the comparisons
             doc.p(sentence)
         doc.image(plot_path(out, name), f"{name} comparison")
@@ -198,6 +212,11 @@ def write_report(sweep, out: Path, stages: dict[str, tuple], summary: dict[str, 
         doc.table(val_test_table(summary))
         doc.h3("Test results, laid out like the studies' tables")
         doc.table(study_table(summary))
+        if summary["test"].get("intervals"):  # the k-fold ensemble's own bootstrap intervals
+            doc.p(f"The k-fold ensemble on {summary['test']['n_images']} test images, with 95% bootstrap intervals "
+                  "(stratified by class, patients drawn whole); `final/ensemble/test_predictions.parquet` per image.")
+            doc.table(pl.DataFrame([{"metric": k, "value": v, "95% interval": "{:.3f} – {:.3f}".format(*summary["test"]["intervals"][k])}
+                                    for k, v in summary["test"]["metrics"].items()]))
     winner_report = out / summary["run_dir"] / "report.json"  # run_dir is relative to the sweep folder
     if winner_report.exists():
         doc.h2("Evaluation of the winner")

@@ -28,9 +28,9 @@ from optuna.trial import FrozenTrial, TrialState
 from errors import ConfigError, SweepError
 from runs import files
 from runs.files import PROGRESS, RunFiles
-from sweeps import compare, isolation, outputs, ranking, trials
+from sweeps import compare, crossval, isolation, outputs, ranking, trials
 from sweeps import coordinator as coord
-from sweeps.config import SweepConfig
+from sweeps.config import SweepConfig, merge
 from sweeps.preflight import check_in_child
 from sweeps.progress import StageProgress, follow
 
@@ -50,16 +50,21 @@ def _objective(sweep: SweepConfig, run_cfg: dict[str, Any]) -> tuple[str, str]:
     return run.get("monitor", "val/loss"), "maximize" if run.get("mode") == "max" else "minimize"
 
 
+def _runs(sweep: SweepConfig, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every run of the grid: each point once per repeat, and once per fold under cross-validation."""
+    folds = [{"fold": f} for f in range(sweep.cv.folds)] if sweep.cv.enabled else [{}]
+    return [{**p, "repeat": r, **f} for r in range(sweep.repeats) for p in points for f in folds]
+
+
 def stage1(sweep: SweepConfig, configs: trials.TrialConfigs) -> coord.Stage:
     objective, direction = _objective(sweep, configs.shared)
-    grid = [{"candidate": name, "repeat": r} for r in range(sweep.repeats) for name in configs.candidates]
+    grid = _runs(sweep, [{"candidate": name} for name in configs.candidates])
     return coord.Stage("stage1", f"{sweep.name}/stage1", grid, objective, direction)
 
 
 def stage2(sweep: SweepConfig, configs: trials.TrialConfigs) -> coord.Stage:
     objective, direction = _objective(sweep, configs.shared)
-    grid = [{"optimizer": o, "loss": loss, "repeat": r} for r in range(sweep.repeats)
-            for o in sweep.stage2.optimizers for loss in sweep.stage2.losses]
+    grid = _runs(sweep, [{"optimizer": o, "loss": loss} for o in sweep.stage2.optimizers for loss in sweep.stage2.losses])
     return coord.Stage("stage2", f"{sweep.name}/stage2", grid, objective, direction)
 
 
@@ -74,11 +79,19 @@ def trial_config(configs: trials.TrialConfigs, stage: coord.Stage, params: dict[
     opt = cfg["model"]["optimizer"]
     opt_name = opt.get("class_path", "").rsplit(".", 1)[-1] if isinstance(opt, dict) else str(opt)
     tags = [f"arch:{name}", f"optimizer:{opt_name}", f"loss:{cfg['model'].get('loss', 'ce')}", f"repeat:{params['repeat']}"]
+    if params.get("fold") is not None:
+        tags.append(f"fold:{params['fold']}")
     return cfg, tags
 
 
 def _label(stage: coord.Stage, params: dict[str, Any]) -> str:
     return "-".join(str(params[k]) for k in GRID_KEYS[stage.name])
+
+
+def _run_label(stage: coord.Stage, params: dict[str, Any]) -> str:
+    """A run's name within its stage: the grid point, its repeat and (under cross-validation) its fold."""
+    fold = f"-f{params['fold']}" if params.get("fold") is not None else ""
+    return f"{_label(stage, params)}-r{params['repeat']}{fold}"
 
 
 def best_so_far(ss: coord.StageStudy) -> str:
@@ -113,11 +126,13 @@ class TrialRunner:
         self.progress, self.execute = progress, execute or isolation.execute
 
     def _prepare(self, ss: coord.StageStudy, number: int, params: dict[str, Any]) -> tuple[dict, Path]:
-        relative = Path("trials") / self.stage.name / f"{number:03d}-{_slug(_label(self.stage, params))}-r{params['repeat']}"
+        relative = Path("trials") / self.stage.name / f"{number:03d}-{_slug(_run_label(self.stage, params))}"
         run_dir = self.sweep.out_dir / relative
         if run_dir.exists():  # a retried trial number never reuses a directory, but be safe on manual edits
             shutil.rmtree(run_dir)
         cfg, tags = trial_config(self.configs, self.stage, params, self.base)
+        if params.get("fold") is not None:
+            cfg = merge(cfg, crossval.fold_overrides(self.sweep, params["fold"]))
         pruning = None
         if self.sweep.pruner != "none":
             pruning = {"storage": self.sweep.storage_url, "study_name": self.stage.study_name,
@@ -132,7 +147,7 @@ class TrialRunner:
         for name, values in self.stage.search_space().items():  # records the fixed grid point as its params
             trial.suggest_categorical(name, values)
         cfg, run_dir = self._prepare(ss, number, params)
-        label = f"trial {number} {_label(self.stage, params)} r{params['repeat']}"
+        label = f"trial {number} {_run_label(self.stage, params)}"
         print(f"[sweep] {self.stage.name} {label} -> {run_dir} (log: fit.log)", flush=True)
         self.progress.trial_started(label)
         started = time.perf_counter()
@@ -265,9 +280,9 @@ def trial_frame(study: optuna.Study, stage: coord.Stage) -> pl.DataFrame:
     rows = []
     for t in coord.finished(study):
         p = coord.grid_params(t)
-        rows.append({**{k: p[k] for k in GRID_KEYS[stage.name]}, "repeat": p["repeat"], "trial": t.number,
-                     "params": t.user_attrs.get("params", 0), "run_dir": t.user_attrs.get("run_dir"),
-                     **t.user_attrs.get("metrics", {})})
+        rows.append({**{k: p[k] for k in GRID_KEYS[stage.name]}, "repeat": p["repeat"], "fold": p.get("fold"),
+                     "trial": t.number, "params": t.user_attrs.get("params", 0), "run_dir": t.user_attrs.get("run_dir"),
+                     "epoch": t.user_attrs.get("epoch"), **t.user_attrs.get("metrics", {})})
     return pl.DataFrame(rows) if rows else pl.DataFrame()
 
 
@@ -277,8 +292,12 @@ def stage_board(sweep: SweepConfig, study: optuna.Study, stage: coord.Stage) -> 
         failed = [f"trial {t.number}: {t.user_attrs.get('fail_reason')}" for t in study.get_trials(states=(TrialState.FAIL,))]
         raise SweepError(f"{stage.name}: no trial finished, so there is no winner. Failures:\n  " + "\n  ".join(failed[:20]))
     metrics = [m for m in outputs.LEADERBOARD_METRICS if m in frame.columns]
-    board = ranking.leaderboard(frame, GRID_KEYS[stage.name], metrics, sweep.selection, expected_repeats=sweep.repeats)
-    board = compare.compare_stage(frame, board, GRID_KEYS[stage.name], sweep.selection.rule, sweep.selection.metric, sweep.out_dir)
+    keys, folds = GRID_KEYS[stage.name], sweep.cv.folds if sweep.cv.enabled else 1
+    samples = crossval.as_samples(frame, folds)  # under CV every fold run is one sample of its grid point
+    board = ranking.leaderboard(samples, keys, metrics, sweep.selection, expected_repeats=sweep.repeats * folds)
+    oof = crossval.out_of_fold(frame, board, keys, stage.name, sweep.out_dir) if sweep.cv.enabled else None
+    board = compare.compare_stage(samples, board, keys, sweep.selection.rule, sweep.selection.metric, sweep.out_dir,
+                                  oof=oof)
     return frame, board
 
 
@@ -336,21 +355,36 @@ def run(sweep: SweepConfig, execute: Execute | None = None,
                                        descending=s2.direction == "maximize", nulls_last=True)
     winner_row = winner_trials.row(0, named=True)
     winner_dir = out / winner_row["run_dir"]  # stored relative to the sweep folder
+    val_from = best if sweep.cv.enabled else winner_row  # under CV: the fold means
     summary.update({
         "base_architecture": base, "optimizer": best["optimizer"], "loss": best["loss"],
         "trial": int(winner_row["trial"]), "run_dir": str(winner_row["run_dir"]), "params": int(winner_row["params"]),
-        "selection": sweep.selection.rule, "val": {k: v for k, v in winner_row.items() if k.startswith(("val/", "train/"))},
+        "selection": sweep.selection.rule,
+        "val": {k: v for k, v in val_from.items() if k.startswith(("val/", "train/", "train_eval/")) and "±" not in k},
     })
+    test: Callable[[], dict[str, Any]] = lambda: evaluate_on_test(winner_dir)  # noqa: E731
+    if sweep.cv.enabled:
+        summary["cv"] = {"folds": sweep.cv.folds, "final": sweep.cv.final}
+        if sweep.cv.final == "refit":
+            cfg, tags = trial_config(configs, s2, {"optimizer": best["optimizer"], "loss": best["loss"], "repeat": 0}, base)
+            winner_dir = crossval.refit(sweep, cfg, winner_trials, tags)
+            summary["cv"]["refit_epochs"] = crossval.refit_epochs(winner_trials)
+            summary["run_dir"] = winner_dir.relative_to(out).as_posix()
+        else:
+            members = [out / d for d in winner_trials.sort("repeat", "fold")["run_dir"].to_list()]
+            summary["cv"]["members"] = [m.relative_to(out).as_posix() for m in members]
+            test = lambda: crossval.ensemble_test(sweep, members, evaluate_on_test)  # noqa: E731
     stages = {"stage1": (ss1.study, trials1, board1), "stage2": (ss2.study, trials2, board2)}
-    _write_outputs(sweep, stages, summary, winner_dir)
+    _write_outputs(sweep, stages, summary, winner_dir, test)
     return summary
 
 
-def _write_outputs(sweep: SweepConfig, stages: dict[str, tuple], summary: dict[str, Any], winner_dir: Path) -> None:
+def _write_outputs(sweep: SweepConfig, stages: dict[str, tuple], summary: dict[str, Any], winner_dir: Path,
+                   test_winner: Callable[[], dict[str, Any]]) -> None:
     out, winner = sweep.out_dir, RunFiles(winner_dir)
     with ThreadPoolExecutor(max_workers=1) as pool:
         # The winner is tested in its own process; meanwhile this one writes what does not depend on the test.
-        test = pool.submit(evaluate_on_test, winner_dir) if sweep.test_winner else None
+        test = pool.submit(test_winner) if sweep.test_winner else None
         outputs.write_winner_config(winner.config, out / "winner.yaml", f"{sweep.name}-winner")
         if winner.best_checkpoint.exists():
             shutil.copy2(winner.best_checkpoint, out / files.WINNER_CKPT)
