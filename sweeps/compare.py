@@ -195,7 +195,7 @@ def verdict(board: pl.DataFrame, label) -> tuple[str, dict | None]:
                 "(every 95% interval of the difference excludes 0)."), None
     names = ", ".join(label(r) for r in ties)
     text = (f"The data cannot separate the winner {label(rows[0])} from {names}: the 95% interval of each "
-            "difference includes 0, so their order on this validation split may be chance." + beaten)
+            "difference includes 0, so their order on this validation data may be chance." + beaten)
     simplest = min([rows[0], *ties], key=lambda r: (r["params"], r["rank"]))
     if simplest is rows[0]:
         return text + " The winner is also the simplest of them.", None

@@ -92,9 +92,11 @@ def refit_epochs(winner_trials: pl.DataFrame) -> int:
     return int(-(-statistics.median(epochs) // 1))
 
 
-def refit(sweep: SweepConfig, cfg: dict[str, Any], winner_trials: pl.DataFrame, tags: list[str]) -> Path:
+def refit(sweep: SweepConfig, cfg: dict[str, Any], winner_trials: pl.DataFrame, tags: list[str],
+          execute=None) -> Path:
     """Train the winning configuration once on every non-test image for `refit_epochs` epochs (no validation;
-    the last epoch is the model) in `<sweep>/final/refit`; an earlier finished refit is reused."""
+    the last epoch is the model) in `<sweep>/final/refit`, with `execute` (default `isolation.execute`); an
+    earlier finished refit is reused."""
     run_dir = sweep.out_dir / FINAL_DIR / "refit"
     if RunFiles(run_dir).best_checkpoint.exists():
         return run_dir
@@ -105,7 +107,7 @@ def refit(sweep: SweepConfig, cfg: dict[str, Any], winner_trials: pl.DataFrame, 
     cfg = merge(cfg, {**fold_overrides(sweep, "all"), "trainer": {"max_epochs": epochs}})
     print(f"[sweep] refit of the winner on all non-test images for {epochs} epochs (median best epoch of its "
           f"{winner_trials.height} fold runs) -> {run_dir}", flush=True)
-    outcome = isolation.execute(cfg, run_dir)
+    outcome = (execute or isolation.execute)(cfg, run_dir)
     if outcome.status != "ok":
         raise SweepError(f"the refit of the winner failed: {outcome.reason} (log: {run_dir / 'fit.log'}); "
                          "rerun the sweep to try again")

@@ -28,7 +28,7 @@ def display_board(board: pl.DataFrame) -> pl.DataFrame:
     """Leaderboard for reading: `mean ± half-width` strings instead of two columns per metric."""
     cols = []
     for c in board.columns:
-        if c.endswith(" ±95%") or c.startswith("vs_winner_"):  # vs_winner_* are vs_winner's numbers
+        if c.endswith(" ±95%") or (c.startswith("vs_winner_") and c != "vs_winner_folds"):  # vs_winner's numbers
             continue
         if f"{c} ±95%" in board.columns:
             cols.append(pl.struct(c, f"{c} ±95%").map_elements(
@@ -168,7 +168,7 @@ def write_report(sweep, out: Path, stages: dict[str, tuple], summary: dict[str, 
     if folds:
         final = summary.get("cv", {})
         how = (f"then trained once more on every non-test image for {final.get('refit_epochs')} epochs (the median "
-               "best epoch of its folds) and tested once" if sweep.cv.final == "refit" else
+               "best epoch of its folds; `cv.final: refit`) and tested once" if sweep.cv.final == "refit" else
                f"then its {sweep.cv.folds * sweep.repeats} fold models were tested once each and their averaged "
                "probabilities scored (`cv.final: ensemble`)")
         doc.p(f"Selection: **{sweep.selection.rule}** ({rule}) on **{folds}-fold cross-validation**: the test split is "

@@ -367,7 +367,7 @@ def run(sweep: SweepConfig, execute: Execute | None = None,
         summary["cv"] = {"folds": sweep.cv.folds, "final": sweep.cv.final}
         if sweep.cv.final == "refit":
             cfg, tags = trial_config(configs, s2, {"optimizer": best["optimizer"], "loss": best["loss"], "repeat": 0}, base)
-            winner_dir = crossval.refit(sweep, cfg, winner_trials, tags)
+            winner_dir = crossval.refit(sweep, cfg, winner_trials, tags, execute)
             summary["cv"]["refit_epochs"] = crossval.refit_epochs(winner_trials)
             summary["run_dir"] = winner_dir.relative_to(out).as_posix()
         else:

@@ -181,3 +181,66 @@ def test_missing_patient_ids_are_single_image_groups():
     assert known.group_by("patient_id").agg(pl.col("split").n_unique())["split"].max() == 1
     unknown = split.filter(pl.col("patient_id").is_null())
     assert set(unknown["split"].to_list()) == {"train", "val", "test"}
+
+
+def _patients_table(n: int = 300, patients: int = 120, seed: int = 0) -> pl.DataFrame:
+    rng = np.random.default_rng(seed)
+    ids = [f"p{rng.integers(0, patients)}" for _ in range(n)]
+    return pl.DataFrame({"relpath": [f"img{i:03d}.png" for i in range(n)], "label": [["a", "b", "c"][i % 3] for i in range(n)],
+                         "patient_id": ids, "split": [None] * n})
+
+
+def test_folds_hold_out_test_once_and_partition_the_rest_by_patient():
+    from datamodules.splits import apply_fold
+
+    frame = _patients_table()
+    split = compute_split(frame, SplitConfig(folds=5, fold=0), ["a", "b", "c"])
+    assert split.filter(pl.col("split") == "test")["fold"].is_null().all()
+    rest = split.filter(pl.col("split") != "test")
+    assert rest["fold"].is_not_null().all() and sorted(rest["fold"].unique().to_list()) == [0, 1, 2, 3, 4]
+    assert split.filter(pl.col("split") == "test").height == pytest.approx(30, abs=6)  # the 10% test share
+    # No patient spans two folds or a fold and test; every class is in every fold in proportion.
+    assert split.group_by("patient_id").agg(pl.col("fold").n_unique(), pl.col("split").n_unique()) \
+        .filter((pl.col("fold") > 1) | (pl.col("split") > 1)).is_empty()
+    per_fold = rest.group_by("fold", "label").len()
+    assert per_fold.height == 15 and per_fold["len"].min() >= 12
+    # Each fold in turn is the validation split; test never changes; "all" trains on every non-test image.
+    seen = []
+    for k in range(5):
+        run = apply_fold(split, SplitConfig(folds=5, fold=k))
+        assert run.filter(pl.col("split") == "test")["relpath"].to_list() == split.filter(pl.col("split") == "test")["relpath"].to_list()
+        seen += run.filter(pl.col("split") == "val")["relpath"].to_list()
+    assert sorted(seen) == sorted(rest["relpath"].to_list())
+    refit = apply_fold(split, SplitConfig(folds=5, fold="all"))
+    assert set(refit["split"].unique().to_list()) == {"train", "test"}
+
+
+def test_folds_keep_the_manifest_test_split():
+    frame = _patients_table().with_columns(split=pl.Series(["test" if i % 10 == 0 else "train" for i in range(300)]))
+    cfg = SplitConfig(folds=3, fold=1, use_manifest_split=True, group_by_patient=False, group_by=[])
+    split = compute_split(frame, cfg, ["a", "b", "c"])
+    assert split.filter(pl.col("split") == "test")["relpath"].to_list() == frame.filter(pl.col("split") == "test")["relpath"].sort().to_list()
+    assert split.filter(pl.col("split") != "test")["fold"].value_counts()["count"].to_list() == [90, 90, 90]
+
+
+@pytest.mark.parametrize(("split", "message"), [
+    ({"folds": 1}, "at least 2"), ({"folds": 5}, "fold is not set"), ({"fold": 2}, "folds is 0"),
+    ({"folds": 3, "fold": 3}, "0..2 or 'all'"),
+])
+def test_fold_settings_that_cannot_work_name_the_key(split, message):
+    with pytest.raises(DataError, match=message):
+        ImageDataModule(split=SplitConfig(**split))
+
+
+def test_too_few_patients_for_the_folds_is_one_clear_message():
+    frame = _patients_table(n=60, patients=4)  # 1 patient for test, 3 for 5 folds
+    with pytest.raises(DataError, match="5-fold cross-validation"):
+        compute_split(frame, SplitConfig(folds=5, fold=0, ratios="90/0/10"), ["a", "b", "c"])
+
+
+def test_fold_split_file_differs_from_the_plain_one_and_is_shared_by_all_folds(tmp_path):
+    frame = _patients_table()
+    plain, _ = load_or_create(frame, SplitConfig(), ["a", "b", "c"], tmp_path, "d", "src")
+    f0, _ = load_or_create(frame, SplitConfig(folds=5, fold=0), ["a", "b", "c"], tmp_path, "d", "src")
+    f3, _ = load_or_create(frame, SplitConfig(folds=5, fold=3), ["a", "b", "c"], tmp_path, "d", "src")
+    assert plain != f0 and f0 == f3

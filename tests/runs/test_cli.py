@@ -212,3 +212,20 @@ def test_only_a_ddp_child_rank_inherits_the_run_directory(tmp_path, monkeypatch)
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv(_RUN_DIR_ENV, str(tmp_path / "launcher-run"))
     assert resolve_run_dir(RunConfig(root=str(tmp_path))) == tmp_path / "launcher-run"
+
+
+def test_a_fold_trains_on_the_other_folds_and_fold_all_refits_without_validation(tmp_path):
+    """`data.split.folds/fold` in a single fit: fold 1 validates on its fold; "all" trains on every non-test
+    image with no validation pass, and its last epoch is the checkpoint."""
+    for fold in ("1", "all"):
+        args = small_fit_args(tmp_path / "a", tmp_path / f"runs-{fold}", "--data.split.folds=3", f"--data.split.fold={fold}")
+        assert cli_in_process("fit", *args) == 0
+    (fold1,), (refit,) = run_dirs(tmp_path / "runs-1"), run_dirs(tmp_path / "runs-all")
+    counts = {d: pl.read_csv(d / "split_counts.csv").filter(pl.col("class") == "total").row(0, named=True) for d in (fold1, refit)}
+    assert counts[fold1]["val"] == 72 and counts[fold1]["train"] == 144 and counts[fold1]["test"] == 24  # 216 / 3 folds
+    assert counts[refit]["val"] == 0 and counts[refit]["train"] == 216 and counts[refit]["test"] == 24
+    assert json.loads((fold1 / "split.json").read_text())["fold"] == 1
+    assert (refit / "checkpoints" / "best.ckpt").is_file() and not (refit / "train_eval.json").exists()
+    assert "val/loss" not in pl.read_csv(refit / "metrics.csv").columns
+    # The same split file serves every fold: one test split, held out once.
+    assert json.loads((fold1 / "split.json").read_text())["file"] == json.loads((refit / "split.json").read_text())["file"]

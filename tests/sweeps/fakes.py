@@ -61,11 +61,13 @@ class FakeTrials:
     def __init__(self, outcomes: dict[str, list[str]] | None = None):
         self.outcomes = {k: list(v) for k, v in (outcomes or {}).items()}
         self.calls: list[tuple[str, str, str]] = []
+        self.configs: list[dict] = []
 
     def __call__(self, cfg: dict, run_dir: Path) -> isolation.Outcome:
         model = cfg["model"]
         name, opt, loss = model["network"]["name"], model["optimizer"]["class_path"].rsplit(".", 1)[-1], model["loss"]
         self.calls.append((name, opt, loss))
+        self.configs.append(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         pending = self.outcomes.get(name) or []
         if pending:
@@ -84,4 +86,23 @@ class FakeTrials:
         with open(run / PROGRESS, "a") as fh:
             for r in rows:
                 fh.write(json.dumps({"epoch": r["epoch"], "max_epochs": epochs, "metrics": {"val/loss": r["val/loss"]}}) + "\n")
+        write_val_predictions(run, cfg, 1 - val_loss)
         return isolation.Outcome("ok")
+
+
+def write_val_predictions(run: RunFiles, cfg: dict, acc: float, n_images: int = 60, folds_test: int = 12) -> None:
+    """val_predictions.parquet and train_eval.json as `runs.train_eval` writes them: the validation images of
+    the run's fold (images 12..59 cut into `folds` parts; without folds, images 12..35), two classes, right on
+    a fraction `acc` of them."""
+    split = (cfg.get("data") or {}).get("split") or {}
+    folds, fold = split.get("folds", 0), split.get("fold")
+    if fold == "all":
+        return
+    pool = list(range(folds_test, n_images))
+    images = pool[fold::folds] if folds else pool[: len(pool) // 2]
+    targets = [i % 2 for i in images]
+    right = [k < round(acc * len(images)) for k in range(len(images))]
+    p1 = [(0.8 if t else 0.2) if ok else (0.2 if t else 0.8) for t, ok in zip(targets, right, strict=True)]
+    pl.DataFrame({"path": [f"img{i:03d}.png" for i in images], "patient_id": [f"p{i // 2}" for i in images],
+                  "target": targets, "p_a": [1 - p for p in p1], "p_b": p1}).write_parquet(run / "val_predictions.parquet")
+    run.write_json("train_eval.json", {"metrics": {}, "n_train": len(pool) - len(images), "n_val": len(images)})
