@@ -87,3 +87,20 @@ def test_quick_kfold_model_flags_flipped_labels(tmp_path):
     assert set(issues["path"].head(5).to_list()) == flipped, issues
     assert issues.height <= 8  # and hardly anything else
     assert pl.read_parquet(out / "oof_probabilities.parquet").columns == ["path", "horizontal", "vertical"]
+
+
+def test_label_issues_from_a_sweeps_out_of_fold_file(folder, tmp_path, capsys):
+    """A cross-validated sweep's oof/<stage>/<point>.parquet (p_<class> columns, one row per repeat, no test
+    images) is accepted: repeats averaged, images without a probability named in a line, not an error."""
+    out = tmp_path / "report"
+    cfg = _config(tmp_path, folder)
+    rows = []
+    paths = [p for c in ("normal", "covid") for p in sorted((folder / c).glob("*.png")) + sorted((folder / c).glob("*.jpg"))]
+    for repeat in range(2):
+        for p in paths[:-2]:  # the last two stand for a held-out test split
+            normal = 0.97 if p.name == "covid_3.png" else (0.9 if p.parent.name == "normal" else 0.1)
+            rows.append({"path": str(p.resolve()), "p_normal": normal, "p_covid": 1 - normal, "repeat": repeat, "fold": 0})
+    pl.DataFrame(rows).write_parquet(tmp_path / "oof.parquet")
+    assert main(["--config", str(cfg), "--out", str(out), "--probabilities", str(tmp_path / "oof.parquet")]) == 0
+    assert pl.read_parquet(out / LABEL_ISSUES)["relpath"].to_list()[:1] == ["covid/covid_3.png"]
+    assert f"judged on {len(paths) - 2} of" in capsys.readouterr().out

@@ -315,3 +315,48 @@ def test_pruning_under_ddp(tmp_path, shared_artifacts):
     log = (tmp_path / "sweeps" / "t" / pruned[0].user_attrs["run_dir"] / "fit.log").read_text()
     assert "MEMBER: 2/2" in log  # it really ran as two processes
     assert_each_grid_point_once(s2, 1)
+
+
+def test_cross_validated_sweep_on_covid_ct(tmp_path, covid_ct, shared_artifacts):
+    """Issue 11's k-fold selection on real data: 3 stage-1 candidates x 5 folds with COVID-CT's official test
+    split held out, a 1x2 stage 2, the winner refit on every non-test image and tested once."""
+    cfg = {
+        "name": "covid_cv", "base_config": str(REPO / "configs" / "covid_ct.yaml"), "root": str(tmp_path / "sweeps"),
+        "overrides": {"data": {"source": str(covid_ct / "metadata.csv"), "artifacts_dir": str(shared_artifacts), "num_workers": 0,
+                               "columns": {"split": "official_split"}, "split": {"use_manifest_split": True}},
+                      "model": {"network": {"pretrained": False, "pool": None, "hidden": None, "dropout": None}},
+                      "run": {"early_stopping_patience": None}, "report": {"bootstrap": 200, "heatmaps_per_class": 1}},
+        "stage1": {"candidates": [{"network": "resnet10t"}, {"network": "mobilenetv4_conv_small"}, {"network": "ctnet10"}],
+                   "defaults": {"optimizer": "adam", "lr": 0.002, "loss": "ce", "batch_size": 32, "max_epochs": 3, "image_size": 32}},
+        "stage2": {"optimizers": ["adam"], "losses": ["ce", "mse"]},
+        "cv": {"folds": 5},
+        "wandb": "disabled",
+    }
+    path = tmp_path / "covid_cv.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = run_cli("sweep", "--config", str(path), timeout=3000)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    out = tmp_path / "sweeps" / "covid_cv"
+    report = (out / "report.md").read_text()
+    print(report)
+    s1, s2 = studies(tmp_path, "covid_cv")
+    assert_each_grid_point_once(s1, 15)  # 3 candidates x 5 folds
+    assert_each_grid_point_once(s2, 10)
+    board = pl.read_parquet(out / "stage1_leaderboard.parquet")
+    assert board["repeats"].to_list() == [5, 5, 5] and board["val/acc ±95%"].is_not_null().all()
+    assert board.slice(1)["vs_winner"].is_not_null().all() and board.slice(1)["vs_winner_folds"].is_not_null().all()
+    assert board["indistinguishable"].slice(1).is_not_null().all()
+    # Out-of-fold: every non-test image of the official split once per candidate, never a test image.
+    manifest = pl.read_csv(covid_ct / "metadata.csv")
+    n_non_test = manifest.filter(pl.col("official_split") != "test").height
+    for oof in (out / "oof" / "stage1").glob("*.parquet"):
+        frame = pl.read_parquet(oof)
+        assert frame["path"].n_unique() == frame.height == n_non_test, oof
+    winner = json.loads((out / "winner.json").read_text())
+    assert winner["run_dir"] == "final/refit" and winner["cv"]["refit_epochs"] >= 1
+    refit_counts = pl.read_csv(out / "final" / "refit" / "split_counts.csv").filter(pl.col("class") == "total").row(0, named=True)
+    assert refit_counts["train"] == n_non_test and refit_counts["val"] == 0
+    assert refit_counts["test"] == manifest.filter(pl.col("official_split") == "test").height
+    assert winner["test"]["n_images"] == refit_counts["test"]
+    assert "5-fold cross-validation" in report and "Evaluation of the winner" in report
+    assert ("cannot separate the winner" in report) or ("better than every other candidate" in report)
