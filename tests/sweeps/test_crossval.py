@@ -118,3 +118,15 @@ def test_refit_epochs_is_the_median_best_epoch():
 
 def test_bad_folds_are_a_config_problem(tmp_path):
     assert any("cv.folds" in p for p in tiny_sweep(tmp_path, cv=CrossValidation(folds=1)).problems())
+
+
+def test_an_interrupted_fold_is_retried_alone_on_rerun(tmp_path, no_plots):  # noqa: F811
+    sweep = tiny_sweep(tmp_path, cv=CrossValidation(folds=2))
+    first = sweep_mod.run(sweep, execute=FakeTrials({"ctnet10": ["interrupted"]}), preflight=no_preflight)
+    assert sweep_mod.exit_code(sweep, first) == 1 and "base_architecture" not in first
+    assert [(row["state"], "fold=0" in row["grid point"]) for row in first["incomplete"]] == [("interrupted", True)]
+    again = FakeTrials()
+    second = sweep_mod.run(sweep, execute=again, preflight=no_preflight)
+    assert sweep_mod.exit_code(sweep, second) == 0
+    assert again.calls[0] == ("ctnet10", "Adam", "ce") and again.configs[0]["data"]["split"]["fold"] == 0
+    assert len(again.calls) == 1 + 4 * 2 + 1  # the interrupted fold, stage 2's folds, the refit
