@@ -276,7 +276,7 @@ class MedselCLI(LightningCLI):
             # The checkpoint supplies every weight: never download ImageNet weights just to overwrite them.
             cfg.model.network.pretrained = False
             cfg.model.network.pretrained_path = None
-        if self.subcommand == "fit" and _fold(cfg) == "all":
+        if self.subcommand in ("fit", None) and _fold(cfg) == "all":  # None: a sweep trial (run=False) fits
             # Cross-validation's final refit: every non-test image trains, so there is nothing to validate
             # on; the epochs come from the folds and the last epoch is the model.
             cfg.trainer.limit_val_batches = 0

@@ -199,9 +199,11 @@ def write_report(sweep, out: Path, stages: dict[str, tuple], summary: dict[str, 
         doc.h2("Grid points without a finished trial")
         doc.table(pl.DataFrame(summary["incomplete"]))
     doc.h2("Winner")
+    reproduce = (f"Its run `{summary['run_dir']}` was trained by a sweep command on another machine, which tests "
+                 "it and writes its winner.yaml." if summary.get("winner_elsewhere") else
+                 f"Reproduce it with `python cli.py fit --config {out / 'winner.yaml'}`.")
     doc.p(f"**{summary['base_architecture']}** with **{summary['optimizer']}** and **{summary['loss']}** (trial "
-          f"{summary['trial']}, {summary['params']:,} parameters). Reproduce it with "
-          f"`python cli.py fit --config {out / 'winner.yaml'}`.")
+          f"{summary['trial']}, {summary['params']:,} parameters). {reproduce}")
     for name, simplest in parsimonious.items():
         if simplest is not None:
             what = simplest.get("candidate") or f"{simplest.get('optimizer')} + {simplest.get('loss')}"

@@ -139,6 +139,7 @@ class TrialRunner:
                        "trial_id": ss.trial_id(number), "monitor": self.stage.objective, "pruner": self.sweep.pruner}
         cfg = trials.finalize(cfg, self.sweep, run_dir, self.stage.name, self.sweep.seed + params["repeat"], tags, pruning)
         ss.set_attr(number, "run_dir", relative.as_posix())  # relative to the sweep folder
+        ss.set_attr(number, "sweep_dir", str(self.sweep.out_dir.resolve()))  # for workers with other folders
         return cfg, run_dir
 
     def __call__(self, ss: coord.StageStudy, frozen: FrozenTrial) -> None:
@@ -275,19 +276,31 @@ def _as_dict(sweep: SweepConfig) -> dict:
     return asdict(sweep)
 
 
-def trial_frame(study: optuna.Study, stage: coord.Stage) -> pl.DataFrame:
-    """One row per finished (COMPLETE) trial: grid keys, repeat, metrics, params, run dir."""
+def _reachable_run_dir(out: Path, trial: FrozenTrial) -> str | None:
+    """A trial's run directory as this process reaches it: relative to this sweep folder, or, for a trial that
+    another sweep command (another output folder on this machine or on a shared file system) trained, the
+    absolute path recorded with it. A run on another machine's own disk stays relative and unreachable."""
+    relative = trial.user_attrs.get("run_dir")
+    elsewhere = trial.user_attrs.get("sweep_dir")
+    if relative is None or (out / relative).exists() or not elsewhere or not (Path(elsewhere) / relative).exists():
+        return relative
+    return str(Path(elsewhere) / relative)
+
+
+def trial_frame(study: optuna.Study, stage: coord.Stage, out: Path = Path(".")) -> pl.DataFrame:
+    """One row per finished (COMPLETE) trial: grid keys, repeat, fold, metrics, params, run dir (relative to
+    the sweep folder `out`, or absolute for a trial trained in another folder, see `_reachable_run_dir`)."""
     rows = []
     for t in coord.finished(study):
         p = coord.grid_params(t)
         rows.append({**{k: p[k] for k in GRID_KEYS[stage.name]}, "repeat": p["repeat"], "fold": p.get("fold"),
-                     "trial": t.number, "params": t.user_attrs.get("params", 0), "run_dir": t.user_attrs.get("run_dir"),
+                     "trial": t.number, "params": t.user_attrs.get("params", 0), "run_dir": _reachable_run_dir(out, t),
                      "epoch": t.user_attrs.get("epoch"), **t.user_attrs.get("metrics", {})})
     return pl.DataFrame(rows) if rows else pl.DataFrame()
 
 
 def stage_board(sweep: SweepConfig, study: optuna.Study, stage: coord.Stage) -> tuple[pl.DataFrame, pl.DataFrame]:
-    frame = trial_frame(study, stage)
+    frame = trial_frame(study, stage, sweep.out_dir)
     if frame.is_empty():
         failed = [f"trial {t.number}: {t.user_attrs.get('fail_reason')}" for t in study.get_trials(states=(TrialState.FAIL,))]
         raise SweepError(f"{stage.name}: no trial finished, so there is no winner. Failures:\n  " + "\n  ".join(failed[:20]))
@@ -363,6 +376,14 @@ def run(sweep: SweepConfig, execute: Execute | None = None,
         "val": {k: v for k, v in val_from.items() if k.startswith(("val/", "train/", "train_eval/")) and "±" not in k},
     })
     test: Callable[[], dict[str, Any]] = lambda: evaluate_on_test(winner_dir)  # noqa: E731
+    if not winner_dir.exists():  # trained by a sweep command on another machine (PostgreSQL storage)
+        print(f"[sweep] the winner's run {winner_row['run_dir']} was trained by another machine and is not reachable "
+              "from here: its test, winner.yaml and winner.ckpt are written by the sweep command there "
+              "(or use one shared sweep folder).", flush=True)
+        summary["winner_elsewhere"] = True
+        stages = {"stage1": (ss1.study, trials1, board1), "stage2": (ss2.study, trials2, board2)}
+        _write_outputs(sweep, stages, summary, winner_dir, None)
+        return summary
     if sweep.cv.enabled:
         summary["cv"] = {"folds": sweep.cv.folds, "final": sweep.cv.final}
         if sweep.cv.final == "refit":
@@ -372,7 +393,7 @@ def run(sweep: SweepConfig, execute: Execute | None = None,
             summary["run_dir"] = winner_dir.relative_to(out).as_posix()
         else:
             members = [out / d for d in winner_trials.sort("repeat", "fold")["run_dir"].to_list()]
-            summary["cv"]["members"] = [m.relative_to(out).as_posix() for m in members]
+            summary["cv"]["members"] = [os.path.relpath(m, out) for m in members]
             test = lambda: crossval.ensemble_test(sweep, members, evaluate_on_test)  # noqa: E731
     stages = {"stage1": (ss1.study, trials1, board1), "stage2": (ss2.study, trials2, board2)}
     _write_outputs(sweep, stages, summary, winner_dir, test)
@@ -380,12 +401,15 @@ def run(sweep: SweepConfig, execute: Execute | None = None,
 
 
 def _write_outputs(sweep: SweepConfig, stages: dict[str, tuple], summary: dict[str, Any], winner_dir: Path,
-                   test_winner: Callable[[], dict[str, Any]]) -> None:
+                   test_winner: Callable[[], dict[str, Any]] | None) -> None:
+    """Leaderboards, plots, W&B summary and report; the winner's test (`test_winner`), winner.yaml and
+    winner.ckpt when its run directory is reachable (`test_winner` None: it is not)."""
     out, winner = sweep.out_dir, RunFiles(winner_dir)
     with ThreadPoolExecutor(max_workers=1) as pool:
         # The winner is tested in its own process; meanwhile this one writes what does not depend on the test.
-        test = pool.submit(test_winner) if sweep.test_winner else None
-        outputs.write_winner_config(winner.config, out / "winner.yaml", f"{sweep.name}-winner")
+        test = pool.submit(test_winner) if sweep.test_winner and test_winner is not None else None
+        if winner.config.exists():
+            outputs.write_winner_config(winner.config, out / "winner.yaml", f"{sweep.name}-winner")
         if winner.best_checkpoint.exists():
             shutil.copy2(winner.best_checkpoint, out / files.WINNER_CKPT)
             shutil.copy2(winner.model_info, out / "winner_model.json")

@@ -229,3 +229,25 @@ def test_a_fold_trains_on_the_other_folds_and_fold_all_refits_without_validation
     assert "val/loss" not in pl.read_csv(refit / "metrics.csv").columns
     # The same split file serves every fold: one test split, held out once.
     assert json.loads((fold1 / "split.json").read_text())["file"] == json.loads((refit / "split.json").read_text())["file"]
+
+
+def test_a_config_dict_with_fold_all_fits_without_validation_as_a_sweep_refit_does(tmp_path):
+    """The sweep's refit goes through `MedselCLI(args=<dict>, run=False)` (no subcommand), not argv."""
+    import yaml
+
+    from runs.cli import MedselCLI
+
+    args = small_fit_args(tmp_path / "a", tmp_path / "runs", "--data.split.folds=3", "--data.split.fold=all")
+    cfg = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    for arg in args[2:]:  # --key=value -> nested dict
+        key, value = arg[2:].split("=", 1)
+        node = cfg
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    cfg["run"]["dir"] = str(tmp_path / "refit")
+    cli = MedselCLI(args=cfg, run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert (tmp_path / "refit" / "checkpoints" / "best.ckpt").is_file()
+    assert cli.trainer.limit_val_batches == 0

@@ -119,3 +119,24 @@ def test_cli_returns_the_sweep_exit_code(tmp_path, monkeypatch):
     args = ["sweep", "--name", "t", "--base_config", "configs/demo.yaml", "--root", str(tmp_path)]
     assert cli.main(args) == 1
     assert cli.main(args) == 0
+
+
+def test_a_sweep_command_with_another_folder_reaches_or_names_the_winner(tmp_path, capsys, no_plots):
+    """Two sweep commands on one storage with their own output folders (as on two machines): the one that
+    trained nothing finds the winner's run in the other folder when it can reach it (same machine or shared
+    file system) and otherwise says where it is, still writing its leaderboards and report (exit 0)."""
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    first = tiny_sweep(tmp_path / "a", storage=storage)
+    sweep_mod.run(first, execute=FakeTrials(), preflight=no_preflight)
+    second = tiny_sweep(tmp_path / "b", storage=storage)
+    idle = FakeTrials()
+    summary = sweep_mod.run(second, execute=idle, preflight=no_preflight)
+    assert idle.calls == [] and summary["run_dir"] == str(first.out_dir.resolve() / json.loads(
+        (first.out_dir / files.WINNER).read_text())["run_dir"])
+    assert (second.out_dir / "winner.yaml").exists()
+    (tmp_path / "a").rename(tmp_path / "gone")  # the first machine's disk is out of reach
+    third = tiny_sweep(tmp_path / "c", storage=storage)
+    summary = sweep_mod.run(third, execute=FakeTrials(), preflight=no_preflight)
+    assert summary["winner_elsewhere"] and sweep_mod.exit_code(third, summary) == 0
+    assert "trained by another machine" in capsys.readouterr().out
+    assert (third.out_dir / "report.md").exists() and not (third.out_dir / "winner.yaml").exists()
