@@ -266,20 +266,28 @@ def _trial_pid(log: Path) -> int:
     raise AssertionError(f"no process writes {log}")
 
 
+def covid_sweep(tmp_path: Path, covid_ct: Path, artifacts: Path, name: str, epochs: int, size: int, data: dict,
+                stage2: dict, report: dict | None = None, **changes) -> Path:
+    """A sweep config on COVID-CT: three small backbones from scratch (Adam, CE), `epochs` at `size` px."""
+    cfg = {
+        "name": name, "base_config": str(REPO / "configs" / "covid_ct.yaml"), "root": str(tmp_path / "sweeps"),
+        "overrides": {"data": {"source": str(covid_ct / "metadata.csv"), "artifacts_dir": str(artifacts), **data},
+                      "model": {"network": {"pretrained": False, "pool": None, "hidden": None, "dropout": None}},
+                      "run": {"early_stopping_patience": None}, **({"report": report} if report else {})},
+        "stage1": {"candidates": [{"network": "resnet10t"}, {"network": "mobilenetv4_conv_small"}, {"network": "ctnet10"}],
+                   "defaults": {"optimizer": "adam", "lr": 0.002, "loss": "ce", "batch_size": 32, "max_epochs": epochs,
+                                "image_size": size}},
+        "stage2": stage2, "wandb": "disabled", **changes,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def test_sweep_on_covid_ct(tmp_path, covid_ct, shared_artifacts):
     """Study 002's two stages on real data: small backbones, 64x64, few epochs. Prints both leaderboards."""
-    cfg = {
-        "name": "covid", "base_config": str(REPO / "configs" / "covid_ct.yaml"), "root": str(tmp_path / "sweeps"),
-        "overrides": {"data": {"source": str(covid_ct / "metadata.csv"), "artifacts_dir": str(shared_artifacts), "num_workers": 2},
-                      "model": {"network": {"pretrained": False, "pool": None, "hidden": None, "dropout": None}},
-                      "run": {"early_stopping_patience": None}},
-        "stage1": {"candidates": [{"network": "resnet10t"}, {"network": "mobilenetv4_conv_small"}, {"network": "ctnet10"}],
-                   "defaults": {"optimizer": "adam", "lr": 0.002, "loss": "ce", "batch_size": 32, "max_epochs": 6, "image_size": 64}},
-        "stage2": {"optimizers": ["rmsprop", "adam"], "losses": ["ce", "mse"]},
-        "wandb": "disabled",
-    }
-    path = tmp_path / "covid.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = covid_sweep(tmp_path, covid_ct, shared_artifacts, "covid", epochs=6, size=64, data={"num_workers": 2},
+                       stage2={"optimizers": ["rmsprop", "adam"], "losses": ["ce", "mse"]})
     proc = run_cli("sweep", "--config", str(path), timeout=3000)
     assert proc.returncode == 0, proc.stdout[-4000:]
     out = tmp_path / "sweeps" / "covid"
@@ -320,20 +328,10 @@ def test_pruning_under_ddp(tmp_path, shared_artifacts):
 def test_cross_validated_sweep_on_covid_ct(tmp_path, covid_ct, shared_artifacts):
     """Issue 11's k-fold selection on real data: 3 stage-1 candidates x 5 folds with COVID-CT's official test
     split held out, a 1x2 stage 2, the winner refit on every non-test image and tested once."""
-    cfg = {
-        "name": "covid_cv", "base_config": str(REPO / "configs" / "covid_ct.yaml"), "root": str(tmp_path / "sweeps"),
-        "overrides": {"data": {"source": str(covid_ct / "metadata.csv"), "artifacts_dir": str(shared_artifacts), "num_workers": 0,
-                               "columns": {"split": "official_split"}, "split": {"use_manifest_split": True}},
-                      "model": {"network": {"pretrained": False, "pool": None, "hidden": None, "dropout": None}},
-                      "run": {"early_stopping_patience": None}, "report": {"bootstrap": 200, "heatmaps_per_class": 1}},
-        "stage1": {"candidates": [{"network": "resnet10t"}, {"network": "mobilenetv4_conv_small"}, {"network": "ctnet10"}],
-                   "defaults": {"optimizer": "adam", "lr": 0.002, "loss": "ce", "batch_size": 32, "max_epochs": 3, "image_size": 32}},
-        "stage2": {"optimizers": ["adam"], "losses": ["ce", "mse"]},
-        "cv": {"folds": 5},
-        "wandb": "disabled",
-    }
-    path = tmp_path / "covid_cv.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = covid_sweep(tmp_path, covid_ct, shared_artifacts, "covid_cv", epochs=3, size=32,
+                       data={"num_workers": 0, "columns": {"split": "official_split"}, "split": {"use_manifest_split": True}},
+                       stage2={"optimizers": ["adam"], "losses": ["ce", "mse"]}, cv={"folds": 5},
+                       report={"bootstrap": 200, "heatmaps_per_class": 1})
     proc = run_cli("sweep", "--config", str(path), timeout=3000)
     assert proc.returncode == 0, proc.stdout[-4000:]
     out = tmp_path / "sweeps" / "covid_cv"
