@@ -101,7 +101,7 @@ def main() -> None:
           f"2 loader workers, {args.runs} alternating runs each:")
     print(f"  hand-written PyTorch loop: {min(hand):7.2f} s/epoch (runs: {', '.join(f'{x:.2f}' for x in hand)})")
     print(f"  Lightning (medsel fit)   : {min(light):7.2f} s/epoch (runs: {', '.join(f'{x:.2f}' for x in light)}; "
-          "includes writing best.ckpt and last.ckpt every epoch)")
+          "includes writing the best and last checkpoints every epoch)")
     print(f"  ratio of the fastest runs: {min(light) / min(hand):7.3f}   (target <= 1.10)")
 
 

@@ -19,7 +19,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from datamodules import duplicate_audit, phantoms, splits
+from datamodules import duplicate_audit, phantoms, run_record, splits
 from datamodules.cache import CachedImages, ImageCache
 from datamodules.dicom import DicomConfig, dicom_patient_id
 from datamodules.duplicate_audit import AuditConfig
@@ -38,8 +38,6 @@ from datamodules.transforms import AugmentationSpec, build_pipeline
 from errors import ConfigError, DataError
 
 EMBEDDED = "embedded:chd"
-AUDIT_FILE = "audit.json"  # runs.files.AUDIT (datamodules cannot import runs)
-AUDIT_CLUSTERS_FILE = "audit_clusters.parquet"  # runs.files.AUDIT_CLUSTERS
 # File names and folder names (at any depth below a class folder) that are never training images.
 DEFAULT_EXCLUDE = ["*_mask.*", "*_mask_[0-9]*.*", "mask", "masks", "annotations", "segmentation*"]
 
@@ -287,7 +285,7 @@ class ImageDataModule(LightningDataModule):
                          f"{'it' if len(empty) == 1 else 'them'}: add images, fix the folder/label names, or "
                          "remove the class")
         hint = ("Fix or remove these files, or set data.on_bad_image: skip to train without them "
-                "(the list is then written to the run directory as skipped_images.csv)." if problems else "")
+                f"(the list is then written to the run directory as {run_record.SKIPPED})." if problems else "")
         what = [f"{len(problems)} unusable input(s)"] * bool(problems) + [f"{len(empty)} empty class(es)"] * bool(empty)
         raise DataError(f"{' and '.join(what)} in '{source}'; stopping before training:\n" + "\n".join(lines)
                         + ("\n" + hint if hint else ""))
@@ -358,17 +356,17 @@ class ImageDataModule(LightningDataModule):
         run_dir.mkdir(parents=True, exist_ok=True)
         meta = splits.read_split_metadata(data.split_file)
         fold = {"fold": self.split_cfg.fold} if self.split_cfg.folds >= 2 else {}
-        (run_dir / "split.json").write_text(
+        (run_dir / run_record.SPLIT).write_text(
             json.dumps({"file": str(data.split_file.resolve()), **meta, **fold}, indent=2)
         )
-        splits.count_table(data.frame, self.classes).write_csv(run_dir / "split_counts.csv")
+        splits.count_table(data.frame, self.classes).write_csv(run_dir / run_record.SPLIT_COUNTS)
         if data.skipped:
             pl.DataFrame(
                 {"path": [p.path for p in data.skipped], "reason": [p.reason for p in data.skipped]}
-            ).write_csv(run_dir / "skipped_images.csv")
+            ).write_csv(run_dir / run_record.SKIPPED)
         if data.audit is not None:
-            (run_dir / AUDIT_FILE).write_text(json.dumps(data.audit, indent=2))
-            data.clusters.write_parquet(run_dir / AUDIT_CLUSTERS_FILE)
+            (run_dir / run_record.AUDIT).write_text(json.dumps(data.audit, indent=2))
+            data.clusters.write_parquet(run_dir / run_record.AUDIT_CLUSTERS)
 
     def class_counts(self, split: str = "train") -> list[int]:
         """Images per class in one split, in `classes` order (for class-weighted losses)."""

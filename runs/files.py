@@ -27,6 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# The data layer writes these (it sits below `runs`); named there once, part of this contract all the same.
+from datamodules.run_record import AUDIT, AUDIT_CLUSTERS, SKIPPED, SPLIT, SPLIT_COUNTS  # noqa: F401
+
 CONFIG = "config.yaml"
 CHECKPOINTS = "checkpoints"
 BEST = "best"  # ModelCheckpoint filename stem
@@ -34,9 +37,6 @@ METRICS = "metrics.csv"
 MODEL_INFO = "model.json"
 TIMING = "timing.json"
 PRUNED = "pruned.json"
-SPLIT = "split.json"
-SPLIT_COUNTS = "split_counts.csv"
-SKIPPED = "skipped_images.csv"
 TEST_METRICS = "test_metrics.json"
 TEST_METRICS_CSV = "test_metrics.csv"
 TEST_CONFUSION = "test_confusion_matrix.csv"
@@ -50,8 +50,6 @@ PREDICTIONS = "predictions.csv"
 WINNER = "winner.json"
 WINNER_CKPT = "winner.ckpt"
 PROGRESS = "progress.jsonl"  # a sweep trial's per-epoch progress, one JSON line per validation epoch
-AUDIT = "audit.json"  # the data audit's counts and what data.on_conflict did (datamodules.datamodule.AUDIT_FILE)
-AUDIT_CLUSTERS = "audit_clusters.parquet"  # its duplicate clusters and their categories
 
 
 def stage_config(stage: str) -> str:

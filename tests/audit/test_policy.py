@@ -7,7 +7,8 @@ import json
 import polars as pl
 import pytest
 
-from datamodules.datamodule import AUDIT_FILE, ImageDataModule
+from datamodules.datamodule import ImageDataModule
+from datamodules.run_record import AUDIT as AUDIT_FILE
 from errors import DataError
 
 
