@@ -65,7 +65,8 @@ class SplitConfig:
             if self.fold is None:
                 raise DataError(f"data.split.folds is {self.folds} but data.split.fold is not set: choose the "
                                 f"validation fold (0..{self.folds - 1}), or 'all' to train on every non-test image")
-            if self.fold != "all" and not (isinstance(self.fold, int) and 0 <= self.fold < self.folds):
+            if self.fold != "all" and not (isinstance(self.fold, int) and not isinstance(self.fold, bool)
+                                           and 0 <= self.fold < self.folds):
                 raise DataError(f"data.split.fold must be 0..{self.folds - 1} or 'all', got {self.fold!r}")
         elif self.fold is not None:
             raise DataError(f"data.split.fold is {self.fold!r} but data.split.folds is {self.folds}: set "
@@ -140,7 +141,15 @@ def _ratio_text(ratios: tuple[float, float, float]) -> str:
 
 
 def _what(names: tuple[str, ...], ratios) -> str:
-    return f"{_ratio_text(ratios)} split" if names == SPLITS else f"{len(names)}-fold cross-validation"
+    if names != SPLITS:
+        return f"{len(names)}-fold cross-validation (of the images outside the test split)"
+    if ratios[1] == 0:
+        return f"{100 * ratios[2]:g}% test hold-out before cross-validation"
+    return f"{_ratio_text(ratios)} split"
+
+
+def _part(names: tuple[str, ...], k: int) -> str:
+    return names[k] if names == SPLITS else f"fold {names[k]}"
 
 
 def _stratified(labels: np.ndarray, classes: list[str], ratios, rng: np.random.Generator,
@@ -214,7 +223,7 @@ def _grouped(labels: np.ndarray, groups: np.ndarray, classes: list[str], ratios,
             where[g] = _place(g, counts, targets, current, allowed)
             current[where[g]] += counts[g]
     for k, c in enumerate(classes):
-        empty = [names[s] for s in range(len(names)) if ratios[s] > 0 and current[s, k] == 0]
+        empty = [_part(names, s) for s in range(len(names)) if ratios[s] > 0 and current[s, k] == 0]
         if empty:
             n_groups = int((counts[:, k] > 0).sum())
             raise DataError(

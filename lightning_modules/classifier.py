@@ -36,7 +36,8 @@ class ImageClassifier(LightningModule):
         loss: a registered loss name: ce, bce, mse, mae, logcosh, ce_logcosh, focal.
         loss_kwargs: extra loss arguments, e.g. {label_smoothing: 0.1} or {alpha: 0.5, beta: 0.5}.
         optimizer: any torch optimizer with its arguments (`class_path`/`init_args` in YAML).
-        lr_scheduler: optional LR scheduler; ReduceLROnPlateau watches val/loss.
+        lr_scheduler: optional LR scheduler; ReduceLROnPlateau watches val/loss (train/loss when there is no
+            validation, as in a cross-validated refit).
         classes: class names in output order (linked from `data.classes`).
         image_size: input size (linked from `data.image_size`).
         in_chans: input channels (linked from `data.channels`).
@@ -240,7 +241,10 @@ class ImageClassifier(LightningModule):
         scheduler = self.lr_scheduler(optimizer)
         config: dict[str, Any] = {"scheduler": scheduler}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            config["monitor"] = "val/loss"
+            # Without validation (a cross-validated winner's refit, data.split.fold: all) the plateau is
+            # judged on the training loss.
+            trainer = getattr(self, "_trainer", None)
+            config["monitor"] = "train/loss" if trainer is not None and trainer.limit_val_batches == 0 else "val/loss"
         return {"optimizer": optimizer, "lr_scheduler": config}
 
     @classmethod

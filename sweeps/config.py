@@ -314,6 +314,8 @@ class SweepConfig:
             found.append("sweep repeats must be >= 1")
         if self.cv.folds == 1 or self.cv.folds < 0:
             found.append(f"sweep cv.folds must be 0 (off) or at least 2, got {self.cv.folds}")
+        if self.cv.final not in ("refit", "ensemble"):
+            found.append(f"sweep cv.final must be refit or ensemble, got {self.cv.final!r}")
         if self.workers < 1:
             found.append("sweep workers must be >= 1")
         return found

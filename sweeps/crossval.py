@@ -8,15 +8,19 @@ fold runs exactly like repeats (workers, PostgreSQL, `--retry_failed` unchanged)
 each fold run reports its own epochs to the stage's pruner and is compared with the other runs at the same
 epoch; a grid point with a pruned fold is incomplete and cannot win (unless `selection.allow_incomplete`).
 
-For ranking, every (repeat, fold) run of a grid point is one sample (`as_samples`): the leaderboard shows
-fold means with their 95% t-interval, the rank score ranks the means, and `first_in_repeats` counts the
-fold runs on which a point came first. The paired comparisons use the out-of-fold probabilities (every
-non-test image once, predicted by the fold model that did not train on it) and the corrected resampled
-t-test across folds, with n_val/n_train = 1/(k-1) (`sweeps.compare`).
+For ranking, each fold of a grid point is one sample (`as_samples`; with repeats, the repeats of a fold
+are averaged first: every repeat reuses the same folds, so its runs are not new resamples of the data):
+the leaderboard shows fold means with their 95% t-interval over the k folds, the rank score ranks the
+means, and `first_in_repeats` counts the folds on which a point came first. The paired comparisons use
+the out-of-fold probabilities (every non-test image, predicted by the fold model that did not train on
+it) and the corrected resampled t-test across the k folds, with n_val/n_train = 1/(k-1)
+(`sweeps.compare`).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import statistics
 from pathlib import Path
@@ -39,12 +43,19 @@ def fold_overrides(sweep: SweepConfig, fold: int | str) -> dict[str, Any]:
     return {"data": {"split": {"folds": sweep.cv.folds, "fold": fold}}}
 
 
-def as_samples(frame: pl.DataFrame, folds: int) -> pl.DataFrame:
-    """Trials with one `repeat` value per (repeat, fold) run, so that leaderboards and t-tests treat every
-    fold run as one paired sample (runs with the same fold and seed pair up across grid points)."""
+def as_samples(frame: pl.DataFrame, keys: list[str], folds: int, repeats: int = 1) -> pl.DataFrame:
+    """One row per (grid point, fold) with `repeat` set to the fold, so that leaderboards and t-tests treat
+    each fold as one paired sample (the same fold pairs up across grid points). Repeats of a fold are
+    averaged; a fold missing some of its `repeats` (failed, pruned) is left out, so its point is incomplete.
+    Without cross-validation, `frame` as it is."""
     if folds < 2 or frame.is_empty() or "fold" not in frame.columns:
         return frame
-    return frame.with_columns(repeat=pl.col("repeat") * folds + pl.col("fold"))
+    metrics = [c for c in frame.columns if "/" in c]
+    grouped = frame.sort("repeat").group_by([*keys, "fold"], maintain_order=True).agg(
+        pl.len().alias("__runs"), pl.col("params").first(), pl.col("run_dir").first(), pl.col("trial").first(),
+        *[pl.col(m).cast(pl.Float64).mean() for m in metrics],
+    )
+    return grouped.filter(pl.col("__runs") >= repeats).drop("__runs").with_columns(repeat=pl.col("fold")).sort([*keys, "fold"])
 
 
 def _point_name(row: dict[str, Any], keys: list[str]) -> str:
@@ -92,17 +103,21 @@ def refit_epochs(winner_trials: pl.DataFrame) -> int:
     return int(-(-statistics.median(epochs) // 1))
 
 
+REFIT_OF = "refit_of.json"  # what a refit was trained for; a rerun reuses it only for the same winner
+
+
 def refit(sweep: SweepConfig, cfg: dict[str, Any], winner_trials: pl.DataFrame, tags: list[str],
           execute=None) -> Path:
     """Train the winning configuration once on every non-test image for `refit_epochs` epochs (no validation;
-    the last epoch is the model) in `<sweep>/final/refit`, with `execute` (default `isolation.execute`); an
-    earlier finished refit is reused."""
+    the last epoch is the model) in `<sweep>/final/refit`, with `execute` (default `isolation.execute`). A
+    finished refit of the same winner (its config, epochs and seed) is reused; any other is replaced."""
     run_dir = sweep.out_dir / FINAL_DIR / "refit"
-    if RunFiles(run_dir).best_checkpoint.exists():
+    epochs = refit_epochs(winner_trials)
+    of = json.loads(json.dumps({"config": cfg, "epochs": epochs, "seed": sweep.seed, "folds": sweep.cv.folds}, default=str))
+    if RunFiles(run_dir).best_checkpoint.exists() and RunFiles(run_dir).read_json(REFIT_OF) == of:
         return run_dir
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    epochs = refit_epochs(winner_trials)
     cfg = trials.finalize(cfg, sweep, run_dir, "refit", sweep.seed, [*tags, "refit"], None)
     cfg = merge(cfg, {**fold_overrides(sweep, "all"), "trainer": {"max_epochs": epochs}})
     print(f"[sweep] refit of the winner on all non-test images for {epochs} epochs (median best epoch of its "
@@ -111,6 +126,7 @@ def refit(sweep: SweepConfig, cfg: dict[str, Any], winner_trials: pl.DataFrame, 
     if outcome.status != "ok":
         raise SweepError(f"the refit of the winner failed: {outcome.reason} (log: {run_dir / 'fit.log'}); "
                          "rerun the sweep to try again")
+    RunFiles(run_dir).write_json(REFIT_OF, of)
     return run_dir
 
 
@@ -119,6 +135,9 @@ def ensemble_test(sweep: SweepConfig, run_dirs: list[Path], evaluate) -> dict[st
     intervals (stratified by class, patients whole). Writes `<sweep>/final/ensemble/test_metrics.json` and
     `test_predictions.parquet`; returns the test summary (`metrics`, `intervals`, `members`)."""
     for run_dir in run_dirs:
+        if not Path(run_dir).is_dir():
+            raise SweepError(f"the ensemble's fold model {run_dir} is not on this machine (trained by a sweep command "
+                             "elsewhere): run the sweep where it was trained, or use one shared sweep folder")
         evaluate(run_dir)
     frames = [pl.read_parquet(RunFiles(d) / files.TEST_PREDICTIONS).sort("path") for d in run_dirs]
     probs = [c for c in frames[0].columns if c.startswith("p_")]
@@ -145,7 +164,7 @@ def ensemble_test(sweep: SweepConfig, run_dirs: list[Path], evaluate) -> dict[st
     summary = {
         "metrics": {k: v.value for k, v in overall.items()},
         "intervals": {k: [v.low, v.high] for k, v in overall.items()},
-        "members": [str(Path(d).relative_to(sweep.out_dir)) for d in run_dirs],
+        "members": [os.path.relpath(d, sweep.out_dir) for d in run_dirs],
         "n_images": int(len(targets)),
         "final": "ensemble",
     }

@@ -167,15 +167,21 @@ def write_report(sweep, out: Path, stages: dict[str, tuple], summary: dict[str, 
     folds = sweep.cv.folds if sweep.cv.enabled else 0
     if folds:
         final = summary.get("cv", {})
-        how = (f"then trained once more on every non-test image for {final.get('refit_epochs')} epochs (the median "
-               "best epoch of its folds; `cv.final: refit`) and tested once" if sweep.cv.final == "refit" else
-               f"then its {sweep.cv.folds * sweep.repeats} fold models were tested once each and their averaged "
-               "probabilities scored (`cv.final: ensemble`)")
+        if summary.get("winner_elsewhere"):
+            how = "trained by a sweep command on another machine, which writes its final model and test"
+        elif sweep.cv.final == "refit":
+            how = (f"then trained once more on every non-test image for {final.get('refit_epochs')} epochs (the median "
+                   "best epoch of its folds; `cv.final: refit`) and tested once")
+        else:
+            how = (f"kept as its {folds * sweep.repeats} fold models (`cv.final: ensemble`), each tested once, their "
+                   "averaged test probabilities scored")
+        runs = f"{folds * sweep.repeats} times ({folds} folds x {sweep.repeats} repeats)" if sweep.repeats > 1 else f"{folds} times"
         doc.p(f"Selection: **{sweep.selection.rule}** ({rule}) on **{folds}-fold cross-validation**: the test split is "
-              f"held out once and every grid point trains {folds} times ({sweep.repeats} repeat(s)), validating on each "
-              "stratified, patient-grouped fold in turn. Leaderboards show fold means ± 95% t-interval over the "
-              f"{folds * sweep.repeats} fold runs (`repeats` counts them; `first_in_repeats`: on how many fold runs the "
-              f"point ranked first); the rank score ranks the means; ties go to fewer parameters. The winner was {how}. "
+              f"held out once and every grid point trains {runs}, validating on each stratified, patient-grouped fold "
+              f"in turn. Leaderboards show fold means ± 95% t-interval over the {folds} folds"
+              + (" (a fold's repeats averaged first)" if sweep.repeats > 1 else "")
+              + " (`repeats` counts the folds; `first_in_repeats`: on how many folds the point ranked first); the rank "
+              f"score ranks the means; ties go to fewer parameters. The winner was {how}. "
               "Out-of-fold probabilities of every grid point: `oof/<stage>/<point>.parquet`.")
     else:
         doc.p(f"Selection: **{sweep.selection.rule}** ({rule}); ties go to fewer parameters; {sweep.repeats} repeat(s) "
@@ -186,7 +192,9 @@ def write_report(sweep, out: Path, stages: dict[str, tuple], summary: dict[str, 
         doc.h2("Stage 1: base architecture" if name == "stage1" else "Stage 2: optimizer x loss")
         doc.p("Trials: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".")
         doc.table(display_board(board))
-        notes, parsimonious[name] = compare.stage_notes(sweep.selection, crossval.as_samples(trials, folds), board, out, folds)
+        keys = [k for k in ("candidate", "optimizer", "loss") if k in board.columns]
+        samples = crossval.as_samples(trials, keys, folds, sweep.repeats)
+        notes, parsimonious[name] = compare.stage_notes(sweep.selection, samples, board, out, folds)
         for sentence in notes:  # which loss/overfit terms were ranked, incomplete points, the comparisons
             doc.p(sentence)
         doc.image(plot_path(out, name), f"{name} comparison")
@@ -199,9 +207,17 @@ def write_report(sweep, out: Path, stages: dict[str, tuple], summary: dict[str, 
         doc.h2("Grid points without a finished trial")
         doc.table(pl.DataFrame(summary["incomplete"]))
     doc.h2("Winner")
-    reproduce = (f"Its run `{summary['run_dir']}` was trained by a sweep command on another machine, which tests "
-                 "it and writes its winner.yaml." if summary.get("winner_elsewhere") else
-                 f"Reproduce it with `python cli.py fit --config {out / 'winner.yaml'}`.")
+    ensemble = (summary.get("cv") or {}).get("final") == "ensemble"
+    if summary.get("winner_elsewhere"):
+        reproduce = (f"Its run `{summary['run_dir']}` was trained by a sweep command on another machine, which tests "
+                     "it and writes its winner.yaml.")
+    elif ensemble:
+        reproduce = (f"The final model is the ensemble of its {len(summary['cv']['members'])} fold models "
+                     "(`winner.json`: `cv.members`); `winner.yaml`, `winner.ckpt` and the evaluation below are its best "
+                     f"fold model, `{summary['run_dir']}`, alone (`python cli.py fit --config {out / 'winner.yaml'}` "
+                     "retrains that fold).")
+    else:
+        reproduce = f"Reproduce it with `python cli.py fit --config {out / 'winner.yaml'}`."
     doc.p(f"**{summary['base_architecture']}** with **{summary['optimizer']}** and **{summary['loss']}** (trial "
           f"{summary['trial']}, {summary['params']:,} parameters). {reproduce}")
     for name, simplest in parsimonious.items():
@@ -221,7 +237,7 @@ def write_report(sweep, out: Path, stages: dict[str, tuple], summary: dict[str, 
                                     for k, v in summary["test"]["metrics"].items()]))
     winner_report = out / summary["run_dir"] / "report.json"  # run_dir is relative to the sweep folder
     if winner_report.exists():
-        doc.h2("Evaluation of the winner")
+        doc.h2("Evaluation of the winner" + (" (its best fold model alone)" if ensemble else ""))
         doc.extend(Document.load_json(winner_report))
     from audit.report import (
         add_audit_section,  # the data audit of the winner's run: summary here, all in audit/

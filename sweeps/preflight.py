@@ -14,7 +14,8 @@ from typing import Any
 
 from errors import ConfigError, MedselError
 from sweeps import isolation
-from sweeps.config import SweepConfig, problem_list
+from sweeps.config import SweepConfig, merge, problem_list
+from sweeps.crossval import fold_overrides
 from sweeps.trials import TrialConfigs
 
 
@@ -98,11 +99,15 @@ def check(sweep: SweepConfig, data: bool = True) -> None:
     if problems:  # the trial configs cannot be composed reliably from a broken sweep config
         raise ConfigError(problem_list(problems))
     configs = TrialConfigs(sweep)
+
+    def as_trial(cfg: dict[str, Any]) -> dict[str, Any]:  # under cross-validation, as fold 0 trains
+        return merge(cfg, fold_overrides(sweep, 0)) if sweep.cv.enabled else cfg
+
     parsed_ok = []
     for name, (i, _) in configs.candidates.items():
         where = f"stage1.candidates[{i}] ({name})"
         try:
-            parsed = _check_one(where, configs.candidate(name), problems)
+            parsed = _check_one(where, as_trial(configs.candidate(name)), problems)
         except ConfigError as e:
             problems.append(f"{where}: {e}")
             continue
@@ -112,7 +117,7 @@ def check(sweep: SweepConfig, data: bool = True) -> None:
         first = parsed_ok[0][0]
         for optimizer in sweep.stage2.optimizers:
             for loss in sweep.stage2.losses:
-                _check_one(f"stage2 ({optimizer} x {loss} on {first})", configs.stage2(first, optimizer, loss), problems)
+                _check_one(f"stage2 ({optimizer} x {loss} on {first})", as_trial(configs.stage2(first, optimizer, loss)), problems)
         if data:
             _check_data(parsed_ok[0][1], problems)
     if problems:

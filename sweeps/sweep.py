@@ -136,7 +136,8 @@ class TrialRunner:
         pruning = None
         if self.sweep.pruner != "none":
             pruning = {"storage": self.sweep.storage_url, "study_name": self.stage.study_name,
-                       "trial_id": ss.trial_id(number), "monitor": self.stage.objective, "pruner": self.sweep.pruner}
+                       "trial_id": ss.trial_id(number), "monitor": self.stage.objective, "pruner": self.sweep.pruner,
+                       "fold": params.get("fold"), "direction": self.stage.direction}
         cfg = trials.finalize(cfg, self.sweep, run_dir, self.stage.name, self.sweep.seed + params["repeat"], tags, pruning)
         ss.set_attr(number, "run_dir", relative.as_posix())  # relative to the sweep folder
         ss.set_attr(number, "sweep_dir", str(self.sweep.out_dir.resolve()))  # for workers with other folders
@@ -243,10 +244,26 @@ def _check_base(ss: coord.StageStudy, base: str) -> None:
         )
 
 
+def _check_folds(ss: coord.StageStudy, sweep: SweepConfig) -> None:
+    """A study's fold runs belong to one fold assignment: resuming it with another `cv.folds` would mix them."""
+    folds = sweep.cv.folds if sweep.cv.enabled else 0
+    started_with = ss.study.user_attrs.get("cv_folds")
+    if started_with is None:
+        if not coord.finished(ss.study) or folds == 0:  # an older study (no record) ran without CV
+            ss.study.set_user_attr("cv_folds", folds)
+        started_with = ss.study.user_attrs.get("cv_folds", 0)
+    if started_with != folds:
+        raise ConfigError(
+            f"{ss.stage.study_name} was run with cv.folds {started_with} but the sweep now says {folds}: its trials "
+            "belong to another split of the data. Use a new sweep name for the new cross-validation."
+        )
+
+
 def run_stage(sweep: SweepConfig, stage: coord.Stage, base: str | None, configs: trials.TrialConfigs,
               execute: Execute | None = None) -> coord.StageStudy:
     """Make sure the stage's grid is enqueued, then work on it with `sweep.workers` processes."""
     ss = _open(sweep, stage)
+    _check_folds(ss, sweep)
     if base is not None:
         _check_base(ss, base)
     before = {coord.INTERRUPTED: 0, "failed": 0}
@@ -291,8 +308,11 @@ def trial_frame(study: optuna.Study, stage: coord.Stage, out: Path = Path(".")) 
     """One row per finished (COMPLETE) trial: grid keys, repeat, fold, metrics, params, run dir (relative to
     the sweep folder `out`, or absolute for a trial trained in another folder, see `_reachable_run_dir`)."""
     rows = []
+    grid = {stage.key(p) for p in stage.grid}
     for t in coord.finished(study):
         p = coord.grid_params(t)
+        if stage.key(p) not in grid:  # a trial of an earlier grid of this study (e.g. other repeats)
+            continue
         rows.append({**{k: p[k] for k in GRID_KEYS[stage.name]}, "repeat": p["repeat"], "fold": p.get("fold"),
                      "trial": t.number, "params": t.user_attrs.get("params", 0), "run_dir": _reachable_run_dir(out, t),
                      "epoch": t.user_attrs.get("epoch"), **t.user_attrs.get("metrics", {})})
@@ -306,8 +326,9 @@ def stage_board(sweep: SweepConfig, study: optuna.Study, stage: coord.Stage) -> 
         raise SweepError(f"{stage.name}: no trial finished, so there is no winner. Failures:\n  " + "\n  ".join(failed[:20]))
     metrics = [m for m in outputs.LEADERBOARD_METRICS if m in frame.columns]
     keys, folds = GRID_KEYS[stage.name], sweep.cv.folds if sweep.cv.enabled else 1
-    samples = crossval.as_samples(frame, folds)  # under CV every fold run is one sample of its grid point
-    board = ranking.leaderboard(samples, keys, metrics, sweep.selection, expected_repeats=sweep.repeats * folds)
+    samples = crossval.as_samples(frame, keys, folds, sweep.repeats)  # under CV each fold is one sample
+    board = ranking.leaderboard(samples, keys, metrics, sweep.selection,
+                                expected_repeats=folds if sweep.cv.enabled else sweep.repeats)
     oof = crossval.out_of_fold(frame, board, keys, stage.name, sweep.out_dir) if sweep.cv.enabled else None
     board = compare.compare_stage(samples, board, keys, sweep.selection.rule, sweep.selection.metric, sweep.out_dir,
                                   oof=oof)

@@ -217,8 +217,9 @@ def test_only_a_ddp_child_rank_inherits_the_run_directory(tmp_path, monkeypatch)
 def test_a_fold_trains_on_the_other_folds_and_fold_all_refits_without_validation(tmp_path):
     """`data.split.folds/fold` in a single fit: fold 1 validates on its fold; "all" trains on every non-test
     image with no validation pass, and its last epoch is the checkpoint."""
-    for fold in ("1", "all"):
-        args = small_fit_args(tmp_path / "a", tmp_path / f"runs-{fold}", "--data.split.folds=3", f"--data.split.fold={fold}")
+    for fold in ("1", "all"):  # the refit also steps a plateau scheduler on the training loss
+        args = small_fit_args(tmp_path / "a", tmp_path / f"runs-{fold}", "--data.split.folds=3", f"--data.split.fold={fold}",
+                              "--model.lr_scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau", epochs=2)
         assert cli_in_process("fit", *args) == 0
     (fold1,), (refit,) = run_dirs(tmp_path / "runs-1"), run_dirs(tmp_path / "runs-all")
     counts = {d: pl.read_csv(d / "split_counts.csv").filter(pl.col("class") == "total").row(0, named=True) for d in (fold1, refit)}

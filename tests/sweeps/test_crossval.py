@@ -130,3 +130,38 @@ def test_an_interrupted_fold_is_retried_alone_on_rerun(tmp_path, no_plots):  # n
     assert sweep_mod.exit_code(sweep, second) == 0
     assert again.calls[0] == ("ctnet10", "Adam", "ce") and again.configs[0]["data"]["split"]["fold"] == 0
     assert len(again.calls) == 1 + 4 * 2 + 1  # the interrupted fold, stage 2's folds, the refit
+
+
+def test_a_refit_is_reused_only_for_the_same_winner(tmp_path):
+    sweep = tiny_sweep(tmp_path, cv=CrossValidation(folds=2))
+    fake = FakeTrials()
+    trials = pl.DataFrame({"epoch": [1, 1]})
+    adam = {"model": {"network": {"name": "resnet10t"}, "optimizer": {"class_path": "torch.optim.Adam"}, "loss": "ce"},
+            "trainer": {"max_epochs": 9}}
+    mse = {**adam, "model": {**adam["model"], "loss": "mse"}}
+    for cfg in (adam, adam, mse, mse):
+        run_dir = crossval.refit(sweep, cfg, trials, [], fake)
+        (RunFiles(run_dir).checkpoints).mkdir(parents=True, exist_ok=True)
+        RunFiles(run_dir).best_checkpoint.write_bytes(b"weights")  # the fake trains no checkpoint itself
+    assert [c[2] for c in fake.calls] == ["ce", "mse"]  # trained once per winner; the rerun of each reused it
+
+
+def test_a_study_resumed_with_other_folds_is_refused(tmp_path, no_plots):  # noqa: F811
+    from errors import ConfigError
+
+    sweep_mod.run(tiny_sweep(tmp_path, cv=CrossValidation(folds=2)), execute=FakeTrials(), preflight=no_preflight)
+    with pytest.raises(ConfigError, match="cv.folds 2 but the sweep now says 3"):
+        sweep_mod.run(tiny_sweep(tmp_path, cv=CrossValidation(folds=3)), execute=FakeTrials(), preflight=no_preflight)
+
+
+def test_repeats_of_a_fold_are_averaged_into_one_sample():
+    frame = pl.DataFrame({
+        "candidate": ["a"] * 4 + ["b"] * 3, "repeat": [0, 1, 0, 1, 0, 1, 0], "fold": [0, 0, 1, 1, 0, 0, 1],
+        "val/acc": [0.6, 0.8, 0.5, 0.7, 0.4, 0.6, 0.3], "params": [1] * 7, "run_dir": [f"r{i}" for i in range(7)],
+        "trial": list(range(7)),
+    })
+    samples = crossval.as_samples(frame, ["candidate"], folds=2, repeats=2)
+    a = samples.filter(pl.col("candidate") == "a")
+    assert a["repeat"].to_list() == [0, 1] and a["val/acc"].to_list() == pytest.approx([0.7, 0.6])
+    # b's fold 1 lacks a repeat: that fold is no sample, so b has 1 of 2 folds and is incomplete.
+    assert samples.filter(pl.col("candidate") == "b")["fold"].to_list() == [0]

@@ -43,3 +43,15 @@ def test_problems_of_the_sweep_config_itself_come_together(tmp_path):
         preflight.check(sweep, data=False)
     message = str(info.value)
     assert "unknown key 'image_sise'" in message and "needs a `network`" in message and "unknown optimizer 'adamm'" in message
+
+
+def test_folds_the_data_cannot_hold_are_reported_before_training(tmp_path):
+    """Under cv.folds the data is split as the fold runs will split it: 54 non-test images of a class cannot
+    fill 60 folds."""
+    from sweeps.config import CrossValidation
+
+    sweep = tiny_sweep(tmp_path, cv=CrossValidation(folds=60))
+    fake = FakeTrials()
+    with pytest.raises(ConfigError, match="60-fold cross-validation") as info:
+        sweep_mod.run(sweep, execute=fake, preflight=preflight.check)
+    assert "data:" in str(info.value) and fake.calls == []
