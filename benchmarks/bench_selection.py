@@ -125,7 +125,8 @@ def main() -> None:
                   f"{args.folds}-fold CV -> {cv} (refit {epochs} epochs, test acc {row['cv_test_acc']:.3f})  "
                   f"[{time.perf_counter() - started:.0f} s]", flush=True)
     frame = pl.DataFrame(rows)
-    print(f"\n{frame}\n")
+    with pl.Config(tbl_cols=-1, tbl_width_chars=160, fmt_str_lengths=30):
+        print("\n" + str(frame.select("seed", "single", "single_test_acc", "cv", "cv_test_acc", "refit_epochs")) + "\n")
     n = len(rows)
     for name, col in (("single train/val split", "single"), (f"{args.folds}-fold cross-validation", "cv")):
         counts = Counter(frame[col].to_list())
