@@ -64,7 +64,9 @@ def _read_probabilities(path: Path, frame: pl.DataFrame, classes: list[str]):
     known = joined[classes[0]].is_not_null().to_numpy()
     if not known.any():
         raise ConfigError(f"--probabilities: '{path}' has a row for none of the {frame.height} images; its path "
-                          "column must hold the images' paths as the data section resolves them")
+                          "column must hold the images' paths as the data section resolves them. Pass the config "
+                          "the probabilities were made with (for a sweep: its final/refit/config.yaml or a trial's "
+                          "config.yaml under trials/).")
     return joined.select(classes).to_numpy(), known
 
 

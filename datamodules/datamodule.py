@@ -327,7 +327,10 @@ class ImageDataModule(LightningDataModule):
                 rank_zero_info(f"[data] note: {note}")
             if data.skipped:
                 rank_zero_info(f"[data] skipped {len(data.skipped)} unusable inputs (data.on_bad_image: skip)")
-            rank_zero_info(f"[data] split {data.split_file}\n{splits.count_table(data.frame, self.classes)}")
+            fold = self.split_cfg.fold
+            which = ("" if self.split_cfg.folds < 2 else f" (cross-validation: fold {fold} of 0..{self.split_cfg.folds - 1} "
+                     "validates)" if fold != "all" else " (cross-validation: every non-test image trains, no validation)")
+            rank_zero_info(f"[data] split {data.split_file}{which}\n{splits.count_table(data.frame, self.classes)}")
             if data.audit is not None:
                 rank_zero_info(duplicate_audit.summary_text(data.audit))
             self._record_in_run_dir(data)

@@ -164,7 +164,7 @@ def _stratified(labels: np.ndarray, classes: list[str], ratios, rng: np.random.G
             raise DataError(
                 f"class '{c}' has {len(idx)} images: too few to stratify a {_what(names, ratios)} "
                 f"(every part needs at least one; that takes about {need}). Add images, merge the class, "
-                "or change data.split.ratios / data.split.folds."
+                "or change data.split.ratios / data.split.folds (a sweep's cv.folds)."
             )
         perm = rng.permutation(idx)
         ends = np.cumsum(t)
@@ -230,7 +230,7 @@ def _grouped(labels: np.ndarray, groups: np.ndarray, classes: list[str], ratios,
                 f"class '{c}' has {int(counts[:, k].sum())} images from {n_groups} patients: too few to give "
                 f"every part of a patient-grouped {_what(names, ratios)} one ({', '.join(empty)} would be "
                 "empty). Add patients, set data.split.group_by_patient: false (accepting leakage), or change "
-                "data.split.ratios / data.split.folds."
+                "data.split.ratios / data.split.folds (a sweep's cv.folds)."
             )
     return np.array(names, dtype=object)[where[inverse]]
 

@@ -26,7 +26,14 @@ def build_parser() -> ArgumentParser:
 
 
 def _to_sweep(parser: ArgumentParser, cfg) -> SweepConfig:
-    init = parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
+    from errors import ConfigError
+
+    try:
+        init = parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
+    except TypeError as e:  # e.g. `cv: 3`: a section given as a plain value reaches its dataclass as **3
+        sections = ", ".join(f.name for f in fields(SweepConfig) if f.name in ("stage1", "stage2", "selection", "cv"))
+        raise ConfigError(f"sweep config: {e}. The sections {sections} are mappings, e.g. `cv: {{folds: 5}}`, "
+                          "`selection: {rule: metric, metric: val/mcc}`.") from None
     return SweepConfig(**{f.name: getattr(init, f.name) for f in fields(SweepConfig)})
 
 

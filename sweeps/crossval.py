@@ -120,7 +120,7 @@ def refit(sweep: SweepConfig, cfg: dict[str, Any], winner_trials: pl.DataFrame, 
         shutil.rmtree(run_dir)
     cfg = trials.finalize(cfg, sweep, run_dir, "refit", sweep.seed, [*tags, "refit"], None)
     cfg = merge(cfg, {**fold_overrides(sweep, "all"), "trainer": {"max_epochs": epochs}})
-    print(f"[sweep] refit of the winner on all non-test images for {epochs} epochs (median best epoch of its "
+    print(f"[sweep] refit of the winner on all non-test images for {epochs} epoch{'s' * (epochs != 1)} (median best epoch of its "
           f"{winner_trials.height} fold runs) -> {run_dir}", flush=True)
     outcome = (execute or isolation.execute)(cfg, run_dir)
     if outcome.status != "ok":

@@ -170,7 +170,7 @@ def write_report(sweep, out: Path, stages: dict[str, tuple], summary: dict[str, 
         if summary.get("winner_elsewhere"):
             how = "trained by a sweep command on another machine, which writes its final model and test"
         elif sweep.cv.final == "refit":
-            how = (f"then trained once more on every non-test image for {final.get('refit_epochs')} epochs (the median "
+            how = (f"then trained once more on every non-test image for {final.get('refit_epochs')} epoch(s) (the median "
                    "best epoch of its folds; `cv.final: refit`) and tested once")
         else:
             how = (f"kept as its {folds * sweep.repeats} fold models (`cv.final: ensemble`), each tested once, their "
@@ -218,8 +218,9 @@ def write_report(sweep, out: Path, stages: dict[str, tuple], summary: dict[str, 
                      "retrains that fold).")
     else:
         reproduce = f"Reproduce it with `python cli.py fit --config {out / 'winner.yaml'}`."
-    doc.p(f"**{summary['base_architecture']}** with **{summary['optimizer']}** and **{summary['loss']}** (trial "
-          f"{summary['trial']}, {summary['params']:,} parameters). {reproduce}")
+    trial = f"best fold run: trial {summary['trial']}" if folds else f"trial {summary['trial']}"
+    doc.p(f"**{summary['base_architecture']}** with **{summary['optimizer']}** and **{summary['loss']}** ({trial}, "
+          f"{summary['params']:,} parameters). {reproduce}")
     for name, simplest in parsimonious.items():
         if simplest is not None:
             what = simplest.get("candidate") or f"{simplest.get('optimizer')} + {simplest.get('loss')}"

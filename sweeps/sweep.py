@@ -439,6 +439,8 @@ def _write_outputs(sweep: SweepConfig, stages: dict[str, tuple], summary: dict[s
         try:
             if test is not None:
                 summary["test"] = test.result()
+                if summary["test"].get("checkpoint"):  # paths in winner.json are relative to the sweep folder
+                    summary["test"]["checkpoint"] = os.path.relpath(summary["test"]["checkpoint"], out)
         finally:
             outputs.finish_wandb_summary(wandb_run, summary)
     RunFiles(out).write_json(files.WINNER, summary)
@@ -456,8 +458,9 @@ def evaluate_on_test(run_dir: Path) -> dict[str, Any]:
     run = RunFiles(run_dir)
     if not run.test_metrics.exists():
         # One device: a single ordered pass over the test split. (A DDP launcher would also re-execute this
-        # process's command line, which is the sweep's, not `cli.py test`.)
-        single = ["--trainer.devices=1", "--trainer.strategy=auto", "--trainer.num_nodes=1"]
+        # process's command line, which is the sweep's, not `cli.py test`.) The run directory as it is found
+        # now, not as its config.yaml recorded it: a moved or copied sweep folder writes into itself.
+        single = ["--trainer.devices=1", "--trainer.strategy=auto", "--trainer.num_nodes=1", f"--run.dir={Path(run_dir).resolve()}"]
         outcome = isolation.run_in_process("test", {"config_path": str(run.config), "extra": single}, run_dir)
         if outcome.status != "ok":
             raise SweepError(f"testing the winner failed: {outcome.reason} (log: {run_dir / 'test.log'})")

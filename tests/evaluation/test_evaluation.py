@@ -214,3 +214,22 @@ def test_report_with_partial_patient_ids_resamples_missing_ids_as_single_patient
     assert ev["resampled"] == "patients" and "without a patient id counts as a patient of its own" in ev["resampling"]
     assert ev["n_groups"] == test_ids.n_unique() - 1 + test_ids.null_count()
     assert "stratified by class" in (run_dir / "report.md").read_text()
+
+
+def test_a_copied_run_is_tested_into_its_own_folder(trained_run, tmp_path):
+    """A sweep folder moved or copied elsewhere: its winner's test writes into the copy, never into the run
+    directory that the copied config.yaml recorded."""
+    import shutil
+
+    from runs import files
+    from sweeps.sweep import evaluate_on_test
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_run, copy)
+    for name in (files.TEST_METRICS, files.EVALUATION):
+        (copy / name).unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in trained_run.iterdir() if p.is_file()}
+    result = evaluate_on_test(copy)
+    assert (copy / files.TEST_METRICS).exists() and (copy / files.EVALUATION).exists()
+    assert result["n_images"] > 0
+    assert {p.name: p.stat().st_mtime_ns for p in trained_run.iterdir() if p.is_file()} == before

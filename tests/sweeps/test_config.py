@@ -69,3 +69,15 @@ def test_every_shipped_sweep_config_composes_its_trial_configs(path):
     lr = fit_overrides(sweep.stage2.overrides, "stage2.overrides").get("model", {}).get("optimizer", {}).get("init_args", {}).get("lr")
     if lr is not None:  # the studies' stage-2 learning rate reaches every optimizer
         assert point["model"]["optimizer"]["init_args"]["lr"] == lr
+
+
+def test_a_section_given_as_a_plain_value_is_one_clear_error(tmp_path, capsys):
+    """`cv: 3` instead of `cv: {folds: 3}`: an `error:` line naming the mapping form, exit code 2."""
+    from tests.conftest import cli_in_process
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"name: bad\nbase_config: {REPO / 'configs' / 'demo.yaml'}\nroot: {tmp_path}\ncv: 3\n"
+                    "stage1: {candidates: [{network: resnet10t}]}\n")
+    assert cli_in_process("sweep", "--config", str(path)) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "cv: {folds: 5}" in err and "Traceback" not in err
