@@ -168,8 +168,14 @@ def build_loggers(run: RunConfig, run_dir: Path, stage: str) -> list[Logger]:
     return loggers
 
 
+# W&B's older names for its modes. Lightning's WandbLogger sets $WANDB_MODE=dryrun in its own process when
+# it logs offline, so a later step of the same process (the report after `test`) reads that name back.
+_WANDB_ALIASES = {"dryrun": "offline", "run": "online"}
+
+
 def wandb_mode(run: RunConfig) -> str:
     mode = run.wandb or os.environ.get("WANDB_MODE", "offline")
+    mode = _WANDB_ALIASES.get(mode, mode)
     if mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"run.wandb / $WANDB_MODE must be offline, online or disabled, got {mode!r}")
     return mode

@@ -233,3 +233,19 @@ def test_a_copied_run_is_tested_into_its_own_folder(trained_run, tmp_path):
     assert (copy / files.TEST_METRICS).exists() and (copy / files.EVALUATION).exists()
     assert result["n_images"] > 0
     assert {p.name: p.stat().st_mtime_ns for p in trained_run.iterdir() if p.is_file()} == before
+
+
+def test_test_with_wandb_offline_by_default_writes_its_report(trained_run, tmp_path, monkeypatch):
+    """No run.wandb and no $WANDB_MODE (a new user's sweep): W&B logs offline, and Lightning's logger then
+    sets $WANDB_MODE=dryrun in the process, which the report written after `test` must read as offline."""
+    import shutil
+
+    from tests.conftest import cli_in_process
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_run, copy)
+    (copy / "evaluation.json").unlink()
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert cli_in_process("test", "--config", str(copy / "config.yaml"), f"--run.dir={copy}", "--run.wandb=null",
+                          "--trainer.enable_progress_bar=false") == 0
+    assert (copy / "evaluation.json").exists()
