@@ -15,6 +15,7 @@ from pathlib import Path
 import optuna
 import polars as pl
 import pytest
+import sqlalchemy.exc
 import yaml
 from optuna.trial import TrialState
 
@@ -140,11 +141,11 @@ def test_killed_sweep_resumes_with_each_grid_point_finished_once(tmp_path, share
         time.sleep(0.5)
         if not db.exists():
             continue
-        try:
+        try:  # the sweep may be creating the database's tables or writing to it right now: look again later
             study = optuna.load_study(study_name="t/stage1", storage=f"sqlite:///{db}")
-        except KeyError:
+            running = study.get_trials(states=(TrialState.RUNNING,))
+        except (KeyError, sqlalchemy.exc.SQLAlchemyError):
             continue
-        running = study.get_trials(states=(TrialState.RUNNING,))
         if running and running[0].user_attrs.get("pid"):
             run_dir = tmp_path / "sweeps" / "t" / running[0].user_attrs.get("run_dir", "/nonexistent")
             if (run_dir / "fit.log").exists() and time.time() - running[0].datetime_start.timestamp() > 3:
