@@ -14,7 +14,7 @@ The test split is COVID-CT's official one for every seed and both procedures, so
 models, not test sets; the seed changes the fold assignment and training's randomness. The chosen model is
 then tested once: the single-split winner's own run, and the CV winner refit on every non-test image for
 the median best epoch of its folds (what `cv.final: refit` does). Everything trains through the sweep's
-own trial path (`sweeps.isolation`, the fit parser, the data layer's folds).
+own trial path (`sweeps.jobs`, the fit parser, the data layer's folds).
 
 Prints, for each procedure, the winner per seed, how often the most frequent winner came out, and the
 mean, standard deviation and range of the chosen models' test accuracy.
@@ -55,16 +55,16 @@ def fit_config(args, seed: int, network: str, fold: int | str, run_dir: Path, ep
 
 
 def train(cfg: dict, run_dir: Path) -> dict:
-    from sweeps import isolation, trials
+    from sweeps import jobs, trials
 
-    outcome = isolation.execute(cfg, run_dir)
+    outcome = jobs.execute(cfg, run_dir)
     if outcome.status != "ok":
         raise SystemExit(f"fit failed in {run_dir}: {outcome.reason}")
     return trials.summarize(run_dir, "best", "val/loss", "min")
 
 
 def test_acc(run_dir: Path) -> float:
-    from sweeps.sweep import evaluate_on_test
+    from sweeps.jobs import evaluate_on_test
 
     return float(evaluate_on_test(run_dir)["metrics"]["acc"])
 
@@ -89,10 +89,10 @@ def main() -> None:
     import os
 
     os.environ.setdefault("WANDB_MODE", "disabled")
-    from sweeps import isolation
+    from sweeps import jobs
     from sweeps.crossval import refit_epochs
 
-    isolation.start_forkserver()
+    jobs.start_forkserver()
     import polars as pl
 
     started = time.perf_counter()
@@ -113,7 +113,7 @@ def main() -> None:
             cv = max(args.candidates, key=lambda c: (statistics.mean(val[c]), -args.candidates.index(c)))
             refit_dir = Path(tmp) / f"s{seed}" / f"{cv}-refit"
             epochs = refit_epochs(pl.DataFrame({"epoch": best_epochs[cv]}))
-            outcome = isolation.execute(fit_config(args, seed, cv, "all", refit_dir, epochs), refit_dir)
+            outcome = jobs.execute(fit_config(args, seed, cv, "all", refit_dir, epochs), refit_dir)
             if outcome.status != "ok":
                 raise SystemExit(f"refit failed in {refit_dir}: {outcome.reason}")
             row = {"seed": seed, "single": single, "single_test_acc": test_acc(dirs[single, 0]),

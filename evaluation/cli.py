@@ -37,7 +37,7 @@ class EvaluationCLI(MedselCLI):
         wandb_run = next((lg.experiment for lg in self.trainer.loggers if isinstance(lg, WandbLogger)), None)
         run = RunConfig(**_fields(self._cfg().run))
         page = build_report(self.run_dir, self.model, self.datamodule, report, results["probs"], results["targets"],
-                            val_probs, wandb_mode(run), wandb_run=wandb_run)
+                            val_probs, wandb_mode(run.wandb), wandb_run=wandb_run)
         print(f"[report] {page}")
 
 

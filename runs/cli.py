@@ -28,6 +28,7 @@ from lightning_modules.classifier import ImageClassifier
 from runs import files
 from runs.callbacks import FitTimer, ModelInfoWriter, PredictionWriter, TestResultsWriter
 from runs.files import RunFiles
+from runs.wandb_mode import wandb_mode
 from runs.train_eval import TrainEvalWriter
 
 _RUN_DIR_ENV = "MEDSEL_RUN_DIR"
@@ -153,7 +154,7 @@ def build_loggers(run: RunConfig, run_dir: Path, stage: str) -> list[Logger]:
     """CSV metrics for `fit` (later stages must not overwrite metrics.csv; they write their own files)
     and W&B unless disabled."""
     loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="")] if stage == "fit" else []
-    mode = wandb_mode(run)
+    mode = wandb_mode(run.wandb)
     if mode != "disabled":
         from lightning.pytorch.loggers import WandbLogger
 
@@ -166,19 +167,6 @@ def build_loggers(run: RunConfig, run_dir: Path, stage: str) -> list[Logger]:
             id=wandb_run_id(run_dir), resume="allow",
         ))
     return loggers
-
-
-# W&B's older names for its modes. Lightning's WandbLogger sets $WANDB_MODE=dryrun in its own process when
-# it logs offline, so a later step of the same process (the report after `test`) reads that name back.
-_WANDB_ALIASES = {"dryrun": "offline", "run": "online"}
-
-
-def wandb_mode(run: RunConfig) -> str:
-    mode = run.wandb or os.environ.get("WANDB_MODE", "offline")
-    mode = _WANDB_ALIASES.get(mode, mode)
-    if mode not in ("offline", "online", "disabled"):
-        raise ConfigError(f"run.wandb / $WANDB_MODE must be offline, online or disabled, got {mode!r}")
-    return mode
 
 
 def build_callbacks(run: RunConfig, run_dir: Path) -> list[Callback]:

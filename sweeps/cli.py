@@ -9,38 +9,10 @@ data or sweep error, printed as one `error:` line (every problem of the sweep's 
 
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
-from typing import Any
-
-from jsonargparse import ActionConfigFile, ArgumentParser
 
 from sweeps.config import SweepConfig
-
-
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="cli.py sweep", description=__doc__, exit_on_error=True)
-    parser.add_argument("--config", action=ActionConfigFile, help="sweep config YAML")
-    parser.add_class_arguments(SweepConfig, None)
-    return parser
-
-
-def _to_sweep(parser: ArgumentParser, cfg) -> SweepConfig:
-    from errors import ConfigError
-
-    try:
-        init = parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
-    except TypeError as e:  # e.g. `cv: 3`: a section given as a plain value reaches its dataclass as **3
-        sections = ", ".join(f.name for f in fields(SweepConfig) if f.name in ("stage1", "stage2", "selection", "cv"))
-        raise ConfigError(f"sweep config: {e}. The sections {sections} are mappings, e.g. `cv: {{folds: 5}}`, "
-                          "`selection: {rule: metric, metric: val/mcc}`.") from None
-    return SweepConfig(**{f.name: getattr(init, f.name) for f in fields(SweepConfig)})
-
-
-def sweep_from_dict(values: dict[str, Any]) -> SweepConfig:
-    """Rebuild a SweepConfig in a worker process from its `asdict` form."""
-    parser = build_parser()
-    return _to_sweep(parser, parser.parse_object(values))
+from sweeps.log import log
 
 
 def _resolve_base_config(value: str) -> str:
@@ -55,20 +27,19 @@ def _resolve_base_config(value: str) -> str:
         path = config_names.resolve(value)
     except ConfigError:
         return value
-    print(f"[config] base_config {value} -> {config_names.display(path)}", flush=True)
+    log.info(f"[config] base_config {value} -> {config_names.display(path)}")
     return str(path)
 
 
 def main(argv: list[str]) -> int:
-    parser = build_parser()
-    sweep = _to_sweep(parser, parser.parse_args(argv))
+    sweep = SweepConfig.from_args(argv, description=__doc__)
     sweep.base_config = _resolve_base_config(sweep.base_config)
-    from sweeps import isolation
+    from sweeps import isolation, jobs
 
     # Before the heavy imports below: one W&B service for all trials, and the forkserver importing torch,
     # lightning and timm in parallel with this process.
     isolation.share_wandb_service(sweep.wandb)
-    isolation.start_forkserver()
+    jobs.start_forkserver()
     import optuna
 
     from sweeps.sweep import exit_code, run

@@ -32,6 +32,7 @@ import polars as pl
 from evaluation.resampling import Resampler
 from runs import files
 from runs.files import RunFiles
+from sweeps.grid import GRID_KEYS
 
 # Headline metrics that can be computed from per-image predictions, and whether higher is better.
 PAIRED_METRICS = {"acc": True, "balanced_acc": True, "sensitivity": True, "specificity": True, "nll": False}
@@ -358,7 +359,7 @@ def stage_notes(selection, trials: pl.DataFrame, board: pl.DataFrame, root: Path
     """
     from sweeps.ranking import resolve_terms
 
-    keys = [k for k in ("candidate", "optimizer", "loss") if k in board.columns]
+    keys = [k for k in GRID_KEYS if k in board.columns]
 
     def label(row: dict) -> str:
         return "**" + " + ".join(str(row[k]) for k in keys) + "**"

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -224,6 +224,11 @@ class CrossValidation:
     def enabled(self) -> bool:
         return self.folds >= 2
 
+    @property
+    def k(self) -> int:
+        """The number of folds a grid point trains on: 0 without cross-validation (one train/val split)."""
+        return self.folds if self.enabled else 0
+
 
 @dataclass
 class SweepConfig:
@@ -319,6 +324,42 @@ class SweepConfig:
         if self.workers < 1:
             found.append("sweep workers must be >= 1")
         return found
+
+    @classmethod
+    def parser(cls, description: str = ""):
+        """The `cli.py sweep` parser: `--config` plus every field of the sweep config as an option."""
+        from jsonargparse import ActionConfigFile, ArgumentParser
+
+        parser = ArgumentParser(prog="cli.py sweep", description=description, exit_on_error=True)
+        parser.add_argument("--config", action=ActionConfigFile, help="sweep config YAML")
+        parser.add_class_arguments(cls, None)
+        return parser
+
+    @classmethod
+    def from_args(cls, argv: list[str], description: str = "") -> SweepConfig:
+        """The sweep config of a `cli.py sweep` command line (`--config` and any `--key value`)."""
+        parser = cls.parser(description)
+        return cls._build(parser, parser.parse_args(argv))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> SweepConfig:
+        """Rebuild a sweep config from its `to_dict` form (in a worker or trial process)."""
+        parser = cls.parser()
+        return cls._build(parser, parser.parse_object(dict(values)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain mappings, lists and scalars: what sweep.yaml records and `from_dict` reads back."""
+        return asdict(self)
+
+    @classmethod
+    def _build(cls, parser, namespace) -> SweepConfig:
+        try:
+            init = parser.instantiate(namespace) if hasattr(parser, "instantiate") else parser.instantiate_classes(namespace)
+        except TypeError as e:  # e.g. `cv: 3`: a section given as a plain value reaches its dataclass as **3
+            sections = ", ".join(f.name for f in fields(cls) if f.name in ("stage1", "stage2", "selection", "cv"))
+            raise ConfigError(f"sweep config: {e}. The sections {sections} are mappings, e.g. `cv: {{folds: 5}}`, "
+                              "`selection: {rule: metric, metric: val/mcc}`.") from None
+        return cls(**{f.name: getattr(init, f.name) for f in fields(cls)})
 
     def validate(self) -> None:
         """Raise one ConfigError listing every problem of `problems()`."""

@@ -36,39 +36,13 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
+from sweeps.grid import Stage
+from sweeps.log import log
+
 HOST = socket.gethostname()
 INTERRUPTED = "interrupted"
 LIVE = (TrialState.WAITING, TrialState.RUNNING)
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-@dataclass
-class Stage:
-    """One stage of a sweep as an Optuna study.
-
-    Attributes:
-        name: "stage1" or "stage2".
-        study_name: the study's name in the storage.
-        grid: the parameters of every grid point.
-        objective: the metric told to Optuna (and reported for pruning).
-        direction: "minimize" or "maximize" for `objective`.
-    """
-
-    name: str
-    study_name: str
-    grid: list[dict[str, Any]]
-    objective: str
-    direction: str
-
-    @property
-    def param_names(self) -> list[str]:
-        return list(self.grid[0]) if self.grid else []
-
-    def key(self, params: dict[str, Any]) -> tuple:
-        return tuple(params.get(k) for k in self.param_names)
-
-    def search_space(self) -> dict[str, list[Any]]:
-        return {k: list(dict.fromkeys(p[k] for p in self.grid)) for k in self.param_names}
 
 
 @dataclass
@@ -195,23 +169,23 @@ def grid_status(ss: StageStudy) -> list[PointStatus]:
     return out
 
 
-def report_incomplete(ss: StageStudy, log: Callable[[str], None] = print) -> list[dict[str, str]]:
+def report_incomplete(ss: StageStudy) -> list[dict[str, str]]:
     """Grid points of a stage with no finished trial, printed with what to do about them."""
     missing = [p for p in grid_status(ss) if p.state != "finished"]
     if not missing:
         return []
-    log(f"[sweep] {ss.stage.name}: {len(missing)} of {len(ss.stage.grid)} grid points have no finished trial:")
+    log.warning(f"[sweep] {ss.stage.name}: {len(missing)} of {len(ss.stage.grid)} grid points have no finished trial:")
     rows = []
     for p in missing:
         point = ", ".join(f"{k}={v}" for k, v in p.params.items())
         rows.append({"stage": ss.stage.name, "grid point": point, "state": p.state, "reason": p.reason})
-        log(f"  - {point}: {p.state}{' (' + p.reason + ')' if p.reason else ''}")
+        log.warning(f"  - {point}: {p.state}{' (' + p.reason + ')' if p.reason else ''}")
     interrupted = sum(p.state == INTERRUPTED for p in missing)
     failed = sum(p.state == "failed" for p in missing)
     if interrupted:
-        log(f"[sweep] {interrupted} trials were interrupted; rerun the same command to retry them.")
+        log.warning(f"[sweep] {interrupted} trials were interrupted; rerun the same command to retry them.")
     if failed:
-        log(f"[sweep] {failed} trials failed with an error; rerun with --retry_failed true to retry them.")
+        log.warning(f"[sweep] {failed} trials failed with an error; rerun with --retry_failed true to retry them.")
     return rows
 
 
@@ -374,12 +348,12 @@ def live_trials(ss: StageStudy) -> list[FrozenTrial]:
 
 def work(
     ss: StageStudy, run_trial: Callable[[StageStudy, FrozenTrial], None],
-    poll_seconds: float = 2.0, log: Callable[[str], None] = print,
+    poll_seconds: float = 2.0,
 ) -> None:
     """Worker loop: claim grid points until none is waiting or running (others' trials included)."""
     while True:
         for number in recover_stale(ss):
-            log(f"[sweep] {ss.stage.name} trial {number} was interrupted; enqueued again")
+            log.warning(f"[sweep] {ss.stage.name} trial {number} was interrupted; enqueued again")
         trial = claim(ss)
         if trial is None:
             if not live_trials(ss):

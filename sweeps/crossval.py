@@ -31,16 +31,11 @@ import polars as pl
 from errors import SweepError
 from runs import files
 from runs.files import RunFiles
-from sweeps import isolation, trials
+from sweeps import grid, jobs, trials
 from sweeps.config import SweepConfig, merge
 
 OOF_DIR = "oof"  # <sweep>/oof/<stage>/<grid point>.parquet
 FINAL_DIR = "final"  # <sweep>/final/refit (the refit run) or <sweep>/final/ensemble (its test results)
-
-
-def fold_overrides(sweep: SweepConfig, fold: int | str) -> dict[str, Any]:
-    """The fit overrides of one fold run (`fold`: 0..k-1, or "all" for the refit)."""
-    return {"data": {"split": {"folds": sweep.cv.folds, "fold": fold}}}
 
 
 def as_samples(frame: pl.DataFrame, keys: list[str], folds: int, repeats: int = 1) -> pl.DataFrame:
@@ -56,12 +51,6 @@ def as_samples(frame: pl.DataFrame, keys: list[str], folds: int, repeats: int = 
         *[pl.col(m).cast(pl.Float64).mean() for m in metrics],
     )
     return grouped.filter(pl.col("__runs") >= repeats).drop("__runs").with_columns(repeat=pl.col("fold")).sort([*keys, "fold"])
-
-
-def _point_name(row: dict[str, Any], keys: list[str]) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", "-".join(str(row[k]) for k in keys))[:80]
 
 
 def out_of_fold(trials_frame: pl.DataFrame, board: pl.DataFrame, keys: list[str], stage: str, root: Path
@@ -86,7 +75,7 @@ def out_of_fold(trials_frame: pl.DataFrame, board: pl.DataFrame, keys: list[str]
         if not parts:
             continue
         oof = pl.concat(parts, how="diagonal_relaxed")
-        oof.write_parquet(out_dir / f"{_point_name(row, keys)}.parquet")
+        oof.write_parquet(out_dir / f"{grid.slug(grid.point_label(row, keys), 80)}.parquet")
         probs = [c for c in oof.columns if c.startswith("p_")]
         result[i] = (oof.group_by("path", maintain_order=True)
                      .agg(pl.col("patient_id").first(), pl.col("target").first(), *[pl.col(c).mean() for c in probs])
@@ -109,7 +98,7 @@ REFIT_OF = "refit_of.json"  # what a refit was trained for; a rerun reuses it on
 def refit(sweep: SweepConfig, cfg: dict[str, Any], winner_trials: pl.DataFrame, tags: list[str],
           execute=None) -> Path:
     """Train the winning configuration once on every non-test image for `refit_epochs` epochs (no validation;
-    the last epoch is the model) in `<sweep>/final/refit`, with `execute` (default `isolation.execute`). A
+    the last epoch is the model) in `<sweep>/final/refit`, with `execute` (default `jobs.execute`). A
     finished refit of the same winner (its config, epochs and seed) is reused; any other is replaced."""
     run_dir = sweep.out_dir / FINAL_DIR / "refit"
     epochs = refit_epochs(winner_trials)
@@ -119,10 +108,10 @@ def refit(sweep: SweepConfig, cfg: dict[str, Any], winner_trials: pl.DataFrame, 
     if run_dir.exists():
         shutil.rmtree(run_dir)
     cfg = trials.finalize(cfg, sweep, run_dir, "refit", sweep.seed, [*tags, "refit"], None)
-    cfg = merge(cfg, {**fold_overrides(sweep, "all"), "trainer": {"max_epochs": epochs}})
+    cfg = merge(cfg, {**grid.fold_overrides(sweep, "all"), "trainer": {"max_epochs": epochs}})
     print(f"[sweep] refit of the winner on all non-test images for {epochs} epoch{'s' * (epochs != 1)} (median best epoch of its "
           f"{winner_trials.height} fold runs) -> {run_dir}", flush=True)
-    outcome = (execute or isolation.execute)(cfg, run_dir)
+    outcome = (execute or jobs.execute)(cfg, run_dir)
     if outcome.status != "ok":
         raise SweepError(f"the refit of the winner failed: {outcome.reason} (log: {run_dir / 'fit.log'}); "
                          "rerun the sweep to try again")

@@ -1,10 +1,10 @@
-"""Run each trial in its own process, so an exception, NaN loss, out-of-memory or crash fails that trial only.
+"""Run a function in its own process, so an exception, NaN loss, out-of-memory or crash ends that process only.
 
-Single-device trials fork from a forkserver that has torch, lightning and timm imported already, so a
-trial's fixed start-up cost is a fork, not a Python start and a torch import. Multi-device trials run as
-`python cli.py fit --config <trial config>`: Lightning's DDP launcher re-executes that command per rank.
-A sweep's preflight (`sweeps.preflight.check`) runs the same way as a "check" job, so the coordinator never
-imports torch. A process that dies by a signal without writing its result is `interrupted`, not `failed`.
+Generic: it runs any module-level function by reference and imports nothing from `sweeps` (the sweep's jobs
+are in `sweeps.jobs`). Functions run in a child forked from a forkserver that has imported the caller's
+`preload` modules already (torch, lightning, timm), so a child's fixed start-up cost is a fork, not a Python
+start and a torch import; `run_command` runs a command line instead (what DDP's launcher needs). A process
+that dies by a signal without writing its result is `interrupted`, not `failed`.
 """
 
 from __future__ import annotations
@@ -17,16 +17,15 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from errors import MedselError
+from runs.wandb_mode import wandb_mode
 
-REPO = Path(__file__).resolve().parents[1]
-PRELOAD = ["torch", "lightning.pytorch", "timm", "torchmetrics", "albumentations", "polars", "wandb",
-           "wandb.sdk.launch",  # imported lazily by every wandb.init (~1-2 s): import it once, here
-           "evaluation.cli", "datamodules", "sweeps.isolation"]
+_PRELOAD: list[str] = []
 
 
 @dataclass
@@ -43,13 +42,15 @@ class Outcome:
 
 def _context() -> mp.context.BaseContext:
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
+    ctx.set_forkserver_preload(_PRELOAD)
     return ctx
 
 
-def start_forkserver() -> None:
-    """Start the pre-importing forkserver now, in the background: its imports of torch, lightning and timm
-    then overlap with whatever this process does before the first trial."""
+def start_forkserver(preload: list[str]) -> None:
+    """Start the forkserver now, in the background, importing the modules `preload`: its imports of torch,
+    lightning and timm then overlap with whatever this process does before the first child. The modules
+    that hold the functions run later belong in `preload` (a child unpickles a function by its module)."""
+    _PRELOAD[:] = preload
     _context()
     from multiprocessing import forkserver
 
@@ -59,7 +60,7 @@ def start_forkserver() -> None:
 def share_wandb_service(mode: str | None) -> None:
     """Start one W&B service for this process and every trial process it forks (they find it through the
     environment), instead of one per trial. Call before `start_forkserver`."""
-    if (mode or os.environ.get("WANDB_MODE", "offline")) == "disabled":
+    if wandb_mode(mode) == "disabled":
         return
     os.environ.setdefault("WANDB_SILENT", "true")
     import wandb
@@ -102,83 +103,55 @@ def _write(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload))
 
 
-def _child(job: str, payload: Any, result_file: str, log_file: str, worker: int) -> None:
+def _child(target: Callable[[Any], None], payload: Any, result_file: str, log_file: str, worker: int,
+           cwd: str) -> None:
     _die_with_worker(worker)
     _redirect_output(Path(log_file))
-    os.chdir(payload.get("cwd", os.getcwd()) if isinstance(payload, dict) else os.getcwd())
+    os.chdir(cwd)
     try:
-        from datamodules.images import allow_large_scans
-
-        allow_large_scans()
-        from evaluation.cli import (
-            EvaluationCLI,  # the CLI behind `cli.py fit/test`: the test writes the report
-        )
-
-        if job == "fit":
-            cli = EvaluationCLI(args=payload["config"], run=False)
-            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        elif job == "check":  # a sweep's preflight, away from the coordinator's light process
-            from sweeps.cli import sweep_from_dict
-            from sweeps.preflight import check
-
-            check(sweep_from_dict(payload["sweep"]))
-        else:  # test a finished run with its best checkpoint, exactly as `cli.py test --config` does
-            EvaluationCLI(args=["test", "--config", payload["config_path"], "--trainer.enable_progress_bar=false",
-                                *payload.get("extra", [])])
+        target(payload)
         _finish_wandb()
         _write(Path(result_file), {"status": "ok"})
-    except BaseException as e:  # noqa: BLE001 -- every failure becomes the trial's recorded reason
+    except BaseException as e:  # noqa: BLE001 -- every failure becomes the recorded reason
         traceback.print_exc()
-        from errors import MedselError
-
         reason = str(e) if isinstance(e, MedselError) else f"{type(e).__name__}: {e}"[:2000]
         _write(Path(result_file), {"status": "failed", "reason": reason})
         try:
             _finish_wandb()
-        except Exception:  # noqa: BLE001 -- the trial has failed already; its reason is recorded
+        except Exception:  # noqa: BLE001 -- the child has failed already; its reason is recorded
             pass
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
 
 
-def run_in_process(job: str, payload: dict[str, Any], workdir: Path) -> Outcome:
-    """Run a fit or test job in a forked child; returns how it ended."""
+def run_in_process(target: Callable[[Any], None], payload: Any, workdir: Path, name: str) -> Outcome:
+    """Run `target(payload)` in a child forked from the forkserver, its output in `<workdir>/<name>.log`.
+
+    Args:
+        target: a module-level function (the child finds it by its module and name).
+        payload: its one argument (picklable).
+        workdir: where the log and the result file go.
+        name: the job's name, e.g. "fit": `fit.log`, `.fit_result.json`.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
-    result_file = workdir / f".{job}_result.json"
+    result_file, log = workdir / f".{name}_result.json", workdir / f"{name}.log"
     result_file.unlink(missing_ok=True)
-    ctx = _context()
-    proc = ctx.Process(target=_child, args=(job, {**payload, "cwd": os.getcwd()}, str(result_file), str(workdir / f"{job}.log"), os.getpid()))
+    proc = _context().Process(target=_child, args=(target, payload, str(result_file), str(log), os.getpid(), os.getcwd()))
     proc.start()
     proc.join()
-    return outcome_of(result_file, proc.exitcode, workdir / f"{job}.log")
+    return outcome_of(result_file, proc.exitcode, log)
 
 
-def run_in_subprocess(config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None) -> Outcome:
-    """Run a fit as `python cli.py fit --config` (needed for DDP trials: its launcher re-executes the command)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    cfg_path = workdir / "trial_config.yaml"
-    cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    log = workdir / "fit.log"
+def run_command(command: list[str], log: Path, env: dict[str, str] | None = None) -> Outcome:
+    """Run a command line (e.g. `python cli.py fit`, whose DDP launcher re-executes it per rank), its output
+    appended to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as fh:
-        proc = subprocess.run([sys.executable, str(REPO / "cli.py"), "fit", "--config", str(cfg_path)],
-                              stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        proc = subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     if proc.returncode == 0:
         return Outcome("ok")
     return outcome_of(None, proc.returncode, log)
-
-
-def devices(config: dict[str, Any]) -> int:
-    """How many devices a fit config trains on (`trainer.devices`: a count, a list, or "auto" = 1)."""
-    value = (config.get("trainer") or {}).get("devices", 1)
-    return len(value) if isinstance(value, list) else value if isinstance(value, int) else 1
-
-
-def execute(config: dict[str, Any], run_dir: Path) -> Outcome:
-    """Train one trial config in its own process: forked for one device, `cli.py fit` for several."""
-    if devices(config) > 1:
-        return run_in_subprocess(config, run_dir)
-    return run_in_process("fit", {"config": config}, run_dir)
 
 
 def _reason_from_log(log: Path, code: int | None) -> str:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +16,15 @@ import yaml
 from optuna.trial import TrialState
 
 from evaluation.document import Document, fmt
+from runs import files
+from runs.files import RunFiles
+from runs.wandb_mode import wandb_mode
 from sweeps import compare, crossval
+from sweeps.config import SweepConfig
+from sweeps.grid import GRID_KEYS
+from sweeps.log import log
+from sweeps.selection import StageResult, Winner
 
-LEADERBOARD_METRICS = [
-    "val/acc", "val/loss", "val/nll", "val/overfit", "val/sensitivity", "val/specificity", "val/precision", "val/f1",
-    "val/mcc", "val/auroc", "val/balanced_acc", "train/acc",
-]
 STUDY_TABLE = [("Accuracy", "acc"), ("Balanced acc.", "balanced_acc"), ("Precision", "precision"),
                ("Sensitivity", "sensitivity"), ("Specificity", "specificity"), ("F1", "f1"), ("MCC", "mcc"),
                ("AUROC", "auroc")]
@@ -60,7 +66,7 @@ def _figure(figsize: tuple[float, float]):
     return Figure(figsize=figsize)
 
 
-def plot_stage1(board: pl.DataFrame, selection, path: Path) -> None:
+def plot_stage1(board: pl.DataFrame, selection, path: Path, title: str = "Stage 1: base architecture") -> None:
     score, score_label = _score_column(board, selection)
     names = board["candidate"].to_list()[::-1]
     fig = _figure(figsize=(11, 0.5 * len(names) + 2))
@@ -72,12 +78,12 @@ def plot_stage1(board: pl.DataFrame, selection, path: Path) -> None:
     axes[1].barh(names, acc, xerr=err, color="#55A868", capsize=3)
     axes[1].set_xlabel("validation accuracy (± 95% over repeats)")
     axes[1].set_xlim(0, 1)
-    fig.suptitle("Stage 1: base architecture")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def plot_stage2(board: pl.DataFrame, selection, path: Path) -> None:
+def plot_stage2(board: pl.DataFrame, selection, path: Path, title: str = "Stage 2: optimizer x loss") -> None:
     score, score_label = _score_column(board, selection)
     opts = list(dict.fromkeys(board.sort("optimizer")["optimizer"].to_list()))
     losses = list(dict.fromkeys(board.sort("loss")["loss"].to_list()))
@@ -96,7 +102,7 @@ def plot_stage2(board: pl.DataFrame, selection, path: Path) -> None:
             if not math.isnan(grid[i][j]):
                 ax.text(j, i, f"{grid[i][j]:.3g}", ha="center", va="center", color="white", fontsize=10)
     fig.colorbar(im, ax=ax, label=score_label)
-    ax.set_title("Stage 2: optimizer x loss")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -125,133 +131,174 @@ def status_counts(study) -> dict[str, int]:
     return counts
 
 
-def val_test_table(summary: dict[str, Any]) -> pl.DataFrame:
+def val_test_table(winner: Winner) -> pl.DataFrame:
     """Study 002, 3.2: each metric on validation and test and the absolute difference."""
-    test = (summary.get("test") or {}).get("metrics", {})
+    test = (winner.test or {}).get("metrics", {})
     rows = []
     for title, key in STUDY_TABLE:
-        v, t = summary["val"].get(f"val/{key}"), test.get(key)
+        v, t = winner.val.get(f"val/{key}"), test.get(key)
         rows.append({"metric": title, "validation": v, "test": t,
                      "|difference|": abs(v - t) if v is not None and t is not None else None})
     return pl.DataFrame(rows)
 
 
-def study_table(summary: dict[str, Any]) -> pl.DataFrame:
+def study_table(winner: Winner) -> pl.DataFrame:
     """The winner's test results laid out like the studies' result tables."""
-    test = (summary.get("test") or {}).get("metrics", {})
-    model = f"{summary['base_architecture']} ({summary['optimizer']}, {summary['loss']})"
+    test = (winner.test or {}).get("metrics", {})
+    model = f"{winner.base_architecture} ({winner.optimizer}, {winner.loss})"
     return pl.DataFrame([{"Model": model, **{title: test.get(key) for title, key in STUDY_TABLE}}])
 
 
-def plot_path(out: Path, stage: str) -> Path:
-    return out / ("stage1.png" if stage == "stage1" else "stage2_heatmap.png")
-
-
-def write_boards(sweep, out: Path, stages: dict[str, tuple]) -> None:
+def write_boards(sweep: SweepConfig, out: Path, results: list[StageResult]) -> None:
     """Leaderboards (parquet, CSV, Markdown), the trials' tables and the stage plots: everything that does
     not need the winner's test results, so it can be written while the winner is tested."""
-    for name, (_, trials, board) in stages.items():
-        write_table(board, out / f"{name}_leaderboard")
-        trials.write_parquet(out / f"{name}_trials.parquet")
-        (plot_stage1 if name == "stage1" else plot_stage2)(board, sweep.selection, plot_path(out, name))
+    for r in results:
+        write_table(r.board, out / f"{r.stage.name}_leaderboard")
+        r.trials.write_parquet(out / f"{r.stage.name}_trials.parquet")
+        plot = plot_stage1 if r.stage.chooses_architecture else plot_stage2
+        plot(r.board, sweep.selection, out / r.stage.plot, r.stage.title)
 
 
-def write_report(sweep, out: Path, stages: dict[str, tuple], summary: dict[str, Any]) -> None:
-    """report.md/.html: the stages' leaderboards and plots (see `write_boards`), the winner, and the winner's
-    evaluation report."""
-    doc = Document(out)
-    doc.h1(f"Sweep {sweep.name}")
-    doc.p(f"Storage `{sweep.storage_url}` — browse it with `optuna-dashboard {sweep.storage_url}`.")
+def write(sweep: SweepConfig, results: list[StageResult], winner: Winner,
+          test_winner: Callable[[], dict[str, Any]] | None) -> None:
+    """Leaderboards, plots, W&B summary, winner.json and report; the winner's test (`test_winner`), winner.yaml
+    and winner.ckpt when its run directory is reachable (`test_winner` None: it is not)."""
+    out = sweep.out_dir
+    run = RunFiles(out / winner.run_dir)  # run_dir is relative to the sweep folder
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # The winner is tested in its own process; meanwhile this one writes what does not depend on the test.
+        test = pool.submit(test_winner) if sweep.test_winner and test_winner is not None else None
+        if run.config.exists():
+            write_winner_config(run.config, out / "winner.yaml", f"{sweep.name}-winner")
+        if run.best_checkpoint.exists():
+            shutil.copy2(run.best_checkpoint, out / files.WINNER_CKPT)
+            shutil.copy2(run.model_info, out / "winner_model.json")
+        write_boards(sweep, out, results)
+        wandb_run = start_wandb_summary(sweep, out, results)
+        try:
+            if test is not None:
+                winner.test = test.result()
+                if winner.test.get("checkpoint"):  # paths in winner.json are relative to the sweep folder
+                    winner.test["checkpoint"] = os.path.relpath(winner.test["checkpoint"], out)
+        finally:
+            finish_wandb_summary(wandb_run, winner)
+    RunFiles(out).write_json(files.WINNER, winner.to_json())
+    write_report(sweep, out, results, winner)
+    log.info(f"[sweep] done: {out}/report.md, winner config {out}/winner.yaml")
+
+
+def _selection_text(sweep: SweepConfig, winner: Winner) -> str:
+    """How the winner was selected: the rule, and under cross-validation the folds and the final model."""
     rule = (f"{sweep.selection.metric} ({sweep.selection.direction})" if sweep.selection.rule == "metric" else
             "study 002 overall score: " + ", ".join(f"{t.weight:g} x {t.metric}" for t in sweep.selection.terms))
-    folds = sweep.cv.folds if sweep.cv.enabled else 0
-    if folds:
-        final = summary.get("cv", {})
-        if summary.get("winner_elsewhere"):
-            how = "trained by a sweep command on another machine, which writes its final model and test"
-        elif sweep.cv.final == "refit":
-            how = (f"then trained once more on every non-test image for {final.get('refit_epochs')} epoch(s) (the median "
-                   "best epoch of its folds; `cv.final: refit`) and tested once")
-        else:
-            how = (f"kept as its {folds * sweep.repeats} fold models (`cv.final: ensemble`), each tested once, their "
-                   "averaged test probabilities scored")
-        runs = f"{folds * sweep.repeats} times ({folds} folds x {sweep.repeats} repeats)" if sweep.repeats > 1 else f"{folds} times"
-        doc.p(f"Selection: **{sweep.selection.rule}** ({rule}) on **{folds}-fold cross-validation**: the test split is "
-              f"held out once and every grid point trains {runs}, validating on each stratified, patient-grouped fold "
-              f"in turn. Leaderboards show fold means ± 95% t-interval over the {folds} folds"
-              + (" (a fold's repeats averaged first)" if sweep.repeats > 1 else "")
-              + " (`repeats` counts the folds; `first_in_repeats`: on how many folds the point ranked first); the rank "
-              f"score ranks the means; ties go to fewer parameters. The winner was {how}. "
-              "Out-of-fold probabilities of every grid point: `oof/<stage>/<point>.parquet`.")
+    folds = sweep.cv.k
+    if not folds:
+        return (f"Selection: **{sweep.selection.rule}** ({rule}); ties go to fewer parameters; {sweep.repeats} repeat(s) "
+                "per grid point (mean ± 95% interval over repeats; `first_in_repeats`: how often it ranked first).")
+    final = winner.cv or {}
+    if winner.winner_elsewhere:
+        how = "trained by a sweep command on another machine, which writes its final model and test"
+    elif sweep.cv.final == "refit":
+        how = (f"then trained once more on every non-test image for {final.get('refit_epochs')} epoch(s) (the median "
+               "best epoch of its folds; `cv.final: refit`) and tested once")
     else:
-        doc.p(f"Selection: **{sweep.selection.rule}** ({rule}); ties go to fewer parameters; {sweep.repeats} repeat(s) "
-              "per grid point (mean ± 95% interval over repeats; `first_in_repeats`: how often it ranked first).")
-    parsimonious = {}
-    for name, (study, trials, board) in stages.items():
-        counts = status_counts(study)
-        doc.h2("Stage 1: base architecture" if name == "stage1" else "Stage 2: optimizer x loss")
-        doc.p("Trials: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".")
-        doc.table(display_board(board))
-        keys = [k for k in ("candidate", "optimizer", "loss") if k in board.columns]
-        samples = crossval.as_samples(trials, keys, folds, sweep.repeats)
-        notes, parsimonious[name] = compare.stage_notes(sweep.selection, samples, board, out, folds)
-        for sentence in notes:  # which loss/overfit terms were ranked, incomplete points, the comparisons
-            doc.p(sentence)
-        doc.image(plot_path(out, name), f"{name} comparison")
-        failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-        if failed:
-            doc.h3("Failed trials")
-            doc.table(pl.DataFrame([{"trial": t.number, "grid point": str(t.system_attrs.get("fixed_params") or t.params),
-                                     "reason": str(t.user_attrs.get("fail_reason"))} for t in failed]))
-    if summary.get("incomplete"):  # only with allow_failures: otherwise the sweep stops before a winner
-        doc.h2("Grid points without a finished trial")
-        doc.table(pl.DataFrame(summary["incomplete"]))
+        how = (f"kept as its {folds * sweep.repeats} fold models (`cv.final: ensemble`), each tested once, their "
+               "averaged test probabilities scored")
+    runs = f"{folds * sweep.repeats} times ({folds} folds x {sweep.repeats} repeats)" if sweep.repeats > 1 else f"{folds} times"
+    return (f"Selection: **{sweep.selection.rule}** ({rule}) on **{folds}-fold cross-validation**: the test split is "
+            f"held out once and every grid point trains {runs}, validating on each stratified, patient-grouped fold "
+            f"in turn. Leaderboards show fold means ± 95% t-interval over the {folds} folds"
+            + (" (a fold's repeats averaged first)" if sweep.repeats > 1 else "")
+            + " (`repeats` counts the folds; `first_in_repeats`: on how many folds the point ranked first); the rank "
+            f"score ranks the means; ties go to fewer parameters. The winner was {how}. "
+            "Out-of-fold probabilities of every grid point: `oof/<stage>/<point>.parquet`.")
+
+
+def _stage_section(doc: Document, sweep: SweepConfig, out: Path, result: StageResult) -> dict | None:
+    """A stage's leaderboard, notes, plot and failed trials; returns its parsimonious choice (or None)."""
+    counts = status_counts(result.study)
+    doc.h2(result.stage.title)
+    doc.p("Trials: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".")
+    doc.table(display_board(result.board))
+    keys = [k for k in GRID_KEYS if k in result.board.columns]
+    samples = crossval.as_samples(result.trials, keys, sweep.cv.k, sweep.repeats)
+    notes, parsimonious = compare.stage_notes(sweep.selection, samples, result.board, out, sweep.cv.k)
+    for sentence in notes:  # which loss/overfit terms were ranked, incomplete points, the comparisons
+        doc.p(sentence)
+    doc.image(out / result.stage.plot, f"{result.stage.name} comparison")
+    failed = result.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    if failed:
+        doc.h3("Failed trials")
+        doc.table(pl.DataFrame([{"trial": t.number, "grid point": str(t.system_attrs.get("fixed_params") or t.params),
+                                 "reason": str(t.user_attrs.get("fail_reason"))} for t in failed]))
+    return parsimonious
+
+
+def _winner_section(doc: Document, out: Path, winner: Winner, parsimonious: dict[str, dict | None], folds: int) -> None:
     doc.h2("Winner")
-    ensemble = (summary.get("cv") or {}).get("final") == "ensemble"
-    if summary.get("winner_elsewhere"):
-        reproduce = (f"Its run `{summary['run_dir']}` was trained by a sweep command on another machine, which tests "
+    if winner.winner_elsewhere:
+        reproduce = (f"Its run `{winner.run_dir}` was trained by a sweep command on another machine, which tests "
                      "it and writes its winner.yaml.")
-    elif ensemble:
-        reproduce = (f"The final model is the ensemble of its {len(summary['cv']['members'])} fold models "
+    elif winner.ensemble:
+        reproduce = (f"The final model is the ensemble of its {len(winner.cv['members'])} fold models "
                      "(`winner.json`: `cv.members`); `winner.yaml`, `winner.ckpt` and the evaluation below are its best "
-                     f"fold model, `{summary['run_dir']}`, alone (`python cli.py fit --config {out / 'winner.yaml'}` "
+                     f"fold model, `{winner.run_dir}`, alone (`python cli.py fit --config {out / 'winner.yaml'}` "
                      "retrains that fold).")
     else:
         reproduce = f"Reproduce it with `python cli.py fit --config {out / 'winner.yaml'}`."
-    trial = f"best fold run: trial {summary['trial']}" if folds else f"trial {summary['trial']}"
-    doc.p(f"**{summary['base_architecture']}** with **{summary['optimizer']}** and **{summary['loss']}** ({trial}, "
-          f"{summary['params']:,} parameters). {reproduce}")
+    trial = f"best fold run: trial {winner.trial}" if folds else f"trial {winner.trial}"
+    doc.p(f"**{winner.base_architecture}** with **{winner.optimizer}** and **{winner.loss}** ({trial}, "
+          f"{winner.params:,} parameters). {reproduce}")
     for name, simplest in parsimonious.items():
         if simplest is not None:
             what = simplest.get("candidate") or f"{simplest.get('optimizer')} + {simplest.get('loss')}"
             doc.p(f"Parsimonious choice ({name}): **{what}**, {simplest['params']:,} parameters, which the validation data "
                   "cannot tell apart from that stage's winner (see its leaderboard).")
-    if summary.get("test"):
-        doc.h3("Validation vs test (study 002, 3.2)")
-        doc.table(val_test_table(summary))
-        doc.h3("Test results, laid out like the studies' tables")
-        doc.table(study_table(summary))
-        if summary["test"].get("intervals"):  # the k-fold ensemble's own bootstrap intervals
-            doc.p(f"The k-fold ensemble on {summary['test']['n_images']} test images, with 95% bootstrap intervals "
-                  "(stratified by class, patients drawn whole); `final/ensemble/test_predictions.parquet` per image.")
-            doc.table(pl.DataFrame([{"metric": k, "value": v, "95% interval": "{:.3f} – {:.3f}".format(*summary["test"]["intervals"][k])}
-                                    for k, v in summary["test"]["metrics"].items()]))
-    winner_report = out / summary["run_dir"] / "report.json"  # run_dir is relative to the sweep folder
+
+
+def _test_section(doc: Document, winner: Winner) -> None:
+    if not winner.test:
+        return
+    doc.h3("Validation vs test (study 002, 3.2)")
+    doc.table(val_test_table(winner))
+    doc.h3("Test results, laid out like the studies' tables")
+    doc.table(study_table(winner))
+    if winner.test.get("intervals"):  # the k-fold ensemble's own bootstrap intervals
+        doc.p(f"The k-fold ensemble on {winner.test['n_images']} test images, with 95% bootstrap intervals "
+              "(stratified by class, patients drawn whole); `final/ensemble/test_predictions.parquet` per image.")
+        doc.table(pl.DataFrame([{"metric": k, "value": v, "95% interval": "{:.3f} – {:.3f}".format(*winner.test["intervals"][k])}
+                                for k, v in winner.test["metrics"].items()]))
+
+
+def write_report(sweep: SweepConfig, out: Path, results: list[StageResult], winner: Winner) -> None:
+    """report.md/.html: the stages' leaderboards and plots (see `write_boards`), the winner, and the winner's
+    evaluation report."""
+    doc = Document(out)
+    doc.h1(f"Sweep {sweep.name}")
+    doc.p(f"Storage `{sweep.storage_url}` — browse it with `optuna-dashboard {sweep.storage_url}`.")
+    doc.p(_selection_text(sweep, winner))
+    parsimonious = {r.stage.name: _stage_section(doc, sweep, out, r) for r in results}
+    if winner.incomplete:  # only with allow_failures: otherwise the sweep stops before a winner
+        doc.h2("Grid points without a finished trial")
+        doc.table(pl.DataFrame(winner.incomplete))
+    _winner_section(doc, out, winner, parsimonious, sweep.cv.k)
+    _test_section(doc, winner)
+    winner_report = out / winner.run_dir / "report.json"  # run_dir is relative to the sweep folder
     if winner_report.exists():
-        doc.h2("Evaluation of the winner" + (" (its best fold model alone)" if ensemble else ""))
+        doc.h2("Evaluation of the winner" + (" (its best fold model alone)" if winner.ensemble else ""))
         doc.extend(Document.load_json(winner_report))
     from audit.report import (
         add_audit_section,  # the data audit of the winner's run: summary here, all in audit/
     )
 
-    add_audit_section(doc, out / summary["run_dir"], out / "audit")
+    add_audit_section(doc, out / winner.run_dir, out / "audit")
     doc.write(out / "report", f"Sweep {sweep.name}")
 
 
-def start_wandb_summary(sweep, out: Path, stages: dict[str, tuple]):
+def start_wandb_summary(sweep: SweepConfig, out: Path, results: list[StageResult]):
     """The sweep's W&B summary run with the leaderboards as tables and the stage plots (None when W&B is
     disabled); `finish_wandb_summary` adds the winner's test metrics and closes it."""
-    mode = sweep.wandb or os.environ.get("WANDB_MODE", "offline")
+    mode = wandb_mode(sweep.wandb)
     if mode == "disabled":
         return None
     import wandb
@@ -259,18 +306,18 @@ def start_wandb_summary(sweep, out: Path, stages: dict[str, tuple]):
     run = wandb.init(project="medsel", group=sweep.name, job_type="summary", name=f"{sweep.name}-leaderboard",
                      dir=str(out), mode=mode, config={"sweep": sweep.name, "selection": sweep.selection.rule},
                      reinit="finish_previous")
-    for name, (_, _, board) in stages.items():
-        shown = display_board(board)
-        run.log({f"{name}_leaderboard": wandb.Table(columns=shown.columns, data=[list(map(fmt, r)) for r in shown.iter_rows()])})
-        image = plot_path(out, name)
+    for r in results:
+        shown = display_board(r.board)
+        run.log({f"{r.stage.name}_leaderboard": wandb.Table(columns=shown.columns, data=[list(map(fmt, row)) for row in shown.iter_rows()])})
+        image = out / r.stage.plot
         if image.exists():
-            run.log({f"{name}_plot": wandb.Image(str(image))})
+            run.log({f"{r.stage.name}_plot": wandb.Image(str(image))})
     return run
 
 
-def finish_wandb_summary(run, summary: dict[str, Any]) -> None:
+def finish_wandb_summary(run, winner: Winner) -> None:
     if run is None:
         return
-    if summary.get("test"):
-        run.summary.update({f"test/{k}": v for k, v in summary["test"]["metrics"].items()})
+    if winner.test:
+        run.summary.update({f"test/{k}": v for k, v in winner.test["metrics"].items()})
     run.finish()

@@ -9,13 +9,11 @@ reported in one `ConfigError`, so a sweep never trains half its grid before a ty
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict
 from typing import Any
 
 from errors import ConfigError, MedselError
-from sweeps import isolation
 from sweeps.config import SweepConfig, merge, problem_list
-from sweeps.crossval import fold_overrides
+from sweeps.grid import fold_overrides
 from sweeps.trials import TrialConfigs
 
 
@@ -122,11 +120,3 @@ def check(sweep: SweepConfig, data: bool = True) -> None:
             _check_data(parsed_ok[0][1], problems)
     if problems:
         raise ConfigError(problem_list(problems))
-
-
-def check_in_child(sweep: SweepConfig) -> None:
-    """`sweeps.preflight.check` in a process forked from the pre-importing forkserver, so this (coordinator)
-    process never imports torch. Raises its ConfigError listing every problem."""
-    outcome = isolation.run_in_process("check", {"sweep": asdict(sweep)}, sweep.out_dir)
-    if outcome.status != "ok":
-        raise ConfigError(outcome.reason)

@@ -222,7 +222,7 @@ def test_a_copied_run_is_tested_into_its_own_folder(trained_run, tmp_path):
     import shutil
 
     from runs import files
-    from sweeps.sweep import evaluate_on_test
+    from sweeps.jobs import evaluate_on_test
 
     copy = tmp_path / "copy"
     shutil.copytree(trained_run, copy)

@@ -51,7 +51,7 @@ def _kill_self() -> None:
 
 
 class FakeTrials:
-    """Callable like `isolation.execute`: records each config and writes a finished run.
+    """Callable like `jobs.execute`: records each config and writes a finished run.
 
     Args:
         outcomes: network name -> a list of outcomes to return instead of training, one per call

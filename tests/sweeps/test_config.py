@@ -6,7 +6,7 @@ import pytest
 
 from errors import ConfigError
 from sweeps import trials
-from sweeps.config import STUDY002_DEFAULTS, Stage1, Stage2, fit_overrides
+from sweeps.config import STUDY002_DEFAULTS, Stage1, Stage2, SweepConfig, fit_overrides
 from tests.conftest import REPO
 from tests.sweeps.fakes import tiny_sweep
 
@@ -55,10 +55,7 @@ def test_study002_defaults_are_the_default():
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("sweep_*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_sweep_config_composes_its_trial_configs(path):
-    from sweeps.cli import _to_sweep, build_parser
-
-    parser = build_parser()
-    sweep = _to_sweep(parser, parser.parse_args(["--config", str(path)]))
+    sweep = SweepConfig.from_args(["--config", str(path)])
     assert sweep.problems() == []
     configs = trials.TrialConfigs(sweep)
     for name in configs.candidates:

@@ -26,7 +26,7 @@ def no_plots(monkeypatch):
     from sweeps import outputs
 
     for name in ("plot_stage1", "plot_stage2"):
-        monkeypatch.setattr(outputs, name, lambda board, selection, path: path.write_bytes(b""))
+        monkeypatch.setattr(outputs, name, lambda board, selection, path, title: path.write_bytes(b""))
 
 
 def studies(sweep):
@@ -113,7 +113,7 @@ def test_cli_returns_the_sweep_exit_code(tmp_path, monkeypatch):
     from sweeps import isolation
 
     monkeypatch.setattr(isolation, "share_wandb_service", lambda mode: None)
-    monkeypatch.setattr(isolation, "start_forkserver", lambda: None)
+    monkeypatch.setattr(isolation, "start_forkserver", lambda preload: None)
     codes = iter([{"sweep": "t", "incomplete": [{"stage": "stage1"}]}, {"sweep": "t", "incomplete": []}])
     monkeypatch.setattr(sweep_mod, "run", lambda sweep: next(codes))
     args = ["sweep", "--name", "t", "--base_config", "configs/demo.yaml", "--root", str(tmp_path)]

@@ -1,0 +1,237 @@
+"""Working on a stage: enqueue its grid, run its trials (in this process or in `workers` processes, each
+claiming grid points from the storage) and record how each trial ended."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from errors import ConfigError
+from runs import files
+from runs.files import PROGRESS, RunFiles
+from sweeps import coordinator as coord
+from sweeps import grid, isolation, jobs, selection, trials
+from sweeps.config import SweepConfig, merge
+from sweeps.grid import Stage
+from sweeps.log import log
+from sweeps.progress import StageProgress, follow
+
+Execute = Callable[[dict[str, Any], Path], isolation.Outcome]
+
+
+def trial_config(configs: trials.TrialConfigs, stage: Stage, params: dict[str, Any], base: str | None
+                 ) -> tuple[dict, list[str]]:
+    """The fit config of one grid point and its W&B tags (`base`: the stage-1 winner, for stage 2)."""
+    if stage.chooses_architecture:
+        name = params["candidate"]
+        cfg = configs.candidate(name)
+    else:
+        name = base
+        cfg = configs.stage2(name, params["optimizer"], params["loss"])
+    opt = cfg["model"]["optimizer"]
+    opt_name = opt.get("class_path", "").rsplit(".", 1)[-1] if isinstance(opt, dict) else str(opt)
+    tags = [f"arch:{name}", f"optimizer:{opt_name}", f"loss:{cfg['model'].get('loss', 'ce')}", f"repeat:{params['repeat']}"]
+    if params.get("fold") is not None:
+        tags.append(f"fold:{params['fold']}")
+    return cfg, tags
+
+
+def points_done(ss: coord.StageStudy) -> int:
+    """Grid points that reached an end (finished, failed or interrupted) and are not queued again."""
+    return sum(p.state not in ("live", "missing") for p in coord.grid_status(ss))
+
+
+class TrialRunner:
+    """Runs one claimed trial in an isolated process and records its outcome on the Optuna trial.
+
+    Args:
+        sweep: the sweep config.
+        stage: the stage the trial belongs to.
+        base: the stage-1 winner (stage 2).
+        configs: the sweep's trial configs.
+        progress: the stage's progress display.
+        execute: trains a config in a run directory and says how it ended (`jobs.execute`).
+    """
+
+    def __init__(self, sweep: SweepConfig, stage: Stage, base: str | None, configs: trials.TrialConfigs,
+                 progress: StageProgress, execute: Execute | None = None):
+        self.sweep, self.stage, self.base, self.configs = sweep, stage, base, configs
+        self.progress, self.execute = progress, execute or jobs.execute
+
+    def _prepare(self, ss: coord.StageStudy, number: int, params: dict[str, Any]) -> tuple[dict, Path]:
+        relative = Path("trials") / self.stage.name / f"{number:03d}-{grid.slug(self.stage.run_label(params))}"
+        run_dir = self.sweep.out_dir / relative
+        if run_dir.exists():  # a retried trial number never reuses a directory, but be safe on manual edits
+            shutil.rmtree(run_dir)
+        cfg, tags = trial_config(self.configs, self.stage, params, self.base)
+        if params.get("fold") is not None:
+            cfg = merge(cfg, grid.fold_overrides(self.sweep, params["fold"]))
+        pruning = None
+        if self.sweep.pruner != "none":
+            pruning = {"storage": self.sweep.storage_url, "study_name": self.stage.study_name,
+                       "trial_id": ss.trial_id(number), "monitor": self.stage.objective, "pruner": self.sweep.pruner,
+                       "fold": params.get("fold"), "direction": self.stage.direction}
+        cfg = trials.finalize(cfg, self.sweep, run_dir, self.stage.name, self.sweep.seed + params["repeat"], tags, pruning)
+        ss.set_attr(number, "run_dir", relative.as_posix())  # relative to the sweep folder
+        ss.set_attr(number, "sweep_dir", str(self.sweep.out_dir.resolve()))  # for workers with other folders
+        return cfg, run_dir
+
+    def __call__(self, ss: coord.StageStudy, frozen: FrozenTrial) -> None:
+        number, params = frozen.number, coord.grid_params(frozen)
+        trial = optuna.trial.Trial(ss.study, ss.trial_id(number))
+        for name, values in self.stage.search_space().items():  # records the fixed grid point as its params
+            trial.suggest_categorical(name, values)
+        cfg, run_dir = self._prepare(ss, number, params)
+        label = f"trial {number} {self.stage.run_label(params)}"
+        log.info(f"[sweep] {self.stage.name} {label} -> {run_dir} (log: fit.log)")
+        self.progress.trial_started(label)
+        started = time.perf_counter()
+        with coord.Heartbeat(ss, number, self.sweep.heartbeat_seconds), \
+                follow(RunFiles(run_dir) / PROGRESS, self.progress.epoch_done):
+            outcome = self.execute(cfg, run_dir)
+        seconds = time.perf_counter() - started
+        self._record(ss, number, run_dir, cfg, outcome, seconds)
+        self.progress.trial_finished(seconds, points_done(ss), selection.leader(self.sweep, ss))
+
+    def _record(self, ss: coord.StageStudy, number: int, run_dir: Path, cfg: dict, outcome: isolation.Outcome,
+                seconds: float) -> None:
+        name = f"[sweep] {self.stage.name} trial {number}"
+        ss.set_attr(number, "seconds", round(seconds, 2))
+        timing = RunFiles(run_dir).read_json(files.TIMING)
+        if timing:  # train+validation loop time; the rest of `seconds` is the trial's fixed cost
+            ss.set_attr(number, "train_seconds", round(timing["train_seconds"], 2))
+        if outcome.status == "interrupted":
+            coord.fail(ss, number, f"{coord.INTERRUPTED}: {outcome.reason}")
+            log.warning(f"{name} INTERRUPTED ({seconds:.0f}s): {outcome.reason}; it is retried when the sweep is rerun")
+            return
+        if outcome.status != "ok":
+            coord.fail(ss, number, outcome.reason)
+            log.warning(f"{name} FAILED ({seconds:.0f}s): {outcome.reason}")
+            return
+        run = cfg.get("run", {})
+        try:
+            summary = trials.summarize(run_dir, self.sweep.selection.epoch, run.get("monitor", "val/loss"), run.get("mode", "min"))
+        except RuntimeError as e:
+            coord.fail(ss, number, str(e))
+            return
+        for key in ("metrics", "params", "epoch", "epochs_run"):
+            ss.set_attr(number, key, summary[key])
+        if RunFiles(run_dir).pruned.exists():
+            ss.study.tell(number, state=TrialState.PRUNED)
+            log.info(f"{name} pruned after {summary['epochs_run']} epochs")
+            return
+        value = summary["metrics"].get(self.stage.objective)
+        if value is None:
+            coord.fail(ss, number, f"objective '{self.stage.objective}' was not logged")
+            return
+        ss.study.tell(number, value)
+        log.info(f"{name} done in {seconds:.0f}s: {self.stage.objective}={value:.4f}")
+
+
+def _open(sweep: SweepConfig, stage: Stage) -> coord.StageStudy:
+    storage = coord.make_storage(sweep.storage_url, heartbeat_seconds=sweep.heartbeat_seconds)
+    return coord.open_study(storage, stage, coord.make_pruner(sweep.pruner), sweep.seed)
+
+
+def work(sweep: SweepConfig, stage: Stage, base: str | None, configs: trials.TrialConfigs,
+         execute: Execute | None = None, ss: coord.StageStudy | None = None) -> None:
+    """One worker: claim and train the stage's grid points until none is left."""
+    ss = ss or _open(sweep, stage)
+    # Several workers print plain lines side by side; a live display needs the terminal to itself.
+    progress = StageProgress(stage.name, len(stage.grid), points_done(ss), sweep.workers,
+                             tty=sys.stdout.isatty() and sweep.workers == 1)
+    try:
+        coord.work(ss, TrialRunner(sweep, stage, base, configs, progress, execute))
+    finally:
+        progress.close()
+
+
+def _worker_main(sweep_dict: dict, stage_name: str, base: str | None, env: dict[str, str]) -> None:
+    os.environ.update(env)
+    jobs.start_forkserver()
+    sweep = SweepConfig.from_dict(sweep_dict)
+    configs = trials.TrialConfigs(sweep)
+    work(sweep, grid.stage_named(sweep, stage_name, list(configs.candidates), configs.shared), base, configs)
+
+
+def visible_gpus() -> list[str]:
+    """This machine's GPUs as `CUDA_VISIBLE_DEVICES` names them, without importing torch (the coordinator
+    stays light): $CUDA_VISIBLE_DEVICES if set, else the NVIDIA driver's list."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
+    driver = Path("/proc/driver/nvidia/gpus")
+    return [str(i) for i in range(len(list(driver.iterdir())))] if driver.is_dir() else []
+
+
+def gpu_env(worker: int, per_trial: int, gpus: list[str]) -> dict[str, str]:
+    """Pin worker `worker` to its own `per_trial` of `gpus` (none on a CPU machine)."""
+    if not gpus:
+        return {}
+    ids = [gpus[(worker * per_trial + k) % len(gpus)] for k in range(per_trial)]
+    return {"CUDA_VISIBLE_DEVICES": ",".join(ids)}
+
+
+def _check_base(ss: coord.StageStudy, base: str) -> None:
+    started_from = ss.study.user_attrs.get("base_candidate")
+    if started_from is None:
+        ss.study.set_user_attr("base_candidate", base)
+    elif started_from != base:
+        raise ConfigError(
+            f"{ss.stage.study_name} was started from '{started_from}' but stage 1 now selects '{base}' (did the "
+            "sweep config change?). Use a new sweep name, or delete the stage-2 study to redo it."
+        )
+
+
+def _check_folds(ss: coord.StageStudy, sweep: SweepConfig) -> None:
+    """A study's fold runs belong to one fold assignment: resuming it with another `cv.folds` would mix them."""
+    folds = sweep.cv.k
+    started_with = ss.study.user_attrs.get("cv_folds")
+    if started_with is None:
+        if not coord.finished(ss.study) or folds == 0:  # an older study (no record) ran without CV
+            ss.study.set_user_attr("cv_folds", folds)
+        started_with = ss.study.user_attrs.get("cv_folds", 0)
+    if started_with != folds:
+        raise ConfigError(
+            f"{ss.stage.study_name} was run with cv.folds {started_with} but the sweep now says {folds}: its trials "
+            "belong to another split of the data. Use a new sweep name for the new cross-validation."
+        )
+
+
+def run_stage(sweep: SweepConfig, stage: Stage, base: str | None, configs: trials.TrialConfigs,
+              execute: Execute | None = None) -> coord.StageStudy:
+    """Make sure the stage's grid is enqueued, then work on it with `sweep.workers` processes."""
+    ss = _open(sweep, stage)
+    _check_folds(ss, sweep)
+    if base is not None:
+        _check_base(ss, base)
+    before = {coord.INTERRUPTED: 0, "failed": 0}
+    for point in coord.grid_status(ss):
+        before[point.state] = before.get(point.state, 0) + 1
+    added = coord.ensure_grid(ss, sweep.retry_failed)
+    log.info(f"[sweep] {stage.name}: {len(stage.grid)} grid points, {added} newly enqueued "
+             f"({before[coord.INTERRUPTED]} interrupted before), {before.get('finished', 0)} finished before")
+    if before["failed"] and not sweep.retry_failed:
+        log.warning(f"[sweep] {stage.name}: {before['failed']} trials failed with an error; rerun with --retry_failed true "
+                    "to retry them")
+    if sweep.workers == 1:
+        work(sweep, stage, base, configs, execute, ss)
+    else:
+        per_trial, gpus = jobs.devices(configs.shared), visible_gpus()
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_worker_main, args=(sweep.to_dict(), stage.name, base, gpu_env(i, per_trial, gpus)))
+                 for i in range(sweep.workers)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+    return ss
