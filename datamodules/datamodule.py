@@ -143,6 +143,7 @@ class ImageDataModule(LightningDataModule):
             or {center, width}; default the file's own VOI LUT/window) and `frame` for multi-frame files.
     """
 
+    # long: the signature is the data config schema (LightningCLI reads it), one line per setting
     def __init__(
         self,
         source: str = EMBEDDED,

@@ -81,6 +81,47 @@ def _gallery(model, dataset, probs, targets, cfg: ReportConfig, out: Path) -> tu
     return items, layout
 
 
+def _calibration(probs: np.ndarray, targets: np.ndarray, cfg: ReportConfig, datamodule, val_probs
+                 ) -> tuple[dict, dict, dict, float | None]:
+    """ECE, reliability bins and NLL of the test probabilities, and again after temperature scaling fitted on
+    the validation split (when asked for and given): (eces, bins, nlls, temperature)."""
+    eces = {"test": calibration.expected_calibration_error(probs, targets, cfg.calibration_bins)}
+    bins = {"test": calibration.reliability(probs, targets, cfg.calibration_bins)}
+    nlls = {"test": calibration.nll(probs, targets)}
+    temperature = None
+    if cfg.temperature_scaling and val_probs is not None:
+        val_targets = split_rows(datamodule, "val")["target"].to_numpy()
+        temperature = calibration.fit_temperature(_numpy_probs(val_probs, probs.shape[1]), val_targets)
+        scaled = calibration.apply_temperature(probs, temperature)
+        name = f"test, T={temperature:.2f}"
+        eces[name] = calibration.expected_calibration_error(scaled, targets, cfg.calibration_bins)
+        bins[name] = calibration.reliability(scaled, targets, cfg.calibration_bins)
+        nlls[name] = calibration.nll(scaled, targets)
+    return eces, bins, nlls, temperature
+
+
+def _figures(run_dir: Path, out: Path, probs: np.ndarray, targets: np.ndarray, classes: list[str], pos: int,
+             bins: dict, eces: dict) -> dict[str, Path]:
+    """The report's plots: confusion matrix, ROC and PR curves, reliability diagram, training curves."""
+    cm = np.zeros((len(classes), len(classes)), dtype=int)
+    np.add.at(cm, (targets, probs.argmax(1)), 1)
+    return {
+        "confusion": plots.confusion_matrices(cm, classes, out / "confusion_matrix.png"),
+        "roc": plots.roc_curves(probs, targets, classes, pos, out / "roc.png"),
+        "pr": plots.pr_curves(probs, targets, classes, pos, out / "precision_recall.png"),
+        "reliability": plots.reliability_diagram(bins, eces, out / "reliability.png"),
+        "curves": plots.training_curves(RunFiles(run_dir).metrics, out / "training_curves.png"),
+    }
+
+
+def _test_rows(datamodule, targets: np.ndarray) -> pl.DataFrame:
+    """The test split's rows (path, patient, label, ...), checked to line up with the test's targets."""
+    rows = split_rows(datamodule, "test")
+    if len(rows) != len(targets) or not (rows["target"].to_numpy() == targets).all():
+        raise RuntimeError(f"test outputs ({len(targets)} images) do not line up with the test split ({len(rows)} rows)")
+    return rows.drop("target")
+
+
 def build_report(run_dir: Path, model, datamodule, cfg: ReportConfig, test_probs, test_targets, val_probs=None,
                  wandb_mode: str | None = None, wandb_project: str = "medsel", wandb_run=None) -> Path:
     """Write the evaluation report of a tested model into `run_dir`.
@@ -107,10 +148,7 @@ def build_report(run_dir: Path, model, datamodule, cfg: ReportConfig, test_probs
     pos = model.positive_index if len(classes) == 2 else 1
     probs = _numpy_probs(test_probs, len(classes))
     targets = np.asarray(test_targets.cpu() if hasattr(test_targets, "cpu") else test_targets).astype(int)
-    rows = split_rows(datamodule, "test")
-    if len(rows) != len(targets) or not (rows["target"].to_numpy() == targets).all():
-        raise RuntimeError(f"test outputs ({len(targets)} images) do not line up with the test split ({len(rows)} rows)")
-    rows = rows.drop("target")
+    rows = _test_rows(datamodule, targets)
     groups = patient_groups(rows["patient_id"].to_list())  # None: no ids; a missing id is a patient of its own
     overall, per_class = bootstrap(probs, targets, pos, groups, cfg.bootstrap, cfg.level, cfg.seed)
     rows.with_columns(
@@ -118,28 +156,8 @@ def build_report(run_dir: Path, model, datamodule, cfg: ReportConfig, test_probs
         **{f"p_{c}": pl.Series(probs[:, j]) for j, c in enumerate(classes)},
     ).write_parquet(RunFiles(run_dir) / files.TEST_PREDICTIONS)
 
-    eces = {"test": calibration.expected_calibration_error(probs, targets, cfg.calibration_bins)}
-    bins = {"test": calibration.reliability(probs, targets, cfg.calibration_bins)}
-    nlls = {"test": calibration.nll(probs, targets)}
-    temperature = None
-    if cfg.temperature_scaling and val_probs is not None:
-        val_targets = split_rows(datamodule, "val")["target"].to_numpy()
-        temperature = calibration.fit_temperature(_numpy_probs(val_probs, len(classes)), val_targets)
-        scaled = calibration.apply_temperature(probs, temperature)
-        name = f"test, T={temperature:.2f}"
-        eces[name] = calibration.expected_calibration_error(scaled, targets, cfg.calibration_bins)
-        bins[name] = calibration.reliability(scaled, targets, cfg.calibration_bins)
-        nlls[name] = calibration.nll(scaled, targets)
-
-    cm = np.zeros((len(classes), len(classes)), dtype=int)
-    np.add.at(cm, (targets, probs.argmax(1)), 1)
-    figures = {
-        "confusion": plots.confusion_matrices(cm, classes, out / "confusion_matrix.png"),
-        "roc": plots.roc_curves(probs, targets, classes, pos, out / "roc.png"),
-        "pr": plots.pr_curves(probs, targets, classes, pos, out / "precision_recall.png"),
-        "reliability": plots.reliability_diagram(bins, eces, out / "reliability.png"),
-        "curves": plots.training_curves(RunFiles(run_dir).metrics, out / "training_curves.png"),
-    }
+    eces, bins, nlls, temperature = _calibration(probs, targets, cfg, datamodule, val_probs)
+    figures = _figures(run_dir, out, probs, targets, classes, pos, bins, eces)
     gallery, layout, heat_note = [], "", ""
     if cfg.heatmap != "none":
         try:
@@ -150,8 +168,7 @@ def build_report(run_dir: Path, model, datamodule, cfg: ReportConfig, test_probs
     evaluation = {
         "n_images": int(len(targets)), "resampled": "patients" if groups is not None else "images",
         "n_groups": int(len(np.unique(groups))) if groups is not None else int(len(targets)),
-        "resampling": resampling_method(targets, groups),
-        "level": cfg.level, "bootstrap": cfg.bootstrap,
+        "resampling": resampling_method(targets, groups), "level": cfg.level, "bootstrap": cfg.bootstrap,
         "metrics": {k: asdict(v) for k, v in overall.items()},
         "per_class": {m: {classes[c]: asdict(v) for c, v in enumerate(vals)} for m, vals in per_class.items()},
         "calibration": {"ece": eces, "nll": nlls, "temperature": temperature, "bins": cfg.calibration_bins},

@@ -3,13 +3,14 @@
     cli.py -> {sweeps, evaluation, serving, audit} -> runs -> {lightning_modules, datamodules} -> errors
 
 Checked statically over every import statement (including the ones inside functions, which would otherwise
-hide a cycle until some code path runs).
+hide a cycle until some code path runs): between packages, and between the modules of every package.
 """
 
 from __future__ import annotations
 
 import ast
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,110 @@ def test_every_package_says_what_it_owns():
         if init.exists():
             doc = ast.get_docstring(ast.parse(init.read_text()))
             assert doc and len(doc) > 30, f"{package}/__init__.py has no docstring saying what it owns"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path, modules: set[str]) -> set[str]:
+    """The project modules `path` imports: `from sweeps import grid` is sweeps.grid, `from sweeps.grid import
+    Stage` is sweeps.grid too, relative imports resolved."""
+    me = module_name(path)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+
+    def nearest(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {nearest(a.name) for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, *([node.module] if node.module else [])])
+            found |= {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else nearest(base) for a in node.names}
+    return found - {None, me}
+
+
+def module_cycles(files: list[Path]) -> list[list[str]]:
+    """Every cycle of the module import graph, one per strongly connected component (Tarjan)."""
+    modules = {module_name(f): f for f in files}
+    edges = {m: imported_modules(f, set(modules)) for m, f in modules.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def connect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(edges[v]):
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = stack[stack.index(v):]
+            del stack[stack.index(v):]
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            connect(v)
+    return cycles
+
+
+def test_no_import_cycle_between_modules():
+    cycles = module_cycles(project_files())
+    assert not cycles, "modules that import each other in a circle:\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+def test_the_module_cycle_check_sees_a_cycle(tmp_path, monkeypatch):
+    """The check itself: a two-module circle through an import inside a function is found."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from pkg import b\n")
+    (pkg / "b.py").write_text("def f():\n    from pkg.a import x\n")
+    (pkg / "c.py").write_text("from . import a\n")
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    assert module_cycles(sorted(pkg.glob("*.py"))) == [["pkg.a", "pkg.b"]]
+
+
+def test_every_sweeps_module_says_what_it_owns():
+    for path in sorted((REPO / "sweeps").glob("*.py")):
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        assert len(doc.split("\n")[0]) > 30, f"{path.relative_to(REPO)}: its docstring's first line says what it owns"
+
+
+MAX_FUNCTION_LINES = 60
+LONG_REASON = "# long:"  # on the line above a longer function's `def` (or its decorators): why it stays long
+
+
+def long_functions(files: list[Path]) -> list[str]:
+    """Functions longer than MAX_FUNCTION_LINES (from `def` to their last line) with no LONG_REASON comment."""
+    found = []
+    for path in files:
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            length = node.end_lineno - node.lineno + 1
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            if length > MAX_FUNCTION_LINES and not lines[first - 2].strip().startswith(LONG_REASON):
+                found.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}: {length} lines")
+    return found
+
+
+def test_no_long_function_without_a_reason():
+    long = long_functions(project_files())
+    assert not long, (f"functions over {MAX_FUNCTION_LINES} lines: split them, or say why above the def "
+                      f"(`{LONG_REASON} ...`):\n" + "\n".join(long))

@@ -38,6 +38,11 @@ def tiny_sweep(tmp_path: Path, **changes) -> SweepConfig:
     return SweepConfig(**values)
 
 
+def no_preflight(sweep: SweepConfig) -> None:
+    """Stands in for the preflight (which parses every trial config with the fit parser: seconds)."""
+    return None
+
+
 def killed_by_sigkill(run_dir: Path) -> isolation.Outcome:
     """A real child process that dies by SIGKILL (as under the OOM killer), classified as the sweep does."""
     proc = mp.get_context("fork").Process(target=_kill_self)

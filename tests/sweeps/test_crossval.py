@@ -15,8 +15,7 @@ from runs.files import RunFiles
 from sweeps import crossval
 from sweeps import sweep as sweep_mod
 from sweeps.config import CrossValidation
-from tests.sweeps.fakes import FakeTrials, tiny_sweep
-from tests.sweeps.test_sweep import no_plots, no_preflight  # noqa: F401 -- fixture
+from tests.sweeps.fakes import FakeTrials, no_preflight, tiny_sweep
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +74,7 @@ def test_out_of_fold_files_cover_every_non_test_image_once(cv_sweep):
     assert len(list((sweep.out_dir / crossval.OOF_DIR / "stage2").glob("*.parquet"))) == 4
 
 
-def test_a_failed_fold_makes_its_grid_point_incomplete(tmp_path, no_plots):  # noqa: F811
+def test_a_failed_fold_makes_its_grid_point_incomplete(tmp_path, no_plots):
     sweep = tiny_sweep(tmp_path, cv=CrossValidation(folds=2), allow_failures=True)
     summary = sweep_mod.run(sweep, execute=FakeTrials({"resnet10t": ["failed"]}), preflight=no_preflight)
     board = pl.read_parquet(sweep.out_dir / "stage1_leaderboard.parquet")
@@ -120,7 +119,7 @@ def test_bad_folds_are_a_config_problem(tmp_path):
     assert any("cv.folds" in p for p in tiny_sweep(tmp_path, cv=CrossValidation(folds=1)).problems())
 
 
-def test_an_interrupted_fold_is_retried_alone_on_rerun(tmp_path, no_plots):  # noqa: F811
+def test_an_interrupted_fold_is_retried_alone_on_rerun(tmp_path, no_plots):
     sweep = tiny_sweep(tmp_path, cv=CrossValidation(folds=2))
     first = sweep_mod.run(sweep, execute=FakeTrials({"ctnet10": ["interrupted"]}), preflight=no_preflight)
     assert sweep_mod.exit_code(sweep, first) == 1 and "base_architecture" not in first
@@ -146,7 +145,7 @@ def test_a_refit_is_reused_only_for_the_same_winner(tmp_path):
     assert [c[2] for c in fake.calls] == ["ce", "mse"]  # trained once per winner; the rerun of each reused it
 
 
-def test_a_study_resumed_with_other_folds_is_refused(tmp_path, no_plots):  # noqa: F811
+def test_a_study_resumed_with_other_folds_is_refused(tmp_path, no_plots):
     from errors import ConfigError
 
     sweep_mod.run(tiny_sweep(tmp_path, cv=CrossValidation(folds=2)), execute=FakeTrials(), preflight=no_preflight)

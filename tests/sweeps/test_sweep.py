@@ -5,6 +5,8 @@ stages, outputs, interrupted vs failed trials, exit codes and the progress displ
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 
 import optuna
 import pytest
@@ -13,20 +15,7 @@ from optuna.trial import TrialState
 from runs import files
 from sweeps import sweep as sweep_mod
 from sweeps.config import Stage2
-from tests.sweeps.fakes import FakeTrials, tiny_sweep
-
-
-def no_preflight(sweep) -> None:
-    return None
-
-
-@pytest.fixture
-def no_plots(monkeypatch):
-    """Tests of retry logic skip drawing the stage plots (matplotlib: seconds); test_two_stages... draws them."""
-    from sweeps import outputs
-
-    for name in ("plot_stage1", "plot_stage2"):
-        monkeypatch.setattr(outputs, name, lambda board, selection, path, title: path.write_bytes(b""))
+from tests.sweeps.fakes import FakeTrials, no_preflight, tiny_sweep
 
 
 def studies(sweep):
@@ -59,8 +48,11 @@ def test_two_stages_pick_the_winner_and_write_relative_paths(finished_sweep):
     assert (out / "stage1.png").stat().st_size > 1000 and (out / "stage2_heatmap.png").stat().st_size > 1000
 
 
-def test_a_rerun_of_a_finished_sweep_trains_nothing(finished_sweep, capsys, no_plots):
-    sweep, _, _ = finished_sweep
+def test_a_rerun_of_a_finished_sweep_trains_nothing(finished_sweep, tmp_path, capsys, no_plots):
+    # On a copy of the finished sweep (storage included): the shared one and its plots stay as they are.
+    done, _, _ = finished_sweep
+    sweep = replace(done, root=str(tmp_path / "sweeps"))
+    shutil.copytree(done.out_dir, sweep.out_dir)
     fake = FakeTrials()
     summary = sweep_mod.run(sweep, execute=fake, preflight=no_preflight)
     assert fake.calls == [] and sweep_mod.exit_code(sweep, summary) == 0
