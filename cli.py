@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if config is not None:  # recorded in the run's saved config.yaml, so the run stays reproducible
             args += [f"--run.config_file={config_names.display(config)}"]
-        EvaluationCLI(args=[command, *args])
+        EvaluationCLI(args=[command, *args], parser_kwargs={"prog": "cli.py"})  # not sys.argv[0]: one name in --help
         return 0
     except MedselError as e:
         print(f"error: {e}", file=sys.stderr)

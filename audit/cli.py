@@ -1,17 +1,18 @@
-"""`python cli.py audit --config <fit config> [--label-issues]`: the data audit on its own, with its report.
+"""`python cli.py audit --config <fit config> [--data.source DIR] [--label_issues true]`: the data audit on its own.
 
-It resolves the data exactly as `fit` would (same scan, decode cache, split and duplicate audit) but never
-stops on label conflicts (`data.on_conflict` is set to `keep` so that the report can show them), then writes
-the report of `audit.report` and prints the one-screen summary.
+It takes `fit`'s command line (the same `--config` and dotted overrides such as `--data.source`,
+`--data.classes`, parsed by the same LightningCLI parser) plus the audit's own options below, resolves the
+data exactly as `fit` would (same scan, decode cache, split and duplicate audit) but never stops on label
+conflicts (`data.on_conflict` is set to `keep` so that the report can show them), then writes the report of
+`audit.report` and prints the one-screen summary.
 """
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import polars as pl
-import yaml
 
 from audit.label_issues import find_issues, out_of_fold_probabilities
 from audit.report import HTML, write_audit_report
@@ -20,34 +21,58 @@ from datamodules.duplicate_audit import summary_text
 from errors import ConfigError
 
 OOF = "oof_probabilities.parquet"
+FIT_CONFIG = "config.yaml"  # the audited fit config, as resolved; the fold runs of --label_issues read it
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cli.py audit", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="a fit config YAML (its data: section is audited)")
-    p.add_argument("--out", help="report folder (default: <data.artifacts_dir>/audit/<dataset>)")
-    p.add_argument("--label-issues", action="store_true",
-                   help="train a quick k-fold model and list suspected label errors (cleanlab)")
-    p.add_argument("--probabilities", help="out-of-fold probabilities instead of training: parquet/CSV with "
-                                           "a path column and one column per class (or p_<class>), e.g. a "
-                                           "cross-validated sweep's oof/stage2/<point>.parquet")
-    p.add_argument("--folds", type=int, default=5, help="folds of the quick model (default 5)")
-    p.add_argument("--epochs", type=int, default=4, help="epochs per fold (default 4)")
-    p.add_argument("--image-size", type=int, default=64, help="input size of the quick model (default 64)")
-    p.add_argument("--network", default="resnet10t", help="timm network of the quick model, from scratch")
-    p.add_argument("--fold-arg", action="append", default=[],
-                   help="extra CLI argument for every fold run, e.g. --fold-arg=--trainer.accelerator=cpu")
-    p.add_argument("--limit", type=int, default=60, help="clusters / label issues shown with thumbnails")
-    return p
+@dataclass
+class AuditConfig:
+    """Attributes:
+        out: report folder (default: <data.artifacts_dir>/audit/<dataset>).
+        label_issues: train a quick k-fold model and list suspected label errors (cleanlab).
+        probabilities: out-of-fold probabilities instead of training: parquet/CSV with a path column and one
+            column per class (or p_<class>), e.g. a cross-validated sweep's oof/stage2/<point>.parquet.
+        folds: folds of the quick model.
+        epochs: epochs per fold.
+        image_size: input size of the quick model.
+        network: timm network of the quick model, trained from scratch.
+        fold_arg: extra fit argument for every fold run, e.g. --fold_arg+=--trainer.max_epochs=2
+            (every --data/--model/--trainer override of this command reaches the fold runs already).
+        limit: clusters / label issues shown with thumbnails.
+    """
+
+    out: str | None = None
+    label_issues: bool = False
+    probabilities: str | None = None
+    folds: int = 5
+    epochs: int = 4
+    image_size: int = 64
+    network: str = "resnet10t"
+    fold_arg: list[str] = field(default_factory=list)
+    limit: int = 60
 
 
-def _data_section(config: Path) -> dict:
-    if not config.is_file():
-        raise ConfigError(f"--config: '{config}' does not exist; pass a fit config such as configs/demo.yaml")
-    data = (yaml.safe_load(config.read_text()) or {}).get("data")
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config: '{config}' has no data: section; pass a fit config such as configs/demo.yaml")
-    return data
+def _parse(argv: list[str]) -> tuple[AuditConfig, dict, str]:
+    """The audit options, the data section and the fit config (YAML) of `argv`, parsed by `fit`'s parser."""
+    from runs.cli import MedselCLI  # the fit parser: one vocabulary for every command
+
+    class AuditCLI(MedselCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            super().add_arguments_to_parser(parser)
+            parser.add_class_arguments(AuditConfig, None)
+
+        def before_instantiate_classes(self) -> None:  # parse only: no run directory, no model
+            return None
+
+        def instantiate_classes(self) -> None:
+            return None
+
+    cli = AuditCLI(args=argv, run=False, parser_kwargs={"prog": "cli.py audit", "description": __doc__})
+    names = [f.name for f in fields(AuditConfig)]
+    audit = AuditConfig(**{name: cli.config[name] for name in names})
+    fit = cli.config.clone()
+    for name in names:
+        del fit[name]
+    return audit, fit.data.as_dict(), cli.parser.dump(fit, skip_validation=True)
 
 
 def _read_probabilities(path: Path, frame: pl.DataFrame, classes: list[str]):
@@ -72,11 +97,8 @@ def _read_probabilities(path: Path, frame: pl.DataFrame, classes: list[str]):
 
 def main(argv: list[str]) -> int:
     """Run the audit; returns the exit code (errors.DataError / ConfigError propagate to `cli.py`)."""
-    args = _parser().parse_args(argv)
-    data_cfg = {**_data_section(Path(args.config)), "on_conflict": "keep"}
-    data_cfg.setdefault("audit", {})
-    if isinstance(data_cfg["audit"], dict):
-        data_cfg["audit"] = {**data_cfg["audit"], "enabled": True}
+    args, data_cfg, fit_config = _parse(argv)
+    data_cfg = {**data_cfg, "on_conflict": "keep", "audit": {**(data_cfg.get("audit") or {}), "enabled": True}}
     dm = ImageDataModule(**data_cfg)
     data = dm.resolve()
     source = dm._source_path()
@@ -89,10 +111,12 @@ def main(argv: list[str]) -> int:
             if not known.all():  # e.g. a cross-validated sweep's OOF file: the test split has no OOF prediction
                 print(f"[audit] label issues judged on {int(known.sum())} of {data.frame.height} images: "
                       f"{int((~known).sum())} have no probability in {args.probabilities} (a sweep's out-of-fold "
-                      "file leaves out the held-out test split); run --label-issues to judge every image")
+                      "file leaves out the held-out test split); run --label_issues true to judge every image")
                 judged, probs = data.frame.filter(pl.Series(known)), probs[known]
         else:
-            probs = out_of_fold_probabilities(args.config, data.frame, dm.classes, out / "folds", args.folds,
+            (out / "folds").mkdir(parents=True, exist_ok=True)
+            (out / "folds" / FIT_CONFIG).write_text(fit_config)
+            probs = out_of_fold_probabilities(str(out / "folds" / FIT_CONFIG), data.frame, dm.classes, out / "folds", args.folds,
                                               args.epochs, args.image_size, args.network, extra=args.fold_arg)
             oof = pl.DataFrame({"path": data.frame["path"], **{c: probs[:, k] for k, c in enumerate(dm.classes)}})
             oof.write_parquet(out / OOF)  # reusable: --probabilities <out>/oof_probabilities.parquet

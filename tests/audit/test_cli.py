@@ -55,7 +55,7 @@ def test_label_issues_from_given_probabilities_are_ranked(folder, tmp_path):
 @pytest.mark.slow
 def test_quick_kfold_model_flags_flipped_labels(tmp_path):
     """Two easy classes (horizontal vs vertical stripes), 5 labels flipped: the k-fold model trained by
-    `--label-issues` puts them at the top of its list."""
+    `--label_issues true` puts them at the top of its list."""
     import cv2
 
     rng = np.random.default_rng(0)
@@ -81,8 +81,8 @@ def test_quick_kfold_model_flags_flipped_labels(tmp_path):
         "trainer": {"accelerator": "cpu"},
     }))
     out = tmp_path / "report"
-    assert main(["--config", str(cfg), "--out", str(out), "--label-issues", "--folds", "3", "--epochs", "4",
-                 "--image-size", "32"]) == 0
+    assert main(["--config", str(cfg), "--out", str(out), "--label_issues", "true", "--folds", "3", "--epochs", "4",
+                 "--image_size", "32"]) == 0
     issues = pl.read_parquet(out / LABEL_ISSUES)
     assert set(issues["path"].head(5).to_list()) == flipped, issues
     assert issues.height <= 8  # and hardly anything else
@@ -104,3 +104,22 @@ def test_label_issues_from_a_sweeps_out_of_fold_file(folder, tmp_path, capsys):
     assert main(["--config", str(cfg), "--out", str(out), "--probabilities", str(tmp_path / "oof.parquet")]) == 0
     assert pl.read_parquet(out / LABEL_ISSUES)["relpath"].to_list()[:1] == ["covid/covid_3.png"]
     assert f"judged on {len(paths) - 2} of" in capsys.readouterr().out
+
+
+def test_a_fit_config_with_dotted_overrides_audits_another_folder(folder, tmp_path, capsys):
+    """`cli.py audit` takes `fit`'s vocabulary: the demo config, pointed at a user's folder from the command line."""
+    from tests.conftest import REPO, cli_in_process
+
+    out = tmp_path / "report"
+    assert cli_in_process("audit", "--config", str(REPO / "configs" / "demo.yaml"), "--data.source", str(folder),
+                          "--data.classes", "[normal,covid]", "--data.image_size", "16", "--data.num_workers", "0",
+                          f"--data.artifacts_dir={tmp_path / 'a'}", "--out", str(out), "--limit", "5") == 0
+    assert pl.read_parquet(out / CLUSTERS).height == 3
+    assert "[audit] label conflicts 1" in capsys.readouterr().out
+
+
+def test_an_unknown_or_hyphenated_option_is_refused_naming_it(folder, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--config", str(_config(tmp_path, folder)), "--label-issues"])
+    assert stop.value.code == 2
+    assert "--label-issues" in capsys.readouterr().err

@@ -44,6 +44,17 @@ def test_help_lists_every_command(capsys):
     assert cli_in_process("sweep", "--help") == 0 and "--stage1" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", ["fit", "validate", "test", "predict", "sweep", "report", "serve", "audit"])
+def test_every_command_help_uses_one_style(command, capsys):
+    """One vocabulary: jsonargparse usage, dotted sections and underscores, never a hyphenated option."""
+    assert cli_in_process(command, "--help") == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: cli.py {'[options] ' if command in ('fit', 'validate', 'test', 'predict') else ''}{command} ")
+    assert re.findall(r"--[a-z0-9]+-[a-z]", out) == []
+    if command in ("fit", "audit"):
+        assert "--data.source SOURCE" in out and "--config" in out
+
+
 def _resolved(capsys, *args: str) -> str:
     assert cli_in_process("fit", *args, "--print_config") == 0
     return capsys.readouterr().out
