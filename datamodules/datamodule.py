@@ -263,7 +263,7 @@ class ImageDataModule(LightningDataModule):
         split_file, split = splits.load_or_create(
             frame.select(keys), self.split_cfg, self.classes, self.artifacts / "splits", name or "dataset", str(source),
         )
-        extra = [c for c in ("cluster_id", "exact_id", "digest", "phash", "audit_slot") if c in frame.columns]
+        extra = [c for c in ("cluster_id", "exact_id", "digest", "phash", "audit_slot", "low_detail") if c in frame.columns]
         split = splits.apply_fold(split, self.split_cfg)  # under cross-validation: this run's fold is val
         joined = split.join(frame.select("relpath", "path", "slot", *extra), on="relpath", how="left")
         target = {c: i for i, c in enumerate(self.classes)}

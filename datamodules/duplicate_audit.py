@@ -18,10 +18,10 @@ import numpy as np
 import polars as pl
 
 from datamodules.cache import CachedImages
-from datamodules.duplicates import cluster_images, phash_batch, pixel_digest
+from datamodules.duplicates import cluster_images, pixel_digest, variant_hashes
 
 CATEGORIES = ("label_conflict", "leakage", "cross_patient", "redundant")
-AUDIT_VERSION = 1
+AUDIT_VERSION = 2  # 2: hashes of centred crops, registration check, star clusters, low-detail images
 # The audit decodes its own 64x64 grayscale copy of every image (one more entry of the decode cache, shared
 # by every training size): `duplicates.similarity` compares detail at a fixed fraction of the image, and at
 # 32 px distinct phantoms become indistinguishable while at 128 px JPEG and resampling wash the detail out.
@@ -35,17 +35,20 @@ class AuditConfig:
     Attributes:
         enabled: run the audit when the data is resolved (fit, sweep, audit).
         max_distance: Hamming distance (of 64 bits) within which two hashes are candidates.
-        min_similarity: aligned fine-detail correlation a candidate pair needs to be linked (None: link all
-            candidates, hash only).
+        min_similarity: fine-detail correlation under integer shifts that links a candidate pair at once
+            (None: link all candidates, hash only).
+        min_confirmed: fine-detail correlation after registration, burnt-in marks masked, that links the
+            other candidates (crops, rescales, annotations).
     """
 
     enabled: bool = True
     max_distance: int = 10
     min_similarity: float | None = 0.9
+    min_confirmed: float = 0.9
 
 
 def _key(frame: pl.DataFrame, cfg: AuditConfig, geometry: str) -> str:
-    h = hashlib.sha256(json.dumps([AUDIT_VERSION, cfg.max_distance, cfg.min_similarity, geometry]).encode())
+    h = hashlib.sha256(json.dumps([AUDIT_VERSION, cfg.max_distance, cfg.min_similarity, cfg.min_confirmed, geometry]).encode())
     for digest in sorted(frame["digest"].to_list()):
         h.update(digest.encode())
     return h.hexdigest()[:16]
@@ -59,9 +62,11 @@ def _write(frame: pl.DataFrame, path: Path) -> None:
 
 
 def slot_hashes(view: CachedImages, slots: np.ndarray, store: Path, batch: int = 512) -> pl.DataFrame:
-    """(slot, digest, phash) for the given cache slots, computing only slots not in `store` yet."""
+    """(slot, digest, phash, variants) for the given cache slots, computing only slots not in `store` yet.
+
+    `phash` is the whole image's hash, `variants` the hashes of it and its centred crops (`TRIMS`)."""
     known = pl.read_parquet(store) if store.exists() else pl.DataFrame(
-        schema={"slot": pl.Int64, "digest": pl.String, "phash": pl.UInt64})
+        schema={"slot": pl.Int64, "digest": pl.String, "phash": pl.UInt64, "variants": pl.List(pl.UInt64)})
     todo = np.setdiff1d(np.unique(slots), known["slot"].to_numpy())
     if len(todo):
         images = view.open()
@@ -69,8 +74,10 @@ def slot_hashes(view: CachedImages, slots: np.ndarray, store: Path, batch: int =
         for start in range(0, len(todo), batch):
             part = todo[start : start + batch]
             arrays = np.asarray(images[part])  # (B, H, W, C)
+            variants = variant_hashes(arrays)  # (B, len(TRIMS))
             rows.append(pl.DataFrame({"slot": part.astype(np.int64), "digest": [pixel_digest(a) for a in arrays],
-                                      "phash": phash_batch(arrays)}))
+                                      "phash": variants[:, 0], "variants": list(variants)},
+                                     schema=known.schema))
         known = pl.concat([known, *rows])
         _write(known, store)
     return known.filter(pl.col("slot").is_in(slots.tolist()))
@@ -79,7 +86,8 @@ def slot_hashes(view: CachedImages, slots: np.ndarray, store: Path, batch: int =
 def find_clusters(
     frame: pl.DataFrame, view: CachedImages, slots: np.ndarray, cfg: AuditConfig, audit_dir: Path
 ) -> pl.DataFrame:
-    """Add `digest`, `phash`, `exact_id` and `cluster_id` (null for an image with no duplicate) to `frame`.
+    """Add `digest`, `phash`, `exact_id`, `cluster_id` (null for an image with no duplicate) and `low_detail`
+    (too little detail to judge: linked on identical pixels only) to `frame`.
 
     Args:
         frame: one row per image.
@@ -99,9 +107,10 @@ def find_clusters(
     else:
         uniq = frame.unique("digest", keep="first").sort("digest")
         images = view.open()
-        labels, _ = cluster_images(images[uniq["audit_slot"].to_numpy()], uniq["phash"].to_numpy(), cfg.max_distance,
-                                   cfg.min_similarity)
-        by_digest = pl.DataFrame({"digest": uniq["digest"], "component": labels})
+        hashes = np.stack(uniq["variants"].to_list()) if uniq.height else np.zeros((0, 1), np.uint64)
+        labels, stats = cluster_images(images[uniq["audit_slot"].to_numpy()], hashes, cfg.max_distance,
+                                       cfg.min_similarity, cfg.min_confirmed)
+        by_digest = pl.DataFrame({"digest": uniq["digest"], "component": labels, "low_detail": stats["flat"]})
         _write(by_digest, stored)
     frame = frame.join(by_digest, on="digest", how="left")
     exact_n = pl.len().over("digest")
@@ -109,7 +118,7 @@ def find_clusters(
     return frame.with_columns(
         exact_id=pl.when(exact_n > 1).then(pl.col("digest")),
         cluster_id=pl.when(near_n > 1).then(pl.format("c{}", pl.col("component"))),
-    ).drop("component")
+    ).drop("component", "variants")
 
 
 def classify(frame: pl.DataFrame) -> pl.DataFrame:
@@ -151,6 +160,7 @@ def summary(frame: pl.DataFrame, clusters: pl.DataFrame) -> dict:
         "exact_images": int(exact["size"].sum() or 0),
         "near_clusters": clusters.height - exact.height,
         "near_images": int(clusters.filter(~pl.col("exact"))["size"].sum() or 0),
+        "low_detail_images": int(frame["low_detail"].sum() or 0) if "low_detail" in frame.columns else 0,
     }
     for c in CATEGORIES:
         out[c] = int(clusters[c].sum() or 0)
@@ -165,6 +175,9 @@ def summary_text(counts: dict, where: str | None = None) -> str:
         f"[audit] label conflicts {counts['label_conflict']}, leakage across splits {counts['leakage']}, "
         f"across patients {counts['cross_patient']}, redundant {counts['redundant']}",
     ]
+    if counts.get("low_detail_images"):
+        lines.append(f"[audit] {counts['low_detail_images']} image(s) audited for exact copies only: too little detail "
+                     "(tiny, upsampled or nearly uniform) for the pixel check to tell a copy from a look-alike")
     if counts.get("conflict_action"):
         lines.append(f"[audit] label-conflict policy: {counts['conflict_action']}")
     if where:

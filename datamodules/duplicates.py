@@ -1,4 +1,4 @@
-"""Exact and near-duplicate images: pixel digests, 64-bit perceptual hashes and Hamming-distance clusters.
+"""Exact and near-duplicate images: pixel digests, 64-bit perceptual hashes, the candidate search and clusters.
 
 This lives in the data layer (not in `audit/`) because `ImageDataModule.resolve` needs the clusters as a
 split grouping key, and datamodules may not import upward; `audit/` builds its report on top of it.
@@ -15,8 +15,9 @@ import hashlib
 
 import cv2
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
+from scipy import sparse
+
+from datamodules.duplicate_check import confirm, detail, gray, highpass, shifted_scores
 
 HASH_BITS = 64
 _N = 32  # side of the thumbnail the DCT is taken on
@@ -33,13 +34,6 @@ _DCT = _dct_matrix(_N)
 _BIT_WEIGHTS = (np.uint64(1) << np.arange(HASH_BITS - 1, -1, -1, dtype=np.uint64))  # first bit = MSB
 
 
-def _gray(image: np.ndarray) -> np.ndarray:
-    """(H, W, C) uint8 -> (H, W) float32 luminance with PIL's "L" weights (as imagehash converts)."""
-    if image.ndim == 2 or image.shape[2] == 1:
-        return image.reshape(image.shape[0], image.shape[1]).astype(np.float32)
-    return image[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-
-
 def phash_batch(images: np.ndarray) -> np.ndarray:
     """64-bit perceptual hashes of a batch of images.
 
@@ -49,7 +43,7 @@ def phash_batch(images: np.ndarray) -> np.ndarray:
     Returns:
         (N,) uint64: bit 63 is DCT coefficient (0, 0), row-major over the 8x8 low frequencies.
     """
-    thumbs = np.stack([cv2.resize(_gray(im), (_N, _N), interpolation=cv2.INTER_AREA) for im in images])  # (N, 32, 32)
+    thumbs = np.stack([cv2.resize(gray(im), (_N, _N), interpolation=cv2.INTER_AREA) for im in images])  # (N, 32, 32)
     coeffs = _DCT @ thumbs.astype(np.float64) @ _DCT.T  # (N, 32, 32), 2-D DCT-II of each thumbnail
     low = coeffs[:, :8, :8].reshape(len(images), HASH_BITS)  # (N, 64)
     bits = low > np.median(low, axis=1, keepdims=True)
@@ -121,125 +115,109 @@ def near_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.nd
     return pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
 
 
-def cluster(hashes: np.ndarray, max_distance: int) -> np.ndarray:
-    """Connected components of the "within `max_distance` bits" graph.
+# Centred crops hashed besides the whole image (pixels per side of the 64 px audit image). A copy trimmed by
+# up to 5% per side matches its source on some pair of these within the Hamming threshold (one whole-image
+# hash misses ~30% of such copies); the 5x5 median first takes thin burnt-in strokes out of the hash.
+TRIMS = (0, 2, 4, 6)
+
+
+def variant_hashes(images: np.ndarray) -> np.ndarray:
+    """(N, H, W, C) uint8 -> (N, len(TRIMS)) uint64 perceptual hashes of the whole image and centred crops."""
+    smooth = np.stack([cv2.medianBlur(np.ascontiguousarray(gray(im).astype(np.uint8)), 5) for im in images])[..., None]
+    h, w = smooth.shape[1:3]
+    return np.stack([phash_batch(smooth[:, t : h - t, t : w - t]) for t in TRIMS], axis=1)
+
+
+def candidate_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image pairs (i < j) with any hash of i within `max_distance` bits of any hash of j.
 
     Args:
-        hashes: (N,) uint64 perceptual hashes (repeats allowed).
-        max_distance: Hamming threshold; 0 links identical hashes only.
-
-    Returns:
-        (N,) int64 component label per hash; a label shared by two or more images is a cluster.
+        hashes: (N, V) uint64, e.g. `variant_hashes`.
+        max_distance: Hamming threshold (0..63).
     """
-    uniq, inverse = np.unique(np.asarray(hashes, dtype=np.uint64), return_inverse=True)
+    n, v = hashes.shape
+    uniq, inverse = np.unique(hashes.reshape(-1), return_inverse=True)
+    owner = sparse.csr_matrix((np.ones(n * v, np.float32), (inverse.reshape(-1), np.repeat(np.arange(n), v))),
+                              shape=(len(uniq), n))  # (unique hash, image)
     i, j = near_pairs(uniq, max_distance) if max_distance > 0 else (np.zeros(0, np.int64),) * 2
-    graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(len(uniq), len(uniq)))
-    _, labels = connected_components(graph, directed=False)
-    return labels[inverse.reshape(-1)].astype(np.int64)
+    near = sparse.coo_matrix((np.ones(len(i), np.float32), (i, j)), shape=(len(uniq), len(uniq)))
+    near = (near + near.T + sparse.identity(len(uniq), np.float32, format="csr")).tocsr()
+    linked = sparse.triu(owner.T @ near @ owner, k=1).tocoo()  # (image, image): shared or near hashes
+    return linked.row.astype(np.int64), linked.col.astype(np.int64)
 
 
-def _highpass(gray: np.ndarray) -> np.ndarray:
-    return gray - cv2.GaussianBlur(gray, (0, 0), 1.5)
+# Grey levels (std) of the finest band of the 64 px audit image below which an image is "low detail": an image
+# upsampled from a few dozen pixels or nearly uniform has too little of the detail the pixel check compares to
+# tell a copy from a look-alike. Measured: 28 px fundus-like discs upsampled 2.4-3.0 (max of 300), COVID-CT's
+# scans 6.4 and above, the phantoms 4.2 and above, generated 100-2,000 px scans 3.4 and above.
+LOW_DETAIL_STD = 3.25
 
 
-def _correlation(ga: np.ndarray, gb: np.ndarray) -> float:
-    """Pearson correlation of the high-pass images inside a margin (borders are where crops and warps differ)."""
-    m = max(2, min(ga.shape) // 12)
-    x = _highpass(ga)[m:-m, m:-m].ravel()
-    y = _highpass(gb)[m:-m, m:-m].ravel()
-    x, y = x - x.mean(), y - y.mean()
-    denom = float(np.sqrt((x @ x) * (y @ y)))
-    return float(x @ y / denom) if denom > 0 else float(np.array_equal(ga, gb))
+def low_detail(images: np.ndarray) -> np.ndarray:
+    """(N,) bool: images with too little fine detail to be linked on anything but identical pixels."""
+    return np.array([highpass(gray(im), 0.7)[4:-4, 4:-4].std() < LOW_DETAIL_STD for im in images], bool)
 
 
-def similarity(a: np.ndarray, b: np.ndarray, floor: float = -1.0) -> float:
-    """Correlation of fine detail (noise, edges) after aligning `b` onto `a`.
+def star_clusters(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Clusters in which every member is a confirmed copy of one representative: no chains.
 
-    Why: images of the same anatomy (the embedded phantoms, CT slices of one protocol) share their coarse
-    layout, so a 64-bit hash cannot tell them apart; a re-encoded, rescaled, cropped or brightened copy
-    keeps the fine detail of its source, at the place a registration finds. A translation (phase
-    correlation, cheap) comes first; an affine ECC registration (crops change the scale after the squash
-    resize) only runs when that score is above `floor`.
+    Linking transitively (connected components) lets look-alikes chain: A~B and B~C put A and C together
+    however different they are. Here the image with the most confirmed copies becomes a representative and
+    takes its not yet clustered copies; then the next, until every confirmed pair is used or its images
+    are taken (greedy, like the "star" clustering of Aslam et al., 2004).
 
     Args:
-        a, b: (H, W, C) uint8 images of the same shape (two slots of the decode cache).
-        floor: skip the affine registration when the translation-aligned score is below this.
+        n: number of images.
+        i, j: confirmed pairs.
 
     Returns:
-        Pearson correlation in [-1, 1] of the aligned high-pass images.
+        (n,) int64 cluster label; an image with no confirmed copy has a label of its own.
     """
-    ga, gb = _gray(a), _gray(b)
-    h, w = ga.shape
-    (dx, dy), _ = cv2.phaseCorrelate(ga, gb, cv2.createHanningWindow((w, h), cv2.CV_32F))
-    shift = np.float32([[1, 0, dx], [0, 1, dy]])
-    best = _correlation(ga, cv2.warpAffine(gb, shift, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP))
-    if best < floor:
-        return best
-    criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 50, 1e-4)
-    try:
-        _, warp = cv2.findTransformECC(cv2.GaussianBlur(ga, (0, 0), 1), cv2.GaussianBlur(gb, (0, 0), 1), shift,
-                                       cv2.MOTION_AFFINE, criteria, None, 1)
-    except cv2.error:
-        return best  # no convergence (e.g. a flat image): keep the translation score
-    return max(best, _correlation(ga, cv2.warpAffine(gb, warp, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)))
-
-
-def _detail(images: np.ndarray) -> np.ndarray:
-    """(N, H, W, C) uint8 -> (N, H, W) float32 high-pass images, zero outside a margin, unit norm."""
-    out = np.stack([_highpass(_gray(im)) for im in images]).astype(np.float32)
-    m = max(2, min(out.shape[1:]) // 12)
-    mask = np.zeros(out.shape[1:], np.float32)
-    mask[m:-m, m:-m] = 1
-    out = (out - (out * mask).sum((1, 2), keepdims=True) / mask.sum()) * mask
-    return out / np.maximum(np.linalg.norm(out.reshape(len(out), -1), axis=1), 1e-6)[:, None, None]
-
-
-def shifted_scores(detail: np.ndarray, i: np.ndarray, j: np.ndarray, max_shift: int = 4, chunk: int = 512) -> np.ndarray:
-    """Best correlation of the detail images of pairs (i, j) over integer shifts up to `max_shift` pixels.
-
-    The first, cheap stage of the pair check, batched: circular cross-correlation through numpy's FFT of
-    many pairs at once (the margin of zeros in `_detail` keeps the wrap-around from mixing opposite borders).
-    """
-    spectra = np.fft.rfft2(detail)  # (N, H, W//2+1)
-    h, w = detail.shape[1:]
-    near = np.zeros((h, w), bool)
-    near[np.r_[0 : max_shift + 1, h - max_shift : h][:, None], np.r_[0 : max_shift + 1, w - max_shift : w]] = True
-    out = np.empty(len(i), np.float32)
-    for s in range(0, len(i), chunk):
-        a, b = i[s : s + chunk], j[s : s + chunk]
-        xcorr = np.fft.irfft2(spectra[a] * np.conj(spectra[b]), s=(h, w))  # (B, H, W)
-        out[s : s + chunk] = xcorr[:, near].max(axis=1)
-    return out
+    adj = sparse.coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(n, n))
+    adj = (adj + adj.T).tocsr()
+    labels = np.full(n, -1, np.int64)
+    for rep in np.argsort(-np.diff(adj.indptr), kind="stable"):
+        if labels[rep] >= 0 or adj.indptr[rep] == adj.indptr[rep + 1]:
+            continue
+        members = adj.indices[adj.indptr[rep] : adj.indptr[rep + 1]]
+        members = members[labels[members] < 0]
+        labels[rep] = rep
+        labels[members] = rep
+    alone = labels < 0
+    labels[alone] = np.flatnonzero(alone)
+    return labels
 
 
 def cluster_images(
-    images: np.ndarray, hashes: np.ndarray, max_distance: int, min_similarity: float | None
-) -> tuple[np.ndarray, int]:
-    """Near-duplicate clusters: hash pairs within `max_distance`, confirmed on the pixels.
-
-    A candidate pair is linked when the correlation of its fine detail reaches `min_similarity`: first
-    under integer shifts for all pairs at once (`shifted_scores`), then, only for pairs that come close
-    (within 0.1), after an affine registration (`similarity`), which a crop or rescale needs.
+    images: np.ndarray, hashes: np.ndarray, max_distance: int, min_similarity: float | None,
+    min_confirmed: float = 0.9,
+) -> tuple[np.ndarray, dict]:
+    """Near-duplicate clusters: candidate pairs from the hashes, confirmed on the pixels, star-clustered.
 
     Args:
-        images: (N, H, W, C) uint8 at `duplicate_audit.AUDIT_GEOMETRY`.
-        hashes: (N,) uint64 `phash_batch` of `images`.
+        images: (N, H, W, C) uint8 at `duplicate_audit.AUDIT_GEOMETRY`, one per distinct pixel content.
+        hashes: (N, V) uint64 `variant_hashes` of `images` (or (N,) whole-image hashes).
         max_distance: Hamming threshold of the candidate stage.
-        min_similarity: None links every candidate (hash only).
+        min_similarity: fine-detail correlation under integer shifts that links a pair at once (copies with
+            the source's geometry); None links every candidate (hash only, no pixel check).
+        min_confirmed: masked correlation after registration (`duplicate_check.confirm`) that links the
+            remaining candidates (crops, rescales, marks).
 
     Returns:
-        (labels, rejected): component label per image, and how many candidate pairs the check refused.
+        (labels, stats): cluster label per image; stats counts `candidates`, `rejected` pairs and the
+        `low_detail` images, which are left out of near-duplicate linking (exact copies only), and holds
+        the (N,) bool mask of them as `flat`.
     """
-    i, j = near_pairs(hashes, max_distance)
-    rejected = 0
+    hashes = hashes.reshape(len(images), -1)
+    i, j = candidate_pairs(hashes, max_distance)
+    flat = low_detail(images) if len(images) else np.zeros(0, bool)
+    stats = {"candidates": len(i), "low_detail": int(flat.sum()), "flat": flat}
+    i, j = i[~(flat[i] & flat[j])], j[~(flat[i] & flat[j])]  # two low-detail images: identical pixels only
     if min_similarity is not None and len(i):
         # Equal hashes are checked too: distinct look-alikes (the phantoms) can share all 64 bits.
-        scores = shifted_scores(_detail(images), i, j)
-        keep = scores >= min_similarity
-        for k in np.flatnonzero(~keep & (scores >= min_similarity - 0.1)):
-            keep[k] = similarity(images[i[k]], images[j[k]], min_similarity - 0.1) >= min_similarity
-        rejected = int((~keep).sum())
+        keep = shifted_scores(detail(images), i, j) >= min_similarity
+        for k in np.flatnonzero(~keep):
+            keep[k] = confirm(images[i[k]], images[j[k]]) >= min_confirmed
         i, j = i[keep], j[keep]
-    graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(len(hashes), len(hashes)))
-    _, labels = connected_components(graph, directed=False)
-    return labels.astype(np.int64), rejected
+    stats["rejected"] = stats["candidates"] - len(i)
+    return star_clusters(len(images), i, j), stats

@@ -7,7 +7,7 @@ import shutil
 import cv2
 import pytest
 
-from tests.audit.test_duplicates import jpeg, textured
+from audit.copies import jpeg, textured
 
 
 @pytest.fixture(scope="module")

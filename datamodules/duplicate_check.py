@@ -1,0 +1,190 @@
+"""The pixel check of candidate pairs: is image b a copy of image a (cropped, rescaled, re-encoded, marked)?
+
+Both images are the audit's 64x64 grayscale squash (`duplicate_audit.AUDIT_GEOMETRY`). A copy keeps the
+fine detail of its source (noise, texture) at the place a registration finds; a look-alike (another
+phantom, the next CT slice) shares the coarse anatomy and its edges but not that detail. Two stages:
+
+1. all candidate pairs at once: the correlation of fine detail under integer shifts (FFT, batched);
+   copies with the source's geometry (re-encodes, small rescales) pass here;
+2. the rest, one pair at a time: a scale search (crops change the scale of the squashed image, by up to
+   ~11% per axis for 5% per side) by phase correlation, refined by an affine ECC registration; then the
+   pixels where the two differ in brightness far beyond the noise (burnt-in marks on one copy, a border
+   one copy lacks) are masked, and the fine detail of the remaining pixels must correlate.
+
+OpenCV provides the registrations; the masking and the scale grid are written here because no library
+offers a "copy or not" decision for a pair of small images.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+_SIZE = 64
+_MARGIN = 4  # pixels at the border left out: the squash resize and the warps differ most there
+_SCALES = (0.92, 1.0, 1.085)  # per-axis scale hypotheses: 5% crops per side squash by up to 1/0.9
+_WINDOW = cv2.createHanningWindow((_SIZE, _SIZE), cv2.CV_32F)
+MAX_MASKED = 0.4  # a pair differing over more than this share of pixels is not a marked copy
+
+
+def gray(image: np.ndarray) -> np.ndarray:
+    """(H, W, C) uint8 -> (H, W) float32 luminance with PIL's "L" weights (as imagehash converts)."""
+    if image.ndim == 2 or image.shape[2] == 1:
+        return image.reshape(image.shape[0], image.shape[1]).astype(np.float32)
+    return image[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def highpass(g: np.ndarray, sigma: float = 1.5) -> np.ndarray:
+    return g - cv2.GaussianBlur(g, (0, 0), sigma)
+
+
+def detail(images: np.ndarray) -> np.ndarray:
+    """(N, H, W, C) uint8 -> (N, H, W) float32 high-pass images, zero outside a margin, unit norm."""
+    out = np.stack([highpass(gray(im)) for im in images]).astype(np.float32)
+    m = max(2, min(out.shape[1:]) // 12)
+    mask = np.zeros(out.shape[1:], np.float32)
+    mask[m:-m, m:-m] = 1
+    out = (out - (out * mask).sum((1, 2), keepdims=True) / mask.sum()) * mask
+    return out / np.maximum(np.linalg.norm(out.reshape(len(out), -1), axis=1), 1e-6)[:, None, None]
+
+
+def shifted_scores(detail_images: np.ndarray, i: np.ndarray, j: np.ndarray, max_shift: int = 4,
+                   chunk: int = 512) -> np.ndarray:
+    """Best correlation of the detail images of pairs (i, j) over integer shifts up to `max_shift` pixels.
+
+    Circular cross-correlation through numpy's FFT of many pairs at once (the margin of zeros in `detail`
+    keeps the wrap-around from mixing opposite borders).
+    """
+    spectra = np.fft.rfft2(detail_images)  # (N, H, W//2+1)
+    h, w = detail_images.shape[1:]
+    near = np.zeros((h, w), bool)
+    near[np.r_[0 : max_shift + 1, h - max_shift : h][:, None], np.r_[0 : max_shift + 1, w - max_shift : w]] = True
+    out = np.empty(len(i), np.float32)
+    for s in range(0, len(i), chunk):
+        a, b = i[s : s + chunk], j[s : s + chunk]
+        xcorr = np.fft.irfft2(spectra[a] * np.conj(spectra[b]), s=(h, w))  # (B, H, W)
+        out[s : s + chunk] = xcorr[:, near].max(axis=1) if len(a) else 0
+    return out
+
+
+def _scaled(sx: float, sy: float, dx: float = 0.0, dy: float = 0.0, size: int = _SIZE) -> np.ndarray:
+    """2x3 map of a point of a onto b: scale about the centre, then shift (cv2's WARP_INVERSE_MAP form)."""
+    c = (size - 1) / 2
+    return np.float32([[sx, 0, c - sx * c + dx], [0, sy, c - sy * c + dy]])
+
+
+def _ecc(ga: np.ndarray, gb: np.ndarray, warp: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    try:
+        _, warp = cv2.findTransformECC(ga, gb, warp.copy(), cv2.MOTION_AFFINE,
+                                       (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 30, 1e-3), mask, 3)
+    except cv2.error:
+        pass  # no convergence (a flat image): keep the estimate
+    return warp
+
+
+def coarse_register(ga: np.ndarray, gb: np.ndarray) -> np.ndarray:
+    """The affine map of a's pixels onto b's (2x3 float32) for two 64x64 median-filtered images: the best of a
+    per-axis scale grid, each with the shift phase correlation finds (within a few % of the true scale)."""
+    ba, bb = cv2.GaussianBlur(ga, (0, 0), 1.0), cv2.GaussianBlur(gb, (0, 0), 1.0)
+    inside = _interior()
+    best, warp = -2.0, _scaled(1, 1)
+    for sx in _SCALES:
+        for sy in _SCALES:
+            moved = cv2.warpAffine(bb, _scaled(sx, sy), (_SIZE, _SIZE), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                   borderMode=cv2.BORDER_REFLECT)
+            # A copy of ba: OpenCV 5.0's phaseCorrelate windows its first input in place.
+            (dx, dy), _ = cv2.phaseCorrelate(ba.copy(), moved, _WINDOW)
+            candidate = _scaled(sx, sy, sx * dx, sy * dy)
+            # Judged by the correlation it achieves: phase correlation's peak height is not comparable across scales.
+            moved = cv2.warpAffine(bb, candidate, (_SIZE, _SIZE), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                   borderMode=cv2.BORDER_REFLECT)
+            score = _corr(highpass(ba, 2.0)[inside], highpass(moved, 2.0)[inside])
+            if score > best:
+                best, warp = score, candidate
+    return warp
+
+
+def _corr(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = x - x.mean(), y - y.mean()
+    denom = float(np.sqrt((x @ x) * (y @ y)))
+    return float(x @ y / denom) if denom > 0 else 0.0
+
+
+def masked_score(ga: np.ndarray, gb: np.ndarray, warp: np.ndarray) -> tuple[float, np.ndarray]:
+    """(fine-detail correlation outside the masked pixels, the unmasked pixels) of b aligned onto a.
+
+    Masked: pixels whose brightness differs from a linear fit of b on a by far more than the spread of the
+    differences (a burnt-in caliper, text or arrow on one copy), grown by a pixel since the high-pass
+    spreads them, plus the border and wherever the warp leaves b's frame.
+    """
+    size = _SIZE
+    moved = cv2.warpAffine(gb, warp, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderValue=np.nan)
+    valid = ~np.isnan(moved) & _interior()
+    if valid.sum() < 0.3 * size * size:
+        return 0.0, np.zeros_like(valid)
+    moved = np.where(np.isnan(moved), ga, moved)  # outside b's frame: a's pixels, masked anyway
+    slope, offset = np.polyfit(ga[valid], moved[valid], 1) if ga[valid].std() > 0 else (1.0, 0.0)
+    residual = moved - (slope * ga + offset)
+    spread = 1.4826 * np.median(np.abs(residual[valid] - np.median(residual[valid])))
+    contrast = np.subtract(*np.percentile(ga[valid], [99, 1]))  # edges misplaced by interpolation stay below
+    outliers = (np.abs(residual) > max(5 * spread, 0.25 * contrast, 8.0)).astype(np.uint8)
+    keep = valid & ~cv2.dilate(outliers, np.ones((3, 3), np.uint8)).astype(bool)
+    if keep.sum() < 0.3 * size * size:
+        return 0.0, keep
+    return _corr(highpass(ga, DETAIL_SIGMA)[keep], highpass(moved, DETAIL_SIGMA)[keep]), keep
+
+
+# Detail compared by the final score: high-pass of this sigma (px of the 64 px image). At 64 px the nearest
+# look-alikes, adjacent slices of one CT series, keep much of what a copy keeps (COVID-CT: up to 0.92, see
+# docs/duplicates.md); 128 px did not separate them better (copies 0.90-0.98, slices up to 0.96).
+DETAIL_SIGMA = 1.0
+
+
+def _plausible(warp: np.ndarray) -> bool:
+    """Crops and rescales scale the axes (0.8-1.25) and shift; a rotation or shear is not a copy's."""
+    (sx, shear_x), (shear_y, sy) = warp[:, :2]
+    return 0.8 < sx < 1.25 and 0.8 < sy < 1.25 and max(abs(shear_x), abs(shear_y)) <= 0.03
+
+
+def _refine(ga: np.ndarray, gb: np.ndarray, warp: np.ndarray, score: float, keep: np.ndarray):
+    """ECC from `warp` on median-filtered images, then again without the masked pixels if there are any
+    beyond the border (marks pull the registration); the best-scoring plausible map is kept."""
+    ma, mb = cv2.medianBlur(ga, 3), cv2.medianBlur(gb, 3)
+    for mask in (None, keep):
+        if mask is not None and keep.mean() > 0.9 * _interior().mean():
+            break
+        again = _ecc(ma, mb, warp, None if mask is None else mask.astype(np.uint8))
+        if _plausible(again):
+            score2, keep2 = masked_score(ga, gb, again)
+            if score2 > score:
+                score, keep, warp = score2, keep2, again
+    return score, keep, warp
+
+
+def confirm(a: np.ndarray, b: np.ndarray, give_up: float = 0.4) -> float:
+    """Stage 2 for one pair: the masked fine-detail correlation after registration.
+
+    The registration runs on median-filtered images (thin burnt-in strokes would pull it): a scale grid
+    with phase correlation, then (unless the pair scores below `give_up` there, as distinct images do)
+    ECC, once more without the masked pixels. A pair differing over more than `MAX_MASKED` of its pixels,
+    or needing a rotation or shear, scores 0.
+
+    Args:
+        a, b: (64, 64, C) uint8 audit images.
+        give_up: score at the grid's registration below which the pair is refused without refining.
+    """
+    ga, gb = gray(a), gray(b)
+    warp = coarse_register(cv2.medianBlur(ga, 3), cv2.medianBlur(gb, 3))
+    score, keep = masked_score(ga, gb, warp)
+    if score < give_up:
+        return score
+    score, keep, warp = _refine(ga, gb, warp, score, keep)
+    if not _plausible(warp) or 1 - keep.sum() / np.count_nonzero(_interior()) > MAX_MASKED:
+        return 0.0
+    return score
+
+
+def _interior() -> np.ndarray:
+    inside = np.zeros((_SIZE, _SIZE), bool)
+    inside[_MARGIN:-_MARGIN, _MARGIN:-_MARGIN] = True
+    return inside
