@@ -26,7 +26,7 @@ import numpy as np
 import polars as pl
 
 from datamodules.dicom import DicomConfig
-from datamodules.images import ImageDecodeError, ResizeMode, decode, resize
+from datamodules.images import ImageDecodeError, ResizeMode, decode_within_time, resize
 
 _HASH_SCHEMA = {"path": pl.String, "size": pl.Int64, "mtime_ns": pl.Int64, "hash": pl.String}
 _INDEX_SCHEMA = {"hash": pl.String, "slot": pl.Int64, "error": pl.String}
@@ -146,7 +146,7 @@ class ImageCache:
 
     def _decode_one(self, data: bytes) -> np.ndarray | str:
         try:
-            return resize(decode(data, self.channels, self.dicom), self.size, self.resize_mode)
+            return resize(decode_within_time(data, self.channels, self.dicom), self.size, self.resize_mode)
         except ImageDecodeError as e:
             return str(e)
 

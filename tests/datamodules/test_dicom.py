@@ -11,6 +11,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from datamodules.datamodule import ImageDataModule
+from datamodules import dicom_read
 from datamodules.dicom import DicomConfig, decode_dicom
 from datamodules.images import ImageDecodeError, decode, image_size_of
 from errors import ConfigError
@@ -89,8 +90,11 @@ def test_multi_frame_is_rejected_unless_a_frame_is_chosen():
     assert (out[1] == round(500 * 255 / 4000)).all()
 
 
-def test_compressed_without_decoder_names_the_package():
+def test_compressed_without_decoder_names_the_package(monkeypatch):
     data = dicom_bytes(np.zeros((2, 2), np.uint16), syntax=JPEG2000, data=encapsulate([b"\xff\x4f" + b"\x00" * 30]))
+    with pytest.raises(ImageDecodeError, match=r"JPEG 2000 .*pixel data cannot be decoded .*corrupt"):
+        decode(data, 1)  # the plugin is a dependency: a broken codestream is called broken
+    monkeypatch.setattr(dicom_read, "_installed", lambda module: False)
     with pytest.raises(ImageDecodeError, match="pip install pylibjpeg pylibjpeg-openjpeg"):
         decode(data, 1)
 
