@@ -10,8 +10,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from datamodules.datamodule import ImageDataModule
 from datamodules import dicom_read
+from datamodules.datamodule import ImageDataModule
 from datamodules.dicom import DicomConfig, decode_dicom
 from datamodules.images import ImageDecodeError, decode, image_size_of
 from errors import ConfigError
