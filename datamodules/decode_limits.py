@@ -12,7 +12,7 @@ decompression-bomb limit and `DATA_MAX_BYTES`):
 
 - width x height: `max_pixels`;
 - stored pixel bytes of one DICOM frame, and a deflated DICOM dataset once inflated: `max_bytes` (the
-  server: `max_pixels` x `BYTES_PER_PIXEL`, an 8-bit RGB or 16-bit grey image at the pixel limit); a deflated
+  server: `max_pixels` x `BYTES_PER_PIXEL`, a 16-bit grey image at the pixel limit); a deflated
   dataset also at most its header plus the pixels its Rows x Columns declare;
 - a TIFF's tile grid (the image rounded up to whole tiles): at most `max_pixels`;
 - a progressive JPEG: at most `MAX_JPEG_SCANS` scans (encoders write about 10);
@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-BYTES_PER_PIXEL = 3
+BYTES_PER_PIXEL = 2  # a 16-bit grey frame at the pixel limit (8-bit RGB at two thirds of it)
 DATA_MAX_BYTES = 256 << 20  # a 16-bit grey 11k x 11k frame, an 8-bit RGB 9.4k x 9.4k one
 MAX_JPEG_SCANS = 100
 DECODE_TIME_LIMIT_S = 30.0
