@@ -253,6 +253,16 @@ def check_codestream(ds, index: int, frames: int, rows: int, cols: int) -> None:
                             "the file is inconsistent; re-export it")
 
 
+def _has_decoder(syntax) -> bool:
+    from pydicom.pixels import get_decoder
+
+    try:
+        get_decoder(syntax)
+    except NotImplementedError:
+        return False
+    return True
+
+
 def decode_frame(ds, index: int | None):
     """Stored values of one frame (or the only one), decoded by the plugin the transfer syntax needs.
 
@@ -263,6 +273,10 @@ def decode_frame(ds, index: int | None):
     if syntax is None:
         raise DicomDecodeError("file meta without (0002,0010) Transfer Syntax UID: the file violates the DICOM "
                                "standard and its pixels cannot be interpreted; re-export it")
+    if not _has_decoder(syntax):
+        raise DicomDecodeError(f"transfer syntax {syntax.name} ({syntax}) has no image decoder (video, JPIP, JPEG 2000 "
+                               "Part 2 or a private syntax): export the images uncompressed, JPEG, JPEG-LS, JPEG "
+                               "2000 or RLE")
     module, package = _PLUGIN.get(str(syntax), (None, None))
     installed = _installed(module)
     # RLE: pydicom's own decoder expands each segment without a bound; pylibjpeg-rle stops at Rows x Columns.

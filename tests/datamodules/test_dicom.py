@@ -15,7 +15,14 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from pydicom.uid import JPEG2000, CTImageStorage, ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
+from pydicom.uid import (
+    JPEG2000,
+    MPEG2MPML,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    generate_uid,
+)
 
 from datamodules import dicom_read
 from datamodules.datamodule import ImageDataModule
@@ -219,3 +226,10 @@ def test_missing_transfer_syntax_is_named():
     ds.save_as(out, enforce_file_format=False, implicit_vr=False, little_endian=True)
     with pytest.raises(ImageDecodeError, match=r"\(0002,0010\) Transfer Syntax UID"):
         decode(out.getvalue(), 1)
+
+
+def test_video_transfer_syntax_is_named_as_having_no_decoder():
+    data = dicom_bytes(np.zeros((2, 2), np.uint16), syntax=MPEG2MPML, data=encapsulate([b"\x00\x00\x01\xb3" * 8]))
+    with pytest.raises(ImageDecodeError, match=r"transfer syntax MPEG2 Main Profile / Main Level .* has no image "
+                                                r"decoder"):
+        decode(data, 1)
