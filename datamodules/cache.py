@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from datamodules.decode_limits import DECODE_TIME_LIMIT_S
 from datamodules.dicom import DicomConfig
-from datamodules.images import ImageDecodeError, ResizeMode, decode, resize
+from datamodules.images import ImageDecodeError, ResizeMode, decode_within_time, resize
 
 _HASH_SCHEMA = {"path": pl.String, "size": pl.Int64, "mtime_ns": pl.Int64, "hash": pl.String}
 _INDEX_SCHEMA = {"hash": pl.String, "slot": pl.Int64, "error": pl.String}
@@ -79,6 +80,8 @@ class ImageCache:
         resize_mode: how the aspect ratio is handled, see `datamodules.images.resize`.
         workers: decoding threads (PIL and OpenCV release the GIL while decoding/resizing).
         dicom: window and frame for DICOM files; non-default settings get their own cache folder.
+        time_limit_s: wall-clock limit per decode; a file past it is a bad image (see
+            `datamodules.images.decode_within_time`).
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class ImageCache:
         resize_mode: ResizeMode = "squash",
         workers: int | None = None,
         dicom: DicomConfig | None = None,
+        time_limit_s: float = DECODE_TIME_LIMIT_S,
     ):
         self.root = Path(root)
         self.size = size
@@ -96,6 +100,7 @@ class ImageCache:
         self.resize_mode = resize_mode
         self.workers = workers or min(8, os.cpu_count() or 1)
         self.dicom = dicom or DicomConfig()
+        self.time_limit_s = time_limit_s
         tag = self.dicom.tag()
         self.dir = self.root / (f"{size[0]}x{size[1]}x{channels}-{resize_mode}" + (f"-dcm{tag}" if tag else ""))
         self.data_file = self.dir / "images.u8"
@@ -146,7 +151,7 @@ class ImageCache:
 
     def _decode_one(self, data: bytes) -> np.ndarray | str:
         try:
-            return resize(decode(data, self.channels, self.dicom), self.size, self.resize_mode)
+            return resize(decode_within_time(data, self.channels, self.dicom, self.time_limit_s), self.size, self.resize_mode)
         except ImageDecodeError as e:
             return str(e)
 

@@ -8,10 +8,26 @@ Stored values stay 16-bit (then float, in modality units such as Hounsfield) unt
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
+
+from datamodules.decode_limits import DecodeBudget
+from datamodules.dicom_read import (
+    DicomDecodeError,
+    DicomTooLarge,
+    check_codestream,
+    check_elements,
+    decode_frame,
+    frame_geometry,
+    is_dicom,
+    is_raw_dicom,
+    looks_like_dicom,
+    read_dataset,
+)
+
+__all__ = ["DicomConfig", "DicomDecodeError", "DicomTooLarge", "decode_dicom", "dicom_patient_id", "dicom_size",
+           "is_dicom", "is_raw_dicom", "looks_like_dicom"]
 
 # (center, width) in modality units (Hounsfield for CT); the usual radiology presets.
 WINDOW_PRESETS = {
@@ -21,26 +37,6 @@ WINDOW_PRESETS = {
     "brain": (40.0, 80.0),
     "abdomen": (40.0, 400.0),
 }
-# Transfer syntaxes pydicom decodes only with a plugin, and the pip packages that provide one.
-_DECODER_PACKAGES = {
-    "1.2.840.10008.1.2.4.50": "pylibjpeg pylibjpeg-libjpeg",
-    "1.2.840.10008.1.2.4.51": "pylibjpeg pylibjpeg-libjpeg",
-    "1.2.840.10008.1.2.4.57": "pylibjpeg pylibjpeg-libjpeg",
-    "1.2.840.10008.1.2.4.70": "pylibjpeg pylibjpeg-libjpeg",
-    "1.2.840.10008.1.2.4.80": "pylibjpeg pylibjpeg-libjpeg",
-    "1.2.840.10008.1.2.4.81": "pylibjpeg pylibjpeg-libjpeg",
-    "1.2.840.10008.1.2.4.90": "pylibjpeg pylibjpeg-openjpeg",
-    "1.2.840.10008.1.2.4.91": "pylibjpeg pylibjpeg-openjpeg",
-    "1.2.840.10008.1.2.4.201": "pylibjpeg pylibjpeg-openjpeg",
-    "1.2.840.10008.1.2.4.202": "pylibjpeg pylibjpeg-openjpeg",
-    "1.2.840.10008.1.2.4.203": "pylibjpeg pylibjpeg-openjpeg",
-}
-
-
-class DicomDecodeError(ValueError):
-    """A DICOM file that cannot become one 2-D image; the message says what to do."""
-
-
 @dataclass(frozen=True)
 class DicomConfig:
     """How DICOM files become 8-bit images (`data.dicom`).
@@ -72,53 +68,43 @@ class DicomConfig:
         return ("" if cw is None else f"w{cw[0]:g}_{cw[1]:g}") + ("" if self.frame is None else f"f{self.frame}")
 
 
-def is_dicom(data: bytes) -> bool:
-    """A DICOM Part 10 file: 128-byte preamble, then "DICM"."""
-    return len(data) >= 132 and data[128:132] == b"DICM"
-
-
-def _read(data: bytes, pixels: bool = True):
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=not pixels)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError) as e:
-        raise DicomDecodeError(f"unreadable DICOM file ({e or type(e).__name__})") from None
-
-
-def dicom_size(data: bytes) -> tuple[int, int]:
+def dicom_size(data: bytes, budget: DecodeBudget | None = None) -> tuple[int, int]:
     """(width, height) from the DICOM header only, without decoding the pixels."""
-    ds = _read(data, pixels=False)
+    ds = read_dataset(data, budget or DecodeBudget.for_data(), pixels=False)
     if "Rows" not in ds or "Columns" not in ds:
-        raise DicomDecodeError("DICOM file without image (no Rows/Columns): not an image object")
+        raise DicomDecodeError("DICOM file without image (no (0028,0010) Rows / (0028,0011) Columns): not an "
+                               "image object (e.g. a structured report or an RT plan)")
+    check_elements(ds)
     return int(ds.Columns), int(ds.Rows)
 
 
 def dicom_patient_id(data: bytes) -> str | None:
     """The PatientID of a DICOM header (None when absent or empty)."""
-    value = str(_read(data, pixels=False).get("PatientID", "") or "").strip()
+    value = str(read_dataset(data, DecodeBudget.for_data(), pixels=False).get("PatientID", "") or "").strip()
     return value or None
 
 
-def _stored_pixels(ds, frame: int | None) -> np.ndarray:
-    """Stored values of one frame, (H, W) or (H, W, 3), still in their own bit depth."""
-    syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", ""))
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+def _stored_pixels(ds, frame: int | None, budget: DecodeBudget) -> np.ndarray:
+    """Stored values of one frame, (H, W) or (H, W, 3), still in their own bit depth; only that frame is
+    decoded, after its declared size (and, compressed, its codestream's) has been checked against `budget`."""
+    check_elements(ds)
+    rows, cols, frames = frame_geometry(ds, budget)
     if frames > 1 and frame is None:
         raise DicomDecodeError(f"multi-frame DICOM ({frames} frames) is not a single image: set data.dicom.frame to "
                                "the frame to use (0-based), or export one file per slice")
     if frame is not None and not 0 <= frame < frames:
         raise DicomDecodeError(f"data.dicom.frame {frame} is outside this file's {frames} frame(s)")
-    try:
-        arr = ds.pixel_array
-    except Exception as e:  # pydicom raises RuntimeError/NotImplementedError/ValueError by plugin
-        package = _DECODER_PACKAGES.get(syntax)
-        if package is not None:
-            raise DicomDecodeError(f"compressed DICOM ({ds.file_meta.TransferSyntaxUID.name}) needs a decoder that "
-                                   f"is not installed: pip install {package}") from None
-        raise DicomDecodeError(f"cannot decode DICOM pixel data: {e}") from None
-    return arr[frame] if frames > 1 else arr
+    check_codestream(ds, frame or 0, frames, rows, cols)
+    return decode_frame(ds, frame if frames > 1 else None)
+
+
+# Rows converted to float at a time: a whole-image float64 copy would cost 8 bytes per pixel (290 MB at 36 MP).
+_BLOCK_PIXELS = 1 << 20
+
+
+def _row_blocks(arr: np.ndarray):
+    step = max(1, _BLOCK_PIXELS // max(arr.shape[1], 1))
+    return (slice(r, r + step) for r in range(0, arr.shape[0], step))
 
 
 def _window(values: np.ndarray, center: float, width: float) -> np.ndarray:
@@ -128,52 +114,72 @@ def _window(values: np.ndarray, center: float, width: float) -> np.ndarray:
     return np.round(np.clip(scaled, 0, 1) * 255).astype(np.uint8)
 
 
-def _minmax(values: np.ndarray) -> np.ndarray:
-    lo, hi = float(values.min()), float(values.max())
-    if hi <= lo:
-        return np.zeros(values.shape, np.uint8)
-    return np.round((values - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+def _minmax_blocks(arr: np.ndarray, convert) -> np.ndarray:
+    """uint8 of `convert(arr)` scaled by its own min-max, converting one block of rows at a time."""
+    blocks = list(_row_blocks(arr))
+    lo = min(float(np.min(convert(arr[b]))) for b in blocks)
+    hi = max(float(np.max(convert(arr[b]))) for b in blocks)
+    out = np.zeros(arr.shape, np.uint8)
+    if hi > lo:
+        for b in blocks:
+            out[b] = np.round((convert(arr[b]).astype(np.float64) - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    return out
 
 
-def decode_dicom(data: bytes, channels: int = 3, config: DicomConfig | None = None) -> np.ndarray:
+def _file_window(ds) -> tuple[float, float] | None:
+    if "WindowCenter" not in ds or "WindowWidth" not in ds:
+        return None
+    first = lambda v: float(v[0]) if hasattr(v, "__len__") and not isinstance(v, str) else float(v)  # noqa: E731
+    return first(ds.WindowCenter), first(ds.WindowWidth)
+
+
+def _gray(arr: np.ndarray, ds, config: DicomConfig) -> np.ndarray:
+    """Grey stored values -> (H, W) uint8: modality LUT (slope/intercept: stored -> e.g. Hounsfield), then the
+    configured window, the file's window, its VOI LUT, or the image's own min-max."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    cw = config.center_width() or _file_window(ds)
+    if cw is not None:
+        out = np.empty(arr.shape, np.uint8)
+        for b in _row_blocks(arr):
+            out[b] = _window(apply_modality_lut(arr[b], ds).astype(np.float64), *cw)
+    elif "VOILUTSequence" in ds:
+        out = _minmax_blocks(arr, lambda a: apply_voi_lut(a, ds))
+    else:
+        out = _minmax_blocks(arr, lambda a: apply_modality_lut(a, ds))
+    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")) == "MONOCHROME1":  # low values are white
+        np.subtract(255, out, out=out)
+    return out
+
+
+def decode_dicom(data: bytes, channels: int = 3, config: DicomConfig | None = None,
+                 budget: DecodeBudget | None = None) -> np.ndarray:
     """Decode DICOM bytes to (H, W, channels) uint8.
 
     Args:
-        data: the bytes of a DICOM Part 10 file (a `.dcm` file, an upload).
+        data: the bytes of a DICOM Part 10 file (a `.dcm` file, an upload) or of a raw dataset without
+            preamble and file meta.
         channels: 3 (RGB) or 1 (grayscale).
         config: window and frame; default: the file's own VOI LUT/window, single-frame only.
+        budget: what the decode may hold (default: the data layer's, `DecodeBudget.for_data()`).
 
     Raises:
-        DicomDecodeError: unreadable, multi-frame without a frame, or a codec that is not installed.
+        DicomDecodeError: unreadable, multi-frame without a frame, a codec that is not installed, a malformed
+            element (named).
+        DicomTooLarge: over the budget (pixels, stored bytes, inflated size), refused before decoding.
     """
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
     config = config or DicomConfig()
-    ds = _read(data)
+    ds = read_dataset(data, budget or DecodeBudget.for_data())
     if "PixelData" not in ds and "FloatPixelData" not in ds:
-        raise DicomDecodeError("DICOM file without pixel data (e.g. a structured report): not an image")
-    arr = _stored_pixels(ds, config.frame)
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+        kind = str(ds.get("Modality", "") or "").strip()
+        raise DicomDecodeError(f"DICOM file without pixel data ({kind + ', ' if kind else ''}e.g. a structured "
+                               "report or an RT plan): not an image; remove it from the image folder")
+    arr = _stored_pixels(ds, config.frame, budget or DecodeBudget.for_data())
     if arr.ndim == 3:  # colour (RGB; pydicom converts YBR to RGB): already display values
-        gray = None
-        rgb = arr.astype(np.uint8) if arr.dtype == np.uint8 else _minmax(arr.astype(np.float64))
-    else:
-        values = apply_modality_lut(arr, ds).astype(np.float64)  # slope/intercept: stored -> e.g. Hounsfield
-        cw = config.center_width()
-        if cw is None and "WindowCenter" in ds and "WindowWidth" in ds:
-            first = lambda v: float(v[0]) if hasattr(v, "__len__") and not isinstance(v, str) else float(v)  # noqa: E731
-            cw = first(ds.WindowCenter), first(ds.WindowWidth)
-        if cw is not None:
-            gray = _window(values, *cw)
-        elif "VOILUTSequence" in ds:
-            gray = _minmax(apply_voi_lut(arr, ds).astype(np.float64))
-        else:
-            gray = _minmax(values)
-        if photometric == "MONOCHROME1":  # low values are white in MONOCHROME1
-            gray = 255 - gray
-        rgb = None
-    if gray is not None:
-        return gray[..., None] if channels == 1 else np.repeat(gray[..., None], 3, axis=2)
-    if channels == 1:
-        return np.round(rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.uint8)[..., None]
-    return rgb
+        rgb = arr.astype(np.uint8) if arr.dtype == np.uint8 else _minmax_blocks(arr, lambda a: a)
+        if channels == 1:
+            weights = np.array([0.299, 0.587, 0.114], np.float32)
+            return np.round(rgb.astype(np.float32) @ weights).astype(np.uint8)[..., None]
+        return rgb
+    gray = _gray(arr, ds, config)
+    return gray[..., None] if channels == 1 else np.repeat(gray[..., None], 3, axis=2)

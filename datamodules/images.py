@@ -8,6 +8,7 @@ same pixels.
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 from typing import Literal
 
@@ -15,7 +16,15 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from datamodules.dicom import DicomConfig, DicomDecodeError, decode_dicom, dicom_size, is_dicom
+from datamodules.decode_limits import (
+    DECODE_TIME_LIMIT_S,
+    DecodeBudget,
+    DecodeTimeout,
+    call_with_time_limit,
+    jpeg_problem,
+    tiff_problem,
+)
+from datamodules.dicom import DicomConfig, DicomDecodeError, decode_dicom, dicom_size, looks_like_dicom
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 ResizeMode = Literal["squash", "letterbox"]
@@ -93,7 +102,7 @@ def image_size_of(data: bytes) -> tuple[int, int, str]:
     """
     if len(data) == 0:
         raise ImageDecodeError("empty file (0 bytes)")
-    if is_dicom(data):
+    if looks_like_dicom(data):
         try:
             return (*dicom_size(data), "DICOM")
         except DicomDecodeError as e:
@@ -107,7 +116,18 @@ def image_size_of(data: bytes) -> tuple[int, int, str]:
         raise ImageDecodeError("not a readable image (unknown or corrupt format)") from None
 
 
-def decode(data: bytes, channels: int = 3, dicom: DicomConfig | None = None) -> np.ndarray:
+def pre_decode_problem(img: Image.Image, data: bytes, budget: DecodeBudget) -> str | None:
+    """A reason to refuse an opened (header-only) image before its pixels are decoded: a TIFF whose tiles or
+    strips pass the budget, a JPEG with too many scans (see `datamodules.decode_limits`)."""
+    if img.format == "TIFF":
+        return tiff_problem(img, budget.max_pixels)
+    if img.format in ("JPEG", "MPO"):
+        return jpeg_problem(data)
+    return None
+
+
+def decode(data: bytes, channels: int = 3, dicom: DicomConfig | None = None,
+           budget: DecodeBudget | None = None) -> np.ndarray:
     """Decode encoded image bytes (any PIL format, or DICOM) to (H, W, channels) uint8, fully, so truncated
     files fail here.
 
@@ -115,19 +135,24 @@ def decode(data: bytes, channels: int = 3, dicom: DicomConfig | None = None) -> 
         data: the file's bytes.
         channels: 3 (RGB) or 1 (grayscale).
         dicom: window and frame for DICOM files (see `datamodules.dicom.decode_dicom`).
+        budget: what the decode may hold (default: the data layer's, `DecodeBudget.for_data()`).
 
     Raises:
-        ImageDecodeError: empty, not an image, truncated or otherwise unreadable.
+        ImageDecodeError: empty, not an image, truncated, over the budget or otherwise unreadable.
     """
     if len(data) == 0:
         raise ImageDecodeError("empty file (0 bytes)")
-    if is_dicom(data):
+    budget = budget or DecodeBudget.for_data()
+    if looks_like_dicom(data):
         try:
-            return decode_dicom(data, channels, dicom)
+            return decode_dicom(data, channels, dicom, budget)
         except (DicomDecodeError, ValueError) as e:
             raise ImageDecodeError(str(e)) from None
     try:
         with Image.open(io.BytesIO(data)) as img:
+            problem = pre_decode_problem(img, data, budget)
+            if problem is not None:
+                raise ImageDecodeError(problem)
             img.load()  # forces the full decode: a truncated file raises here, not later in a worker
             img = ImageOps.exif_transpose(img)
             if img.width == 0 or img.height == 0:
@@ -137,13 +162,27 @@ def decode(data: bytes, channels: int = 3, dicom: DicomConfig | None = None) -> 
         raise ImageDecodeError("not a readable image (unknown or corrupt format)") from None
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(f"too many pixels: {e}") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, struct.error) as e:
         if isinstance(e, ImageDecodeError):
             raise
         msg = str(e) or type(e).__name__
         if "truncated" in msg.lower():
             msg = f"truncated file ({msg})"
         raise ImageDecodeError(msg) from None
+
+
+def decode_within_time(data: bytes, channels: int = 3, dicom: DicomConfig | None = None,
+                       seconds: float = DECODE_TIME_LIMIT_S) -> np.ndarray:
+    """`decode`, reported as a bad image once it has taken `seconds` of wall time (see
+    `datamodules.decode_limits.call_with_time_limit`).
+
+    Raises:
+        ImageDecodeError: as `decode`, or past the time limit.
+    """
+    try:
+        return call_with_time_limit(decode, seconds, data, channels, dicom)
+    except DecodeTimeout as e:
+        raise ImageDecodeError(f"{e}, the limit per image: re-save or re-export the file") from None
 
 
 def load_image(

@@ -6,7 +6,9 @@ can be a 36-megapixel PNG, so the server instead:
 - opens it with PIL restricted to `ACCEPTED_FORMATS` (`Image.open(formats=...)`): the format is read from
   the magic bytes, never from the client's label, and no other PIL plugin (GIF, WebP, EPS -> Ghostscript, ...)
   is ever asked to parse the bytes;
-- checks width x height from the header before any pixel is decoded;
+- checks width x height from the header before any pixel is decoded, and what else a decoder would spend
+  beyond it (TIFF tiles and strips, JPEG scans, DICOM stored bytes, inflated size and codestream geometry:
+  `datamodules.decode_limits`);
 - lets the JPEG decoder scale down by DCT (`Image.draft`) and box-reduces other formats right after the
   load (`Image.reduce`), keeping at least `MARGIN` times the model's input so the final area resize is the
   same as training's; at most one full-size copy of the pixels exists at a time.
@@ -18,14 +20,14 @@ pixel conversion, so they give the same probabilities as `cli.py predict`.
 from __future__ import annotations
 
 import io
-import threading
 from typing import BinaryIO
 
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from datamodules.dicom import DicomConfig, DicomDecodeError, dicom_size, is_dicom
-from datamodules.images import ImageDecodeError, ResizeMode, _pil_to_array, decode, resize
+from datamodules.decode_limits import DecodeBudget
+from datamodules.dicom import DicomConfig, DicomDecodeError, DicomTooLarge, decode_dicom, looks_like_dicom
+from datamodules.images import ImageDecodeError, ResizeMode, _pil_to_array, pre_decode_problem, resize
 
 # What PIL may detect. "JPEG" also covers its MPO variant (multi-picture JPEG from cameras).
 ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
@@ -33,8 +35,6 @@ ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 # detail the model's input cannot hold anyway.
 MARGIN = 4
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
-# pydicom decodes every pixel and windows in float64 (~25 bytes per pixel at the peak): one DICOM at a time.
-_DICOM_DECODE = threading.Lock()
 
 
 class UnsupportedImage(ImageDecodeError):
@@ -63,7 +63,22 @@ def open_upload(source: bytes | BinaryIO, max_pixels: int) -> Image.Image:
     if width * height > max_pixels:
         img.close()
         raise TooManyPixels(f"image has {width}x{height} pixels, over the limit of {max_pixels}")
+    problem = pre_decode_problem(img, _jpeg_bytes(img, stream), DecodeBudget.for_server(max_pixels))
+    if problem is not None:
+        img.close()
+        raise TooManyPixels(problem)
     return img
+
+
+def _jpeg_bytes(img: Image.Image, stream: BinaryIO) -> bytes:
+    """The whole upload for a JPEG (its scans are counted before decoding), else nothing."""
+    if img.format not in ("JPEG", "MPO"):
+        return b""
+    at = stream.tell()
+    stream.seek(0)
+    data = stream.read()
+    stream.seek(at)
+    return data
 
 
 def reduction_factor(width: int, height: int, size: tuple[int, int]) -> int:
@@ -110,23 +125,22 @@ def _windowed(img: Image.Image, window: tuple[float, float]) -> Image.Image:
 
 def _decode_dicom(data: bytes, channels: int, size: tuple[int, int], mode: ResizeMode, max_pixels: int,
                   dicom: DicomConfig | None) -> np.ndarray:
-    """A DICOM upload through the data layer's own decoder (window, frame, MONOCHROME1 as in training)."""
+    """A DICOM upload through the data layer's own decoder (window, frame, MONOCHROME1 as in training), within
+    the server's budget: pixels, stored bytes and inflated size are checked before anything is decoded."""
     try:
-        width, height = dicom_size(data)
-    except DicomDecodeError as e:
+        return resize(decode_dicom(data, channels, dicom, DecodeBudget.for_server(max_pixels)), size, mode)
+    except DicomTooLarge as e:
+        raise TooManyPixels(str(e)) from None
+    except (DicomDecodeError, ValueError) as e:
         raise ImageDecodeError(str(e)) from None
-    if width * height > max_pixels:
-        raise TooManyPixels(f"image has {width}x{height} pixels, over the limit of {max_pixels}")
-    with _DICOM_DECODE:
-        return resize(decode(data, channels, dicom), size, mode)
 
 
 def decode_upload(
     source: bytes | BinaryIO, channels: int, size: tuple[int, int], mode: ResizeMode, max_pixels: int,
     dicom: DicomConfig | None = None,
 ) -> np.ndarray:
-    """Encoded upload -> (H, W, C) uint8 model input; DICOM (recognised by "DICM" at byte 128) goes through
-    the data layer's DICOM decoder with the model's training settings.
+    """Encoded upload -> (H, W, C) uint8 model input; DICOM (a Part 10 file, "DICM" at byte 128, or a raw
+    dataset) goes through the data layer's DICOM decoder with the model's training settings.
 
     Args:
         source: the file's bytes, or a seekable binary file.
@@ -144,7 +158,7 @@ def decode_upload(
     head = source[:132] if isinstance(source, bytes) else source.read(132)
     if not isinstance(source, bytes):
         source.seek(0)
-    if is_dicom(head):
+    if looks_like_dicom(head):
         return _decode_dicom(source if isinstance(source, bytes) else source.read(), channels, size, mode, max_pixels, dicom)
     img = open_upload(source, max_pixels)
     try:
