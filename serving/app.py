@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 from contextlib import nullcontext
 from importlib.resources import files
+from pathlib import Path
 from typing import Annotated, Any
 
 from anyio import to_thread
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+import fastapi_offline
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 
@@ -84,7 +86,9 @@ def create_app(predictor: Predictor, limits: Limits | None = None) -> FastAPI:
         description=f"Serves {info['name']} ({', '.join(info['classes'])}). A research tool, not a medical device: "
                     "its output must not be used for diagnosis.",
         version="0.1.0",
+        swagger_ui_parameters={"validatorUrl": None},  # Swagger UI would ask validator.swagger.io about the schema
     )
+    _serve_redoc_without_cdn(app)
     app.add_middleware(BodyLimit, max_body=limits.max_body, max_bytes=limits.max_bytes,
                        read_timeout=limits.read_timeout, min_rate=limits.min_upload_rate)
     app.add_exception_handler(RequestValidationError, validation_error)
@@ -141,6 +145,27 @@ def create_app(predictor: Predictor, limits: Limits | None = None) -> FastAPI:
         return Prediction(**result, model=str(info["name"]))
 
     return app
+
+
+# ReDoc's bundle draws the "API docs by Redocly" footer logo from its CDN, and links Redocly's site.
+REDOC_CDN_LOGO = 'e?r.createElement("img",{alt:"redocly logo",onError:()=>t(!1),src:"https://cdn.redoc.ly/redoc/logo-mini.svg"}):null'
+REDOC_LINK = 'href:"https://redocly.com/redoc/"'
+
+
+def _serve_redoc_without_cdn(app: FastAPI) -> None:
+    """Serve fastapi-offline's ReDoc bundle without its CDN logo and outside link, ahead of its static mount."""
+    from fastapi.responses import Response
+    from fastapi.routing import APIRoute
+
+    path = next(r for r in app.routes if getattr(r, "name", "") == "static-offline-docs").path
+    bundle = Path(fastapi_offline.__file__).parent / "static" / "redoc.standalone.js"
+    # tests/serving/test_hardening.py fails when a new bundle changes this code
+    script = bundle.read_text(encoding="utf-8").replace(REDOC_CDN_LOGO, "null").replace(REDOC_LINK, 'href:"#"').encode()
+
+    def redoc_js() -> Response:
+        return Response(script, media_type="text/javascript")
+
+    app.router.routes.insert(0, APIRoute(f"{path}/redoc.standalone.js", redoc_js, include_in_schema=False))
 
 
 def _size(upload) -> int:

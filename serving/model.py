@@ -7,6 +7,7 @@ import io
 import pickle
 import sys
 import threading
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +93,9 @@ def load_model(checkpoint: Path, device: torch.device) -> ImageClassifier:
         raise ConfigError(f"{checkpoint.name}: {what}, not a model checkpoint. Serve a checkpoint written by "
                           "`cli.py fit` or a sweep (a run's checkpoints/best.ckpt), or the sweep folder itself.")
     try:
-        return ImageClassifier.load_trained(checkpoint, map_location=device)
+        with warnings.catch_warnings():  # torch warns about the protocol of the bytes it is about to refuse
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+            return ImageClassifier.load_trained(checkpoint, map_location=device)
     except pickle.UnpicklingError as e:
         if "global" not in str(e).lower():  # torch names the class a pickle would import; else it is just damaged
             raise ConfigError(f"{checkpoint.name}: a damaged or foreign file, not a model checkpoint (its pickle data "
