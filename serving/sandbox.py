@@ -63,9 +63,14 @@ def _limit_memory(budget: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
 
 
-def _out_of_memory(e: BaseException) -> bool:
+def _out_of_memory(e: BaseException | None) -> bool:
+    """A failed allocation, as each decoder reports it: MemoryError, PIL's codec status -9 (out of memory),
+    OpenCV's "Insufficient memory", or any error raised while handling a MemoryError (a Rust decoder panics)."""
+    if e is None:
+        return False
     text = str(e).lower()
-    return isinstance(e, MemoryError) or "memory" in text or "cannot allocate" in text
+    return (isinstance(e, MemoryError) or "memory" in text or "cannot allocate" in text or "error -9" in text
+            or _out_of_memory(e.__context__))
 
 
 def _child(conn: Connection, budget: int, fn: Callable[..., Any], args: tuple) -> None:
