@@ -221,6 +221,19 @@ def _fold(cfg) -> Any:
     return split.get("fold") if hasattr(split, "get") else getattr(split, "fold", None)
 
 
+def check_trainer(trainer) -> None:
+    """Trainer settings Lightning would refuse with a traceback, or accept and then train nothing.
+
+    Raises:
+        ConfigError: `max_epochs` below 1 (0 trains nothing and leaves no checkpoint; Lightning's -1, "no
+            limit", would run until stopped, which a model-selection run never wants).
+    """
+    epochs = trainer.get("max_epochs") if hasattr(trainer, "get") else getattr(trainer, "max_epochs", None)
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise ConfigError(f"trainer.max_epochs is {epochs!r}: it must be a whole number of epochs, at least 1 "
+                          "(e.g. --trainer.max_epochs 15); stop earlier with run.early_stopping_patience")
+
+
 class MedselCLI(LightningCLI):
     """LightningCLI over `ImageClassifier` and `ImageDataModule` with run directories.
 
@@ -263,6 +276,7 @@ class MedselCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self._cfg()
+        check_trainer(cfg.trainer)
         run = RunConfig(**{k: v for k, v in vars(cfg.run).items() if not k.startswith("__")})
         self.run_dir = resolve_run_dir(run)
         cfg.run.dir = str(self.run_dir)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 from errors import ConfigError
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -46,6 +48,33 @@ def resolve(value: str) -> Path:
     )
 
 
+def check_yaml(path: Path) -> None:
+    """Parse `path` as YAML, so that a syntax error is one line naming the file, line and column.
+
+    jsonargparse would print its whole usage and then a parser message naming neither the file nor a fix.
+
+    Raises:
+        ConfigError: the file is not valid YAML (a tab in the indentation says so: YAML forbids tabs there).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{display(path)}: not a text file (byte {e.start} is not UTF-8); a config is a YAML file") from None
+    try:
+        yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        line = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
+        if "\t" in (e.problem or "") or (mark and "\t" in line[: mark.column + 1]):
+            fix = "tabs are not allowed in YAML: indent with spaces"
+        else:
+            fix = f"{e.problem or 'invalid YAML'}; check the indentation and the `key: value` syntax there"
+        raise ConfigError(f"{display(path)}, {where}: {fix}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{display(path)}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
 def display(path: Path) -> str:
     """`configs/chd.yaml` for a project config, the path itself otherwise."""
     try:
@@ -74,8 +103,10 @@ def resolve_argv(argv: list[str], log=print) -> tuple[list[str], Path | None]:
             continue  # jsonargparse's inline YAML (`--config '{a: 1}'`)
         if Path(value).expanduser().is_file():
             last = Path(value).expanduser()
+            check_yaml(last)
             continue
         last = resolve(value)
+        check_yaml(last)
         log(f"[config] {value} -> {display(last)}")
         out[j] = prefix + str(last)
     return out, last

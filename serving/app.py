@@ -1,24 +1,35 @@
 """The FastAPI application: `GET /` (upload page), `POST /predict`, `GET /health`, `GET /model`, and the API
 docs at `/docs` and `/redoc`, whose scripts are served from the `fastapi-offline` package (no CDN).
 
-Bad input is a 4xx with a message, never a 5xx: empty bodies (400), uploads over the byte limit or
-images over the pixel limit (413), anything but PNG/JPEG/BMP/TIFF/DICOM by content (415), truncated images (422).
-The client's file name and content type are never used.
+Bad input is a 4xx with a message, never a 5xx: empty bodies or more than one `file` part (400), a body that
+arrives too slowly (408), uploads over the byte limit, images over the pixel limit, or decodes past their memory
+budget or time limit (413), anything but PNG/JPEG/BMP/TIFF/DICOM by content (415), truncated or corrupt images
+(422). The client's file name and content type are never used, and no error body repeats what was uploaded.
+
+Each decode runs in its own process (serving.sandbox) under a decode slot; a DICOM first waits for the one
+DICOM decode at a time, without holding a slot, so waiting DICOMs never keep other images from decoding.
 """
 
 from __future__ import annotations
 
-import threading
+import asyncio
+from contextlib import nullcontext
 from importlib.resources import files
+from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, File, HTTPException, Query, UploadFile
-from fastapi.responses import HTMLResponse
+from anyio import to_thread
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+import fastapi_offline
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 
+from datamodules.dicom import is_dicom
 from datamodules.images import ImageDecodeError
-from serving.images import TooManyPixels, UnsupportedImage
+from serving import sandbox
+from serving.images import TooManyPixels, UnsupportedImage, decode_upload
 from serving.limits import BodyLimit, Limits
 from serving.model import Predictor
 
@@ -43,7 +54,22 @@ class Problem(BaseModel):
     detail: str
 
 
-ERRORS = {400: {"model": Problem}, 413: {"model": Problem}, 415: {"model": Problem}, 422: {"model": Problem}}
+ERRORS = {code: {"model": Problem} for code in (400, 408, 413, 415, 422)}
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 without the `input` of each error: for a form it is the uploaded part itself (a part
+    sent with only `filename*=` arrives as a text field, and its bytes would be echoed back)."""
+    errors = [{k: v for k, v in e.items() if k in ("type", "loc", "msg")} for e in exc.errors()]
+    return JSONResponse({"detail": errors}, status_code=422)
+
+
+def _http_error(e: ImageDecodeError) -> HTTPException:
+    if isinstance(e, UnsupportedImage):
+        return HTTPException(415, str(e))
+    if isinstance(e, TooManyPixels | sandbox.OverBudget):
+        return HTTPException(413, str(e))
+    return HTTPException(422, f"the image could not be decoded: {e}")
 
 
 def create_app(predictor: Predictor, limits: Limits | None = None) -> FastAPI:
@@ -60,11 +86,29 @@ def create_app(predictor: Predictor, limits: Limits | None = None) -> FastAPI:
         description=f"Serves {info['name']} ({', '.join(info['classes'])}). A research tool, not a medical device: "
                     "its output must not be used for diagnosis.",
         version="0.1.0",
+        swagger_ui_parameters={"validatorUrl": None},  # Swagger UI would ask validator.swagger.io about the schema
     )
-    app.add_middleware(BodyLimit, max_body=limits.max_body, max_bytes=limits.max_bytes)
+    _serve_redoc_without_cdn(app)
+    app.add_middleware(BodyLimit, max_body=limits.max_body, max_bytes=limits.max_bytes,
+                       read_timeout=limits.read_timeout, min_rate=limits.min_upload_rate)
+    app.add_exception_handler(RequestValidationError, validation_error)
     page = files("serving").joinpath("page.html").read_text()
-    # Decoding holds up to one full-size copy of an image: bound how many run at once (see serving.limits).
-    decode_slots = threading.BoundedSemaphore(limits.decode_slots)
+    # Decoding holds up to one budget of memory: bound how many run at once (see serving.limits). asyncio
+    # primitives, so that requests waiting for a slot hold no worker thread.
+    decode_slots = asyncio.Semaphore(limits.decode_slots)
+    one_dicom = asyncio.Lock()
+
+    def decode(upload, dicom: bool):
+        args = (upload.read(), predictor.channels, predictor.image_size, predictor.resize_mode, limits.max_pixels,
+                predictor.dicom)
+        return sandbox.run(decode_upload, args, limits.decode_seconds, limits.decode_budget(dicom))
+
+    async def decode_in_slot(upload):
+        """The upload is read only inside a slot, so waiting requests hold no copy of it in memory."""
+        dicom = is_dicom(await to_thread.run_sync(_head, upload))
+        async with one_dicom if dicom else nullcontext():  # waits here without a slot
+            async with decode_slots:
+                return await to_thread.run_sync(decode, upload, dicom)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> str:
@@ -79,28 +123,59 @@ def create_app(predictor: Predictor, limits: Limits | None = None) -> FastAPI:
         return info
 
     @app.post("/predict", response_model=Prediction, response_model_by_alias=True, responses=ERRORS)
-    def predict(
+    async def predict(
+        request: Request,
         file: Annotated[UploadFile, File(description="an image file (PNG, JPEG, BMP, TIFF or DICOM)")],
         heatmap: Annotated[bool, Query(description="also return a Grad-CAM overlay")] = False,
     ) -> Prediction:
-        upload = file.file  # spooled by Starlette (on disk past 1 MB); read only inside a decode slot
-        upload.seek(0, 2)
-        size = upload.tell()
-        upload.seek(0)
+        parts = (await request.form()).getlist("file")  # the form FastAPI parsed (Starlette keeps it)
+        if len(parts) > 1:
+            raise HTTPException(400, f"send one image per request: this one has {len(parts)} `file` parts")
+        upload = file.file  # spooled by Starlette (on disk past 1 MB)
+        size = await to_thread.run_sync(_size, upload)
         if size == 0:
             raise HTTPException(400, "the uploaded file is empty")
         if size > limits.max_bytes:
             raise HTTPException(413, f"upload is larger than the limit of {limits.max_bytes} bytes")
-        with decode_slots:
-            try:
-                image = predictor.preprocess(upload, limits.max_pixels)
-            except UnsupportedImage as e:
-                raise HTTPException(415, str(e)) from None
-            except TooManyPixels as e:
-                raise HTTPException(413, str(e)) from None
-            except ImageDecodeError as e:
-                raise HTTPException(422, f"the image could not be decoded: {e}") from None
-        result = predictor.predict(image, heatmap)
+        try:
+            image = await decode_in_slot(upload)
+        except ImageDecodeError as e:
+            raise _http_error(e) from None
+        result = await to_thread.run_sync(predictor.predict, image, heatmap)
         return Prediction(**result, model=str(info["name"]))
 
     return app
+
+
+# ReDoc's bundle draws the "API docs by Redocly" footer logo from its CDN, and links Redocly's site.
+REDOC_CDN_LOGO = 'e?r.createElement("img",{alt:"redocly logo",onError:()=>t(!1),src:"https://cdn.redoc.ly/redoc/logo-mini.svg"}):null'
+REDOC_LINK = 'href:"https://redocly.com/redoc/"'
+
+
+def _serve_redoc_without_cdn(app: FastAPI) -> None:
+    """Serve fastapi-offline's ReDoc bundle without its CDN logo and outside link, ahead of its static mount."""
+    from fastapi.responses import Response
+    from fastapi.routing import APIRoute
+
+    path = next(r for r in app.routes if getattr(r, "name", "") == "static-offline-docs").path
+    bundle = Path(fastapi_offline.__file__).parent / "static" / "redoc.standalone.js"
+    # tests/serving/test_hardening.py fails when a new bundle changes this code
+    script = bundle.read_text(encoding="utf-8").replace(REDOC_CDN_LOGO, "null").replace(REDOC_LINK, 'href:"#"').encode()
+
+    def redoc_js() -> Response:
+        return Response(script, media_type="text/javascript")
+
+    app.router.routes.insert(0, APIRoute(f"{path}/redoc.standalone.js", redoc_js, include_in_schema=False))
+
+
+def _size(upload) -> int:
+    upload.seek(0, 2)
+    size = upload.tell()
+    upload.seek(0)
+    return size
+
+
+def _head(upload) -> bytes:
+    head = upload.read(132)  # DICOM's "DICM" sits at byte 128
+    upload.seek(0)
+    return head

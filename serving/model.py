@@ -7,6 +7,7 @@ import io
 import pickle
 import sys
 import threading
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,18 +85,47 @@ def load_model(checkpoint: Path, device: torch.device) -> ImageClassifier:
     """Weights-only loading; anything else in the file is refused with one line instead of a traceback.
 
     Raises:
-        ConfigError: a checkpoint that needs unpickling of arbitrary objects, or not a checkpoint at all.
+        ConfigError: an empty file, a file that is not a PyTorch checkpoint, a checkpoint that needs unpickling
+            of arbitrary objects, or not a medsel checkpoint.
     """
+    what = checkpoint_kind(checkpoint)
+    if what is not None:
+        raise ConfigError(f"{checkpoint.name}: {what}, not a model checkpoint. Serve a checkpoint written by "
+                          "`cli.py fit` or a sweep (a run's checkpoints/best.ckpt), or the sweep folder itself.")
     try:
-        return ImageClassifier.load_trained(checkpoint, map_location=device)
-    except pickle.UnpicklingError:
+        with warnings.catch_warnings():  # torch warns about the protocol of the bytes it is about to refuse
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+            return ImageClassifier.load_trained(checkpoint, map_location=device)
+    except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():  # torch names the class a pickle would import; else it is just damaged
+            raise ConfigError(f"{checkpoint.name}: a damaged or foreign file, not a model checkpoint (its pickle data "
+                              f"cannot be read: {_unpickler_reason(e)}). Serve a checkpoint written by `cli.py fit` "
+                              "or a sweep.") from None
         raise ConfigError(
             f"{checkpoint.name}: not a weights-only checkpoint (it holds pickled Python objects, which could run "
             "code when loaded), so it is not loaded. Serve a checkpoint written by `cli.py fit` or a sweep."
         ) from None
-    except (KeyError, RuntimeError, EOFError, zipfile.BadZipFile, TypeError) as e:
+    except (KeyError, RuntimeError, EOFError, IndexError, zipfile.BadZipFile, TypeError) as e:
         raise ConfigError(f"{checkpoint.name}: not a medsel checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
                           "Serve a checkpoint written by `cli.py fit` or a sweep.") from None
+
+
+def _unpickler_reason(e: Exception) -> str:
+    """The line of torch's weights-only error that says what failed (its message is a page of advice)."""
+    lines = [line.strip() for line in str(e).split("WeightsUnpickler error:")[-1].splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(e).__name__
+
+
+def checkpoint_kind(path: Path) -> str | None:
+    """What a file that cannot be a PyTorch checkpoint is ("an empty file (0 bytes)", "not a PyTorch file
+    ..."), or None when it may be one: a zip archive (torch.save's format) or a legacy pickle."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not head:
+        return "an empty file (0 bytes; an interrupted copy or save?)"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # zip archive, or pickle protocol >= 2
+        return None
+    return f"not a PyTorch file (it starts with bytes {head.hex(' ')}: neither a zip archive nor a pickle)"
 
 
 def datamodule_hparams(checkpoint: Path) -> dict[str, Any]:

@@ -164,7 +164,7 @@ def test_a_pickle_checkpoint_is_one_error_line_and_never_unpickled(served, tmp_p
     torch.save(ckpt, tmp_path / "unsafe.ckpt")
     with pytest.raises(ConfigError, match="not a weights-only checkpoint"):
         Predictor(locate(tmp_path / "unsafe.ckpt"), "cpu")
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("the server started"))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda *a, **k: pytest.fail("the server started"))
     assert entry.main(["serve", "--run", str(tmp_path / "unsafe.ckpt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: unsafe.ckpt: not a weights-only checkpoint"), err
