@@ -159,7 +159,7 @@ def _mlp_head(in_features: int, hidden: list[int], dropout: float, out: int) -> 
     return nn.Sequential(*layers)
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     from huggingface_hub import constants
 
     host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
@@ -170,7 +170,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _cached_weights(name: str) -> str | None:
+def cached_weights(name: str) -> str | None:
     """The hub weights of timm's `name` already in the local Hugging Face cache, if any.
 
     Looked up here rather than by switching huggingface_hub to offline mode: that is process-wide state, and
@@ -203,12 +203,12 @@ def _create_timm(cfg: NetworkConfig, in_chans: int) -> nn.Module:
             ) from None
     if not cfg.pretrained:
         return timm.create_model(cfg.name, pretrained=False, **kwargs)
-    if _hub_reachable():
+    if hub_reachable():
         try:
             return timm.create_model(cfg.name, pretrained=True, **kwargs)
         except Exception as e:
             raise _no_weights(cfg.name, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-    cached = _cached_weights(cfg.name)
+    cached = cached_weights(cfg.name)
     if cached is None:  # fail at once: asking an unreachable hub costs a minute of retries
         raise _no_weights(cfg.name, "the Hugging Face hub is unreachable from this machine and the weights are "
                                     "not in its local cache")
