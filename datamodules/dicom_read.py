@@ -128,10 +128,13 @@ def _undeflated(data: bytes, budget: DecodeBudget) -> bytes:
     if str(meta.get("TransferSyntaxUID", "")) != _DEFLATED:
         return data
     body = _inflate(data[fp.tell():], budget)
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
     out = io.BytesIO()
     out.write(data[:132])
-    write_file_meta_info(out, meta, enforce_standard=False)
+    try:
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        write_file_meta_info(out, meta, enforce_standard=False)
+    except Exception as e:  # a malformed meta element pydicom cannot write back
+        raise DicomDecodeError(f"unreadable DICOM file meta ({type(e).__name__}: {e}): re-export the file") from None
     out.write(body)
     return out.getvalue()
 
