@@ -38,11 +38,11 @@ def test_hostile_uploads_are_413_within_budget_and_the_largest_accepted_dicoms_f
     for name, (_, words) in HOSTILE.items():
         record = records[name]
         assert record["outcome"] == "TooManyPixels" and words in record["reason"], record
-        assert record["peak_mib"] < 64 and record["seconds"] < 2.0, record
+        assert record["peak_mib"] < 64 and record["cpu"] < 2.0, record
     for name in ("ok_grey16.dcm", "ok_rgb8.dcm"):
         record = records[name]
         assert record["outcome"] == "decoded" and record["peak_mib"] < SLOT_BOUND_MIB, record
-        assert record["seconds"] < 10, record
+        assert record["cpu"] < 10, record
 
 
 def test_rgb_dicom_over_the_byte_budget_is_413_before_decoding():
