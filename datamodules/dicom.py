@@ -16,6 +16,7 @@ from datamodules.decode_limits import DecodeBudget
 from datamodules.dicom_read import (
     DicomDecodeError,
     DicomTooLarge,
+    NotDicom,
     check_codestream,
     check_elements,
     decode_frame,
@@ -26,7 +27,7 @@ from datamodules.dicom_read import (
     read_dataset,
 )
 
-__all__ = ["DicomConfig", "DicomDecodeError", "DicomTooLarge", "decode_dicom", "dicom_patient_id", "dicom_size",
+__all__ = ["DicomConfig", "DicomDecodeError", "DicomTooLarge", "NotDicom", "decode_dicom", "dicom_patient_id", "dicom_size",
            "is_dicom", "is_raw_dicom", "looks_like_dicom"]
 
 # (center, width) in modality units (Hounsfield for CT); the usual radiology presets.

@@ -26,7 +26,14 @@ import numpy as np
 from PIL import ExifTags, Image
 
 from datamodules.decode_limits import DecodeBudget
-from datamodules.dicom import DicomConfig, DicomDecodeError, DicomTooLarge, decode_dicom, looks_like_dicom
+from datamodules.dicom import (
+    DicomConfig,
+    DicomDecodeError,
+    DicomTooLarge,
+    NotDicom,
+    decode_dicom,
+    looks_like_dicom,
+)
 from datamodules.images import (
     ImageDecodeError,
     ResizeMode,
@@ -140,6 +147,8 @@ def _decode_dicom(data: bytes, channels: int, size: tuple[int, int], mode: Resiz
         return resize(decode_dicom(data, channels, dicom, DecodeBudget.for_server(max_pixels)), size, mode)
     except DicomTooLarge as e:
         raise TooManyPixels(str(e)) from None
+    except NotDicom:
+        raise UnsupportedImage("not an image this server reads: send a PNG, JPEG, BMP, TIFF or DICOM file") from None
     except (DicomDecodeError, ValueError) as e:
         raise ImageDecodeError(str(e)) from None
 

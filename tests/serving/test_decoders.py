@@ -12,7 +12,7 @@ import pytest
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
-from serving.images import TooManyPixels, decode_upload
+from serving.images import TooManyPixels, UnsupportedImage, decode_upload
 from serving.limits import Limits
 from tests.datamodules import hostile
 from tests.datamodules.measure import measure
@@ -62,6 +62,11 @@ def test_raw_dicom_dataset_upload_is_read_as_dicom():
     b = decode_upload(io.BytesIO(part10), 1, (16, 16), "squash", MAX_PIXELS)
     assert a.shape == (16, 16, 1) and a.std() > 0
     np.testing.assert_array_equal(a, b)
+
+
+def test_bytes_that_only_start_like_a_raw_dataset_are_415():
+    with pytest.raises(UnsupportedImage, match="not an image this server reads"):
+        decode_upload(b"\x08\x00" + bytes(range(256)) * 4, 3, (16, 16), "squash", MAX_PIXELS)
 
 
 def test_hostile_uploads_are_answered_413(client, uploads):
