@@ -16,6 +16,7 @@ from datamodules.decode_limits import DecodeBudget
 from datamodules.dicom_read import (
     DicomDecodeError,
     DicomTooLarge,
+    NotDicom,
     check_codestream,
     check_elements,
     decode_frame,
@@ -26,7 +27,7 @@ from datamodules.dicom_read import (
     read_dataset,
 )
 
-__all__ = ["DicomConfig", "DicomDecodeError", "DicomTooLarge", "decode_dicom", "dicom_patient_id", "dicom_size",
+__all__ = ["DicomConfig", "DicomDecodeError", "DicomTooLarge", "NotDicom", "decode_dicom", "dicom_patient_id", "dicom_size",
            "is_dicom", "is_raw_dicom", "looks_like_dicom"]
 
 # (center, width) in modality units (Hounsfield for CT); the usual radiology presets.
@@ -168,13 +169,22 @@ def decode_dicom(data: bytes, channels: int = 3, config: DicomConfig | None = No
             element (named).
         DicomTooLarge: over the budget (pixels, stored bytes, inflated size), refused before decoding.
     """
-    config = config or DicomConfig()
-    ds = read_dataset(data, budget or DecodeBudget.for_data())
+    try:
+        return _decode(data, channels, config or DicomConfig(), budget or DecodeBudget.for_data())
+    except (DicomDecodeError, MemoryError):
+        raise
+    except Exception as e:  # pydicom and its plugins raise many types on corrupt files; the user needs one
+        raise DicomDecodeError(f"unreadable DICOM file ({type(e).__name__}: {' '.join(str(e).split())[:200]}): the "
+                               "file is corrupt or violates the DICOM standard; re-export it") from None
+
+
+def _decode(data: bytes, channels: int, config: DicomConfig, budget: DecodeBudget) -> np.ndarray:
+    ds = read_dataset(data, budget)
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         kind = str(ds.get("Modality", "") or "").strip()
         raise DicomDecodeError(f"DICOM file without pixel data ({kind + ', ' if kind else ''}e.g. a structured "
                                "report or an RT plan): not an image; remove it from the image folder")
-    arr = _stored_pixels(ds, config.frame, budget or DecodeBudget.for_data())
+    arr = _stored_pixels(ds, config.frame, budget)
     if arr.ndim == 3:  # colour (RGB; pydicom converts YBR to RGB): already display values
         rgb = arr.astype(np.uint8) if arr.dtype == np.uint8 else _minmax_blocks(arr, lambda a: a)
         if channels == 1:

@@ -41,6 +41,11 @@ class DicomDecodeError(ValueError):
     """A DICOM file that cannot become one 2-D image; the message says what to do."""
 
 
+class NotDicom(DicomDecodeError):
+    """Bytes that start like a raw DICOM dataset but are not one (the server answers 415, as for any format
+    it does not read)."""
+
+
 class DicomTooLarge(DicomDecodeError):
     """A DICOM file whose pixels (declared or inflated) pass the decode budget (the server answers 413)."""
 
@@ -128,10 +133,13 @@ def _undeflated(data: bytes, budget: DecodeBudget) -> bytes:
     if str(meta.get("TransferSyntaxUID", "")) != _DEFLATED:
         return data
     body = _inflate(data[fp.tell():], budget)
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
     out = io.BytesIO()
     out.write(data[:132])
-    write_file_meta_info(out, meta, enforce_standard=False)
+    try:
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        write_file_meta_info(out, meta, enforce_standard=False)
+    except Exception as e:  # a malformed meta element pydicom cannot write back
+        raise DicomDecodeError(f"unreadable DICOM file meta ({type(e).__name__}: {e}): re-export the file") from None
     out.write(body)
     return out.getvalue()
 
@@ -178,7 +186,7 @@ def read_dataset(data: bytes, budget: DecodeBudget, pixels: bool = True):
                                "corrupt; re-export it") from None
     if raw:
         if not _known_elements(ds):
-            raise DicomDecodeError("not a readable image: no DICOM preamble/\"DICM\", and read as a raw DICOM "
+            raise NotDicom("not a readable image: no DICOM preamble/\"DICM\", and read as a raw DICOM "
                                    "dataset its elements are not DICOM ones (unknown or corrupt format)")
         _raw_syntax(ds)
     return ds

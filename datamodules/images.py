@@ -8,7 +8,6 @@ same pixels.
 from __future__ import annotations
 
 import io
-import struct
 from pathlib import Path
 from typing import Literal
 
@@ -112,7 +111,9 @@ def image_size_of(data: bytes) -> tuple[int, int, str]:
             return img.width, img.height, img.format or "?"
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(f"too many pixels: {e}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except MemoryError:
+        raise
+    except Exception:  # UnidentifiedImageError, or what a PIL plugin raises on a corrupt header
         raise ImageDecodeError("not a readable image (unknown or corrupt format)") from None
 
 
@@ -162,13 +163,20 @@ def decode(data: bytes, channels: int = 3, dicom: DicomConfig | None = None,
         raise ImageDecodeError("not a readable image (unknown or corrupt format)") from None
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(f"too many pixels: {e}") from None
-    except (OSError, SyntaxError, ValueError, struct.error) as e:
-        if isinstance(e, ImageDecodeError):
-            raise
-        msg = str(e) or type(e).__name__
-        if "truncated" in msg.lower():
-            msg = f"truncated file ({msg})"
-        raise ImageDecodeError(msg) from None
+    except (ImageDecodeError, MemoryError):
+        raise
+    except Exception as e:  # PIL's plugins raise OSError, SyntaxError, struct.error, IndexError... on corrupt files
+        raise ImageDecodeError(corrupt_reason(e)) from None
+
+
+def corrupt_reason(e: Exception) -> str:
+    """A decoder's exception on a corrupt file as one line a user can act on."""
+    msg = " ".join(str(e).split())[:300] or type(e).__name__
+    if "truncated" in msg.lower():
+        return f"truncated file ({msg})"
+    if isinstance(e, (OSError, SyntaxError, ValueError)):
+        return msg
+    return f"corrupt image ({type(e).__name__}: {msg})"
 
 
 def decode_within_time(data: bytes, channels: int = 3, dicom: DicomConfig | None = None,

@@ -23,11 +23,25 @@ import io
 from typing import BinaryIO
 
 import numpy as np
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import ExifTags, Image
 
 from datamodules.decode_limits import DecodeBudget
-from datamodules.dicom import DicomConfig, DicomDecodeError, DicomTooLarge, decode_dicom, looks_like_dicom
-from datamodules.images import ImageDecodeError, ResizeMode, _pil_to_array, pre_decode_problem, resize
+from datamodules.dicom import (
+    DicomConfig,
+    DicomDecodeError,
+    DicomTooLarge,
+    NotDicom,
+    decode_dicom,
+    looks_like_dicom,
+)
+from datamodules.images import (
+    ImageDecodeError,
+    ResizeMode,
+    _pil_to_array,
+    corrupt_reason,
+    pre_decode_problem,
+    resize,
+)
 
 # What PIL may detect. "JPEG" also covers its MPO variant (multi-picture JPEG from cameras).
 ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
@@ -57,7 +71,9 @@ def open_upload(source: bytes | BinaryIO, max_pixels: int) -> Image.Image:
         img = Image.open(stream, formats=ACCEPTED_FORMATS)
     except Image.DecompressionBombError as e:
         raise TooManyPixels(f"image has too many pixels ({e})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except MemoryError:
+        raise
+    except Exception:  # UnidentifiedImageError, or what a PIL plugin raises on a corrupt header
         raise UnsupportedImage("not an image this server reads: send a PNG, JPEG, BMP, TIFF or DICOM file") from None
     width, height = img.size
     if width * height > max_pixels:
@@ -131,6 +147,8 @@ def _decode_dicom(data: bytes, channels: int, size: tuple[int, int], mode: Resiz
         return resize(decode_dicom(data, channels, dicom, DecodeBudget.for_server(max_pixels)), size, mode)
     except DicomTooLarge as e:
         raise TooManyPixels(str(e)) from None
+    except NotDicom:
+        raise UnsupportedImage("not an image this server reads: send a PNG, JPEG, BMP, TIFF or DICOM file") from None
     except (DicomDecodeError, ValueError) as e:
         raise ImageDecodeError(str(e)) from None
 
@@ -168,11 +186,10 @@ def decode_upload(
         if img.width == 0 or img.height == 0:
             raise ImageDecodeError("image has zero width or height")
         arr = _pil_to_array(_windowed(img, window) if window else img, channels)
-    except ImageDecodeError:
+    except (ImageDecodeError, MemoryError):
         raise
-    except (OSError, SyntaxError, ValueError) as e:
-        msg = str(e) or type(e).__name__
-        raise ImageDecodeError(f"truncated file ({msg})" if "truncated" in msg.lower() else msg) from None
+    except Exception as e:  # PIL's plugins raise OSError, SyntaxError, struct.error, IndexError... on corrupt files
+        raise ImageDecodeError(corrupt_reason(e)) from None
     finally:
         img.close()
     return resize(arr, size, mode)
