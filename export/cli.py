@@ -138,6 +138,7 @@ def export_run(cfg: ExportConfig) -> Path:
 def _write_side_files(out: Path, final: Path, cfg: ExportConfig, opened, check, prep: dict) -> None:
     from export.formats import OPSET
 
+    hp = opened.model.hparams
     (out / layout.PREPROCESSING).write_text(json.dumps(prep, indent=2))
     for other in set(layout.MODEL_FILES.values()) - {final.name}:  # an earlier export of the other format
         (out / other).unlink(missing_ok=True)
@@ -145,8 +146,9 @@ def _write_side_files(out: Path, final: Path, cfg: ExportConfig, opened, check, 
         "format": cfg.format, "file": final.name, "sha256": sha256(final), "bytes": final.stat().st_size,
         "opset": OPSET if cfg.format == "onnx" else None,
         "parity": check.to_dict(),
-        "source": {"run": cfg.run, "checkpoint": str(opened.checkpoint), "checkpoint_sha256": sha256(opened.checkpoint),
-                   "network": (opened.model.hparams.get("network") or {}).get("name")},
+        "source": {"run": cfg.run, "checkpoint": str(opened.checkpoint), "checkpoint_sha256": sha256(opened.checkpoint)},
+        "model": {"network": {k: v for k, v in (hp.get("network") or {}).items() if k != "pretrained_path"},
+                  "loss": hp.get("loss"), "parameters": opened.model.num_parameters()},
         "versions": versions(),
         "command": "python cli.py export " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["export"] else None,
     }

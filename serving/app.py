@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from importlib.resources import files
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.responses import HTMLResponse
@@ -20,7 +20,10 @@ from pydantic import BaseModel, Field
 from datamodules.images import ImageDecodeError
 from serving.images import TooManyPixels, UnsupportedImage
 from serving.limits import BodyLimit, Limits
-from serving.model import Predictor
+
+if TYPE_CHECKING:  # the ONNX back end serves without torch: the torch back end is imported only by its users
+    from serving.model import Predictor
+    from serving.onnx_backend import OnnxPredictor
 
 __all__ = ["Limits", "create_app"]
 
@@ -46,11 +49,11 @@ class Problem(BaseModel):
 ERRORS = {400: {"model": Problem}, 413: {"model": Problem}, 415: {"model": Problem}, 422: {"model": Problem}}
 
 
-def create_app(predictor: Predictor, limits: Limits | None = None) -> FastAPI:
+def create_app(predictor: Predictor | OnnxPredictor, limits: Limits | None = None) -> FastAPI:
     """The server's application around a loaded model.
 
     Args:
-        predictor: the model and its preprocessing.
+        predictor: the model and its preprocessing (torch, or an ONNX export run by ONNX Runtime).
         limits: upload limits (defaults: see serving.limits).
     """
     limits = limits or Limits()

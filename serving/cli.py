@@ -20,7 +20,8 @@ from serving.limits import Limits, default_decode_slots
 @dataclass
 class ServeConfig:
     """Attributes:
-        run: a sweep folder (serves its winner), a run directory, or a checkpoint file.
+        run: a sweep folder (serves its winner), a run directory, a checkpoint file, or an ONNX export folder
+            (`cli.py export`; served by ONNX Runtime without torch, no heat maps).
         host: interface to listen on; 127.0.0.1 keeps the server private to this machine.
         port: TCP port.
         max_bytes: largest accepted upload in bytes (counted while it streams in).
@@ -42,10 +43,17 @@ class ServeConfig:
 
 def build_app(cfg: ServeConfig):
     """The application for `cfg`; raises errors.ConfigError when the model cannot be served."""
+    from export.layout import is_export_dir
     from serving.app import create_app
-    from serving.model import Predictor, locate
 
-    predictor = Predictor(locate(cfg.run), cfg.device, cfg.heatmap)
+    if is_export_dir(cfg.run):  # ONNX Runtime, no torch imported
+        from serving.onnx_backend import OnnxPredictor
+
+        predictor = OnnxPredictor(cfg.run)
+    else:
+        from serving.model import Predictor, locate
+
+        predictor = Predictor(locate(cfg.run), cfg.device, cfg.heatmap)
     return create_app(predictor, Limits(cfg.max_bytes, cfg.max_pixels, cfg.decode_slots))
 
 
