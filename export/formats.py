@@ -9,7 +9,10 @@ parity check proves it on real images, at several batch sizes).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -32,6 +35,22 @@ def _operator(message: str) -> str | None:
     return found.group(1) if found else None
 
 
+@contextlib.contextmanager
+def _native_stdout_silenced():
+    """Send file descriptor 1 to /dev/null for the block. The TorchScript-based exporter turns its C++ log on
+    whatever `verbose` says (its `setup_onnx_logging` tests the function `_jit_is_onnx_log_enabled`, not its
+    result) and then prints the whole IR graph to stdout on any failure: the user is to see one error line."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def export_onnx(module: nn.Module, path: Path, example: torch.Tensor) -> None:
     """Write `module` (uint8 (B, H, W, C) -> (B, K)) as ONNX with a dynamic batch axis.
 
@@ -39,7 +58,7 @@ def export_onnx(module: nn.Module, path: Path, example: torch.Tensor) -> None:
         ExportError: an operator the ONNX exporter does not support (named in the message).
     """
     try:
-        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _native_stdout_silenced():
             warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes, not the user's to act on
             torch.onnx.export(
                 module, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
