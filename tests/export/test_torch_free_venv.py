@@ -8,15 +8,14 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
-import tomllib
 import urllib.request
 import uuid
 import venv
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from tests.conftest import REPO
 from tests.serving.conftest import png_bytes
