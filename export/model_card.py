@@ -87,13 +87,19 @@ def _leaderboard(sweep: Path, stage: str) -> dict[str, Any] | None:
     def name(row):
         return " + ".join(row[k] for k in keys)
 
-    same = [r for r in rows if r["rank"] == "1" or r.get("indistinguishable") == "true"]
-    simplest = min(same, key=lambda r: (int(r["params"]), int(r["rank"])))
+    def params(row) -> int:  # a grid point without a finished trial has no parameter count
+        return int(float(row["params"])) if row.get("params") not in (None, "", "NaN") else 2**62
+
+    rows = sorted(rows, key=lambda r: float(r["rank"]))
+    same = [r for r in rows if r is rows[0] or r.get("indistinguishable") == "true"]
+    simplest = min(same, key=lambda r: (params(r), float(r["rank"])))
     return {"grid_points": [name(r) for r in rows], "winner": name(rows[0]),
             "indistinguishable": [name(r) for r in same],
             "parsimonious": name(simplest) if simplest is not rows[0] else None,
-            "parsimonious_params": int(simplest["params"]),
-            "compared_by": "paired bootstrap of the validation difference (vs_winner), 95% interval containing 0"}
+            "parsimonious_params": params(simplest),
+            "compared_by": ("the leaderboard's vs_winner: the 95% interval of the difference from the winner on the "
+                            "stage's headline metric includes 0 (paired bootstrap on the same validation images; "
+                            "corrected resampled t-test over repeats/folds)")}
 
 
 def selection_section(sweep: Path) -> dict[str, Any]:
