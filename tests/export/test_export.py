@@ -16,28 +16,32 @@ from runs import files
 from tests.conftest import cli_in_process
 
 
-def test_onnx_export_writes_the_model_its_preprocessing_and_the_recorded_parity(onnx_export, served):
+def test_onnx_export_writes_the_model_its_preprocessing_and_the_recorded_parity(onnx_export, trained):
     record = json.loads((onnx_export / layout.EXPORT).read_text())
-    model = onnx_export / layout.ONNX
-    assert record["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    assert record["sha256"] == hashlib.sha256((onnx_export / layout.ONNX).read_bytes()).hexdigest()
     p = record["parity"]
     assert p["passed"] and p["max_abs_diff"] <= 1e-4 and p["argmax_mismatches"] == 0
     assert "test split" in p["source"] and p["images"] > 1 and 1 in p["batch_sizes"] and max(p["batch_sizes"]) > 1
     prep = json.loads((onnx_export / layout.PREPROCESSING).read_text())
-    hp = served.cli.model.hparams
-    assert prep["classes"] == list(served.cli.model.classes)
-    assert prep["input_size"] == {"height": 32, "width": 32} and prep["channels"] == 3 and prep["resize"] == "letterbox"
-    assert prep["input"] == {"name": "images", "dtype": "uint8", "layout": "NHWC", "shape": ["batch", 32, 32, 3], "range": [0, 255]}
-    assert prep["dicom"]["window"] is None and hp["resize"] == "letterbox"
+    model = trained.opened.model
+    size, chans = model.hparams["image_size"], model.hparams["in_chans"]
+    assert (size, chans) == (64, 3)  # tests/conftest.py's trained_run
+    assert prep["classes"] == list(model.classes) == ["normal", "ASD", "VSD", "PDA"]
+    assert prep["input_size"] == {"height": size, "width": size} and prep["channels"] == chans
+    assert prep["resize"] == model.hparams["resize"] == "squash" and prep["resize_rule"].startswith("stretch")
+    assert prep["input"] == {"name": "images", "dtype": "uint8", "layout": "NHWC", "shape": ["batch", size, size, chans],
+                             "range": [0, 255]}
+    assert prep["output"]["shape"] == ["batch", 4] and prep["dicom"]["window"] is None
+    assert prep["normalization"]["mean"] == model.net.mean.flatten().tolist()
     assert {layout.MODEL_CARD_MD, layout.MODEL_CARD_JSON} <= {f.name for f in onnx_export.iterdir()}
     assert not list(onnx_export.glob(".*partial"))
 
 
-def test_onnx_export_gives_the_models_probabilities_on_its_test_images(onnx_export, served):
-    dm = served.cli.datamodule
+def test_onnx_export_gives_the_models_probabilities_on_its_test_images(onnx_export, trained):
+    dm = trained.opened.datamodule
     dm.setup("test")
     images = torch.cat([x for x, _ in dm.test_dataloader()])  # (N, 32, 32, 3) uint8
-    model = served.cli.model.eval()
+    model = trained.opened.model.eval()
     with torch.inference_mode():
         expected = model.predict_probabilities(images).numpy()
     got = formats.OnnxRunner(onnx_export / layout.ONNX)(images.numpy())
@@ -45,27 +49,27 @@ def test_onnx_export_gives_the_models_probabilities_on_its_test_images(onnx_expo
     assert (got.argmax(1) == expected.argmax(1)).all()
 
 
-def test_torchscript_export_loads_with_torch_jit_alone(served, tmp_path: Path):
+def test_torchscript_export_loads_with_torch_jit_alone(trained, tmp_path: Path):
     out = tmp_path / "ts"
-    assert cli_in_process("export", "--run", str(served.run_dir), "--format", "torchscript", "--out", str(out),
+    assert cli_in_process("export", "--run", str(trained.run_dir), "--format", "torchscript", "--out", str(out),
                           "--parity", "random", "--parity_images", "5") == 0
     record = json.loads((out / layout.EXPORT).read_text())
     assert record["file"] == layout.TORCHSCRIPT and record["parity"]["source"] == "5 random uint8 images, seed 0"
     assert record["parity"]["batch_sizes"] == [1, 4]
     scripted = torch.jit.load(str(out / layout.TORCHSCRIPT))
-    x = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    x = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
     with torch.inference_mode():
-        np.testing.assert_allclose(scripted(x).numpy(), served.cli.model.eval().predict_probabilities(x).numpy(), atol=1e-5)
+        np.testing.assert_allclose(scripted(x).numpy(), trained.opened.model.eval().predict_probabilities(x).numpy(), atol=1e-5)
 
 
-def test_failed_parity_writes_no_model_and_is_one_error_line(served, tmp_path: Path, monkeypatch, capsys):
+def test_failed_parity_writes_no_model_and_is_one_error_line(trained, tmp_path: Path, monkeypatch, capsys):
     class Off(formats.OnnxRunner):
         def __call__(self, images):
             return super().__call__(images)[:, ::-1].copy()  # classes swapped: every argmax may differ
 
     monkeypatch.setitem(formats.RUNNERS, "onnx", Off)
     out = tmp_path / "refused"
-    assert cli_in_process("export", "--run", str(served.run_dir), "--out", str(out), "--parity", "random") == 2
+    assert cli_in_process("export", "--run", str(trained.run_dir), "--out", str(out), "--parity", "random") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: the onnx export does not reproduce the model on 64 images") and "Nothing was written" in err[-1]
     assert not (out / layout.ONNX).exists() and not list(out.glob(".*partial")) and not (out / layout.EXPORT).exists()
@@ -81,11 +85,11 @@ def _flat(metrics: dict) -> dict:
     return {(k, b): v[b] for k, v in metrics.items() for b in ("value", "low", "high")}
 
 
-def test_model_card_numbers_are_the_evaluations(served, tmp_path: Path):
-    write_model_card(served.run_dir, tmp_path)
+def test_model_card_numbers_are_the_evaluations(trained, tmp_path: Path):
+    write_model_card(trained.run_dir, tmp_path)
     card = json.loads((tmp_path / layout.MODEL_CARD_JSON).read_text())
     md = (tmp_path / layout.MODEL_CARD_MD).read_text()
-    evaluation = json.loads(files.RunFiles(served.run_dir).evaluation.read_text())
+    evaluation = json.loads(files.RunFiles(trained.run_dir).evaluation.read_text())
     assert _flat(card["test"]["metrics"]) == _flat(evaluation["metrics"])
     assert card["test"]["per_class"] == evaluation["per_class"] and card["test"]["n_images"] == evaluation["n_images"]
     for name, m in evaluation["metrics"].items():
@@ -93,14 +97,14 @@ def test_model_card_numbers_are_the_evaluations(served, tmp_path: Path):
     for metric, per in evaluation["per_class"].items():
         row = next(line for line in md.splitlines() if line.startswith(f"| {metric} | ") and line.count("[") > 1)
         assert all(f"{v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}]" in row for v in per.values())
-    counts = {r["class"]: r for r in csv.DictReader((served.run_dir / files.SPLIT_COUNTS).open())}
+    counts = {r["class"]: r for r in csv.DictReader((trained.run_dir / files.SPLIT_COUNTS).open())}
     assert card["data"]["counts"]["total"]["test"] == int(counts["total"]["test"]) == evaluation["n_images"]
     assert f"{evaluation['n_images']} test images" in md and "Research use only" in md
-    assert card["model"]["num_parameters"] == json.loads((served.run_dir / files.MODEL_INFO).read_text())["num_parameters"]
+    assert card["model"]["num_parameters"] == json.loads((trained.run_dir / files.MODEL_INFO).read_text())["num_parameters"]
     assert card["selection"] is None and "A single run (not selected by a sweep)" in md
     assert any("Small test set" in item and str(evaluation["n_images"]) in item for item in card["limitations"])
     assert card["software"]["reproduce"] == f"python cli.py fit --config {tmp_path / 'config.yaml'}"
-    assert (tmp_path / "config.yaml").read_text() == files.RunFiles(served.run_dir).config.read_text()
+    assert (tmp_path / "config.yaml").read_text() == files.RunFiles(trained.run_dir).config.read_text()
 
 
 def test_model_card_of_a_run_without_evaluation_says_so(tmp_path: Path):

@@ -22,11 +22,11 @@ LIMITS = Limits(max_bytes=200_000, max_pixels=1_000_000, decode_slots=2)
 
 
 @pytest.fixture(scope="module")
-def clients(served, onnx_export):
+def clients(trained, onnx_export):
     """(torch server on the run, ONNX server on its export), with the same limits."""
     from serving.model import Predictor, locate
 
-    torch_app = create_app(Predictor(locate(served.run_dir), "cpu", "gradcam"), LIMITS)
+    torch_app = create_app(Predictor(locate(trained.run_dir), "cpu", "gradcam"), LIMITS)
     return TestClient(torch_app), TestClient(create_app(OnnxPredictor(onnx_export), LIMITS))
 
 
@@ -39,9 +39,9 @@ def uploads(phantoms):
     return [*out, png_bytes((90, 40), mode="L"), png_bytes((33, 77), seed=5), encoded(big, "JPEG", quality=90)]
 
 
-def test_export_answers_the_probabilities_of_the_run(clients, served):
+def test_export_answers_the_probabilities_of_the_run(clients, trained):
     torch_client, onnx_client = clients
-    for data in uploads(served.phantoms):
+    for data in uploads(trained.phantoms):
         a, b = post(torch_client, data).json(), post(onnx_client, data).json()
         assert "class" in a and "class" in b, (a, b)
         assert a["class"] == b["class"] and a["class_index"] == b["class_index"]

@@ -45,7 +45,7 @@ def multipart(data: bytes) -> tuple[bytes, str]:
 
 
 @pytest.mark.slow
-def test_onnx_server_runs_in_a_virtualenv_without_torch(onnx_export, served, tmp_path: Path):
+def test_onnx_server_runs_in_a_virtualenv_without_torch(onnx_export, trained, tmp_path: Path):
     python = torch_free_python(tmp_path / "venv")
     check = subprocess.run([str(python), "-c", "import importlib.util as u; print([m for m in ('torch', 'lightning', 'timm') if u.find_spec(m)])"],
                            capture_output=True, text=True)
@@ -76,7 +76,7 @@ def test_onnx_server_runs_in_a_virtualenv_without_torch(onnx_export, served, tmp
         server.wait(30)
     from serving.model import Predictor, locate
 
-    predictor = Predictor(locate(served.run_dir), "cpu", "none")
+    predictor = Predictor(locate(trained.run_dir), "cpu", "none")
     expected = predictor.predict(predictor.preprocess(data, 10**8), False)
     assert answer["class"] == expected["class"]
     assert max(abs(answer["probabilities"][c] - p) for c, p in expected["probabilities"].items()) <= 1e-4
