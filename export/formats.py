@@ -112,7 +112,9 @@ class TorchScriptRunner:
     """An exported TorchScript file: uint8 (B, H, W, C) -> (B, K) float32."""
 
     def __init__(self, path: Path):
-        self.module = torch.jit.load(str(path), map_location="cpu").eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's note that TorchScript is deprecated: known, chosen
+            self.module = torch.jit.load(str(path), map_location="cpu").eval()
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         with torch.no_grad():

@@ -1,4 +1,5 @@
-"""`python cli.py serve --run artifacts/sweeps/<name>` (or a run directory, or a .ckpt file).
+"""`python cli.py serve --run artifacts/sweeps/<name>` (or a run directory, a .ckpt file, or an ONNX export
+folder of `cli.py export`, which is served by ONNX Runtime without importing torch).
 
 Starts a local web server (127.0.0.1 by default): the upload page at `/`, the JSON API at `/predict`,
 `/health`, `/model`, its OpenAPI schema at `/openapi.json` and docs at `/docs` and `/redoc` (served
