@@ -114,3 +114,29 @@ def test_model_card_of_a_run_without_evaluation_says_so(tmp_path: Path):
     write_model_card(run, tmp_path / "card")
     md = (tmp_path / "card" / layout.MODEL_CARD_MD).read_text()
     assert "Not measured (evaluation.json absent)" in md and "performance is unmeasured" in md
+
+
+def test_card_selection_names_the_indistinguishable_set_and_the_parsimonious_choice(tmp_path: Path):
+    from export.model_card import selection_section
+
+    (tmp_path / "stage1_leaderboard.csv").write_text(
+        "rank,candidate,params,vs_winner,indistinguishable\n"
+        "1,resnet10t,4924540,,\n2,ctnet10,234724,\"+0.021 [-0.083, +0.125]\",true\n"
+        "3,vgg16,14000000,\"-0.300 [-0.400, -0.200]\",false\n")
+    (tmp_path / "sweep.yaml").write_text("name: s\nrepeats: 3\ncv: {folds: 5, final: refit}\npruner: median\n"
+                                         "selection: {rule: metric, metric: val/mcc, direction: maximize}\n"
+                                         "stage1: {candidates: [{network: resnet10t}], defaults: {max_epochs: 6}}\n")
+    (tmp_path / files.WINNER).write_text(json.dumps({"sweep": "s", "base_architecture": "resnet10t", "params": 4924540}))
+    s = selection_section(tmp_path)
+    board = s["stages"]["stage1"]["leaderboard"]
+    assert board["winner"] == "resnet10t" and board["indistinguishable"] == ["resnet10t", "ctnet10"]
+    assert board["parsimonious"] == "ctnet10" and board["parsimonious_params"] == 234724
+    assert s["stages"]["stage2"]["leaderboard"] is None
+    assert s["rule"] == {"rule": "metric", "metric": "val/mcc", "direction": "maximize", "ties": "fewer parameters"}
+    assert s["repeats"] == 3 and s["cv"]["folds"] == 5 and s["budget"] == {"pruner": "median", "early_stopping_patience": None,
+                                                                           "max_epochs": 6}
+    from export.model_card_text import _selection
+
+    text = "\n".join(_selection({"selection": s}))
+    assert "rule **metric** (val/mcc (maximize))" in text and "parsimonious choice: **ctnet10** (234,724 parameters)" in text
+    assert "cross-validation folds: 5" in text and "pruner median" in text
