@@ -12,10 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import sys
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
@@ -94,16 +92,6 @@ def parity_batches(opened, cfg: ExportConfig) -> tuple[list, str]:
     return batches, f"the run's test split ({'first ' if cfg.parity_images else ''}{n} images)"
 
 
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for package in ("torch", "timm", "lightning", "onnx", "onnxruntime", "numpy"):
-        try:
-            out[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
 def export_run(cfg: ExportConfig) -> Path:
     """Export `cfg.run`; returns the export folder. Raises MedselError subclasses for anything the user can fix."""
     from export import formats, parity
@@ -137,6 +125,7 @@ def export_run(cfg: ExportConfig) -> Path:
 
 def _write_side_files(out: Path, final: Path, cfg: ExportConfig, opened, check, prep: dict) -> None:
     from export.formats import OPSET
+    from export.model_card import versions
 
     hp = opened.model.hparams
     (out / layout.PREPROCESSING).write_text(json.dumps(prep, indent=2))
@@ -149,7 +138,7 @@ def _write_side_files(out: Path, final: Path, cfg: ExportConfig, opened, check, 
         "source": {"run": cfg.run, "checkpoint": str(opened.checkpoint), "checkpoint_sha256": sha256(opened.checkpoint)},
         "model": {"network": {k: v for k, v in (hp.get("network") or {}).items() if k != "pretrained_path"},
                   "loss": hp.get("loss"), "parameters": opened.model.num_parameters()},
-        "versions": versions(),
+        "versions": versions(("torch", "timm", "lightning", "onnx", "onnxruntime", "numpy")),
         "command": "python cli.py export " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["export"] else None,
     }
     (out / layout.EXPORT).write_text(json.dumps(record, indent=2))

@@ -168,16 +168,21 @@ def limitations(card: dict[str, Any]) -> list[str]:
     return out
 
 
-def software_section(sweep: Path | None, run: Path | None) -> dict[str, Any]:
-    versions = {"python": platform.python_version()}
-    for package in ("torch", "lightning", "timm", "torchmetrics", "optuna", "onnx", "onnxruntime"):
+def versions(packages: tuple[str, ...]) -> dict[str, str]:
+    """Python's and the installed packages' versions (a package that is not installed is left out)."""
+    out = {"python": platform.python_version()}
+    for package in packages:
         try:
-            versions[package] = metadata.version(package)
+            out[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             pass
+    return out
+
+
+def software_section(sweep: Path | None, run: Path | None) -> dict[str, Any]:
     config = sweep / "winner.yaml" if sweep is not None and (sweep / "winner.yaml").is_file() else (
         run / files.CONFIG if run is not None and (run / files.CONFIG).is_file() else None)
-    return {"versions_when_card_written": versions,
+    return {"versions_when_card_written": versions(("torch", "lightning", "timm", "torchmetrics", "optuna", "onnx", "onnxruntime")),
             "reproduce": f"python cli.py fit --config {config}" if config else None,
             "config_file": config.name if config else None,
             "config": config.read_text() if config else None}
