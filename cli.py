@@ -5,6 +5,7 @@
     python cli.py sweep    --config sweep_demo               # two-stage model selection
     python cli.py report   artifacts/runs/<name>/<version>   # rebuild a run's report
     python cli.py serve    --run artifacts/sweeps/<name>     # upload page and JSON API
+    python cli.py export   --run artifacts/sweeps/<name> --format onnx   # ONNX + preprocessing + model card
     python cli.py audit    --config covid_ct                 # duplicates, leakage, label issues
 
 A `--config` that is not a file is looked up by name in the project's `configs/` folder. Errors in the user's
@@ -24,7 +25,8 @@ COMMANDS: dict[str, tuple[str, str | None]] = {
     "predict": ("predict a folder or manifest of images with a trained run", None),
     "sweep": ("two-stage model selection (architecture, then optimizer x loss) with Optuna", "sweeps.cli"),
     "report": ("rebuild a finished run's evaluation report without retraining", "evaluation.cli"),
-    "serve": ("serve a trained model: upload page and JSON API", "serving.cli"),
+    "serve": ("serve a trained model or an export: upload page and JSON API", "serving.cli"),
+    "export": ("export a trained model to ONNX or TorchScript, with parity check and model card", "export.cli"),
     "audit": ("check a dataset for duplicates, leakage, label conflicts and label issues", "audit.cli"),
 }
 

@@ -5,12 +5,19 @@ peak memory (VmRSS from /proc, sampled every 5 ms) under 16 parallel uploads of 
     python benchmarks/bench_serve.py [--run artifacts/sweeps/demo] [--clients 4] [--seconds 15] [--uploads 16]
 
 Without --run it trains a small model on the embedded data first (about a minute).
+
+    python benchmarks/bench_serve.py --compare_backends [--run ...] [--export DIR]
+
+compares the torch server (on --run) with the ONNX Runtime server (on its `cli.py export`, made first unless
+--export names one) side by side: cold start (process start to the first answer of /health), requests/s and
+p95 latency of /predict, server RSS at idle and its peak under that load.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import socket
 import subprocess
 import sys
@@ -111,6 +118,61 @@ def load(url: str, image: bytes, clients: int, seconds: float, heatmap: bool) ->
     return len(latencies) / (time.perf_counter() - t0), latencies, errors[0]
 
 
+def start_server(run: str, port: int, extra: list[str] | None = None) -> tuple[subprocess.Popen, float]:
+    """`cli.py serve` on `run`; returns the process and its cold start (seconds until /health answers)."""
+    t0 = time.perf_counter()
+    server = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "serve", "--run", run, "--port", str(port), *(extra or [])],
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(1500):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return server, time.perf_counter() - t0
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None:
+            raise SystemExit(f"the server on {run} exited with code {server.returncode}")
+        time.sleep(0.05)
+    server.terminate()
+    raise SystemExit(f"the server on {run} did not start")
+
+
+def measure_backend(run: str, image: bytes, clients: int, seconds: float) -> dict[str, float]:
+    """Cold start, idle RSS, requests/s, p50/p95 latency and peak RSS under `clients` concurrent clients."""
+    port = free_port()
+    server, cold = start_server(run, port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        httpx.post(f"{url}/predict", files={"file": ("x.png", image, "image/png")}, timeout=60)  # first-request set-up
+        time.sleep(0.5)
+        idle = rss_bytes(server.pid)
+        with PeakRss(server.pid) as rss:
+            rate, lat, errors = load(url, image, clients, seconds, heatmap=False)
+        ms = np.array(lat) * 1000
+        return {"cold_start_s": cold, "requests_s": rate, "p50_ms": float(np.percentile(ms, 50)),
+                "p95_ms": float(np.percentile(ms, 95)), "rss_idle_mb": idle / 2**20, "rss_peak_mb": rss.peak / 2**20,
+                "errors": errors}
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def compare_backends(run: str, export_dir: str | None, clients: int, seconds: float) -> None:
+    """The torch back end on `run` and the ONNX Runtime back end on its export, one after the other."""
+    if export_dir is None:
+        export_dir = str(Path(tempfile.mkdtemp()) / "export_onnx")
+        subprocess.run([sys.executable, str(REPO / "cli.py"), "export", "--run", run, "--format", "onnx", "--out", export_dir],
+                       cwd=REPO, check=True, capture_output=True)
+    phantom = REPO / "artifacts" / "datasets" / "chd_phantom" / "VSD" / "VSD_000.png"
+    image = phantom.read_bytes() if phantom.exists() else near_limit_png(128 * 128)
+    rows = {"torch (sweep/run folder)": measure_backend(run, image, clients, seconds),
+            "onnxruntime (export)": measure_backend(export_dir, image, clients, seconds)}
+    print(f"{clients} concurrent clients, {seconds:.0f} s of POST /predict (no heat map), CPU, {os.cpu_count()} cores:")
+    print(f"  {'back end':<26} {'cold start':>10} {'requests/s':>10} {'p50 ms':>8} {'p95 ms':>8} {'RSS idle':>9} {'RSS load':>9} errors")
+    for name, r in rows.items():
+        print(f"  {name:<26} {r['cold_start_s']:>9.1f}s {r['requests_s']:>10.1f} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} "
+              f"{r['rss_idle_mb']:>7.0f}MB {r['rss_peak_mb']:>7.0f}MB {r['errors']:>6}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default=None)
@@ -118,6 +180,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15)
     ap.add_argument("--uploads", type=int, default=16, help="parallel near-limit uploads for the memory check")
     ap.add_argument("--decode_slots", type=int, default=None, help="the server's decode slots (default: its own)")
+    ap.add_argument("--compare_backends", action="store_true", help="torch vs ONNX Runtime server, side by side")
+    ap.add_argument("--export", default=None, help="the ONNX export of --run for --compare_backends (default: made now)")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp()
     run = args.run
@@ -126,6 +190,9 @@ def main() -> None:
                         f"--run.root={tmp}", "--run.wandb=disabled", "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false"],
                        cwd=REPO, check=True, capture_output=True)
         run = str(next(Path(tmp).rglob("config.yaml")).parent)
+    if args.compare_backends:
+        compare_backends(run, args.export, args.clients, args.seconds)
+        return
     port = free_port()
     slots = [f"--decode_slots={args.decode_slots}"] if args.decode_slots else []
     server = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "serve", "--run", run, "--port", str(port), *slots], cwd=REPO,

@@ -16,7 +16,7 @@ import asyncio
 from contextlib import nullcontext
 from importlib.resources import files
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from anyio import to_thread
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
@@ -31,7 +31,10 @@ from datamodules.images import ImageDecodeError
 from serving import sandbox
 from serving.images import TooManyPixels, UnsupportedImage, decode_upload
 from serving.limits import BodyLimit, Limits
-from serving.model import Predictor
+
+if TYPE_CHECKING:  # the ONNX back end serves without torch: the torch back end is imported only by its users
+    from serving.model import Predictor
+    from serving.onnx_backend import OnnxPredictor
 
 __all__ = ["Limits", "create_app"]
 
@@ -72,11 +75,11 @@ def _http_error(e: ImageDecodeError) -> HTTPException:
     return HTTPException(422, f"the image could not be decoded: {e}")
 
 
-def create_app(predictor: Predictor, limits: Limits | None = None) -> FastAPI:
+def create_app(predictor: Predictor | OnnxPredictor, limits: Limits | None = None) -> FastAPI:
     """The server's application around a loaded model.
 
     Args:
-        predictor: the model and its preprocessing.
+        predictor: the model and its preprocessing (torch, or an ONNX export run by ONNX Runtime).
         limits: upload limits (defaults: see serving.limits).
     """
     limits = limits or Limits()

@@ -1,4 +1,5 @@
-"""`python cli.py serve --run artifacts/sweeps/<name>` (or a run directory, or a .ckpt file).
+"""`python cli.py serve --run artifacts/sweeps/<name>` (or a run directory, a .ckpt file, or an ONNX export
+folder of `cli.py export`, which is served by ONNX Runtime without importing torch).
 
 Starts a local web server (127.0.0.1 by default): the upload page at `/`, the JSON API at `/predict`,
 `/health`, `/model`, its OpenAPI schema at `/openapi.json` and docs at `/docs` and `/redoc` (served
@@ -24,7 +25,8 @@ from serving.limits import Limits, default_decode_slots
 @dataclass
 class ServeConfig:
     """Attributes:
-        run: a sweep folder (serves its winner), a run directory, or a checkpoint file.
+        run: a sweep folder (serves its winner), a run directory, a checkpoint file, or an ONNX export folder
+            (`cli.py export`; served by ONNX Runtime without torch, no heat maps).
         host: interface to listen on; 127.0.0.1 keeps the server private to this machine.
         port: TCP port.
         max_bytes: largest accepted upload in bytes (counted while it streams in).
@@ -65,11 +67,18 @@ def limits_of(cfg: ServeConfig) -> Limits:
 
 def build_app(cfg: ServeConfig):
     """The application for `cfg`; raises errors.ConfigError when the model cannot be served."""
+    from export.layout import is_export_dir
     from serving.app import create_app
-    from serving.model import Predictor, locate
 
     limits = limits_of(cfg)
-    predictor = Predictor(locate(cfg.run), cfg.device, cfg.heatmap)
+    if is_export_dir(cfg.run):  # ONNX Runtime, no torch imported
+        from serving.onnx_backend import OnnxPredictor
+
+        predictor = OnnxPredictor(cfg.run)
+    else:
+        from serving.model import Predictor, locate
+
+        predictor = Predictor(locate(cfg.run), cfg.device, cfg.heatmap)
     return create_app(predictor, limits)
 
 
