@@ -89,8 +89,10 @@ class Limits:
         return self.max_pixels * per_pixel + self.max_bytes + DECODE_OVERHEAD
 
     def decode_memory_bound(self) -> int:
-        """Most memory all decodes together can hold: every slot at the image budget, one at the DICOM one."""
-        return (self.decode_slots - 1) * self.decode_budget(False) + self.decode_budget(True)
+        """Most memory all decodes together can hold: every slot at the image budget, one at the DICOM one, and
+        per slot the server's own two copies of the upload (read, and pickled to the decode process)."""
+        decodes = (self.decode_slots - 1) * self.decode_budget(False) + self.decode_budget(True)
+        return decodes + self.decode_slots * 2 * self.max_bytes
 
 
 class BodyTooLarge(Exception):
