@@ -138,7 +138,8 @@ def slow_clients(url: str, n: int, seconds: float) -> tuple[int, float, bytes]:
         c.sendall(b"GET /health HTTP/1.1\r\n")
         c.setblocking(False)
     body.sendall(b"POST /predict HTTP/1.1\r\nHost: b\r\nContent-Type: multipart/form-data; boundary=x\r\n"
-                 b"Content-Length: 1000000\r\n\r\n")
+                 b"Content-Length: 1000000\r\n\r\n--x\r\nContent-Disposition: form-data; name=\"file\"; "
+                 b"filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n")
     body.setblocking(False)
     t0, closed, last, answer, open_ = time.perf_counter(), 0, 0.0, b"", set(range(n))
     while time.perf_counter() - t0 < seconds and (open_ or not answer):

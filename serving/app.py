@@ -7,7 +7,8 @@ budget or time limit (413), anything but PNG/JPEG/BMP/TIFF/DICOM by content (415
 (422). The client's file name and content type are never used, and no error body repeats what was uploaded.
 
 Each decode runs in its own process (serving.sandbox) under a decode slot; a DICOM first waits for the one
-DICOM decode at a time, without holding a slot, so waiting DICOMs never keep other images from decoding.
+DICOM decode at a time, without holding a slot, so waiting DICOMs never keep other images from decoding; an
+image up to `express_pixels` may use the express slot, so slow uploads in every slot never delay a small one.
 """
 
 from __future__ import annotations
@@ -96,19 +97,36 @@ def create_app(predictor: Predictor, limits: Limits | None = None) -> FastAPI:
     # Decoding holds up to one budget of memory: bound how many run at once (see serving.limits). asyncio
     # primitives, so that requests waiting for a slot hold no worker thread.
     decode_slots = asyncio.Semaphore(limits.decode_slots)
+    # One DICOM decode at a time (its budget is 4 times an image's), taken before a slot. serving.images keeps a
+    # lock of its own for in-process callers; here each decode has a fresh process, where that lock is free.
     one_dicom = asyncio.Lock()
 
-    def decode(upload, dicom: bool):
-        args = (upload.read(), predictor.channels, predictor.image_size, predictor.resize_mode, limits.max_pixels,
-                predictor.dicom)
-        return sandbox.run(decode_upload, args, limits.decode_seconds, limits.decode_budget(dicom))
+    express = asyncio.Lock()
+
+    def decode(upload, max_pixels: int, seconds: float, budget: int):
+        upload.seek(0)
+        args = (upload.read(), predictor.channels, predictor.image_size, predictor.resize_mode, max_pixels, predictor.dicom)
+        return sandbox.run(decode_upload, args, seconds, budget)
 
     async def decode_in_slot(upload):
-        """The upload is read only inside a slot, so waiting requests hold no copy of it in memory."""
+        """The upload is read only inside a slot, so waiting requests hold no copy of it in memory.
+
+        A non-DICOM upload first tries the express slot when it is free: at most `express_pixels`, its budget and
+        `express_seconds`. Whatever needs more goes on to a regular slot, so uploads that hold every regular slot
+        for their whole time limit never keep a small image waiting.
+        """
         dicom = is_dicom(await to_thread.run_sync(_head, upload))
+        if not dicom and limits.express_pixels and not express.locked():
+            async with express:
+                try:
+                    return await to_thread.run_sync(decode, upload, min(limits.express_pixels, limits.max_pixels),
+                                                    min(limits.express_seconds, limits.decode_seconds), limits.express_budget())
+                except (TooManyPixels, sandbox.OverBudget):
+                    pass  # too large or too costly for the express slot
         async with one_dicom if dicom else nullcontext():  # waits here without a slot
             async with decode_slots:
-                return await to_thread.run_sync(decode, upload, dicom)
+                return await to_thread.run_sync(decode, upload, limits.max_pixels, limits.decode_seconds,
+                                                limits.decode_budget(dicom))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> str:
