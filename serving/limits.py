@@ -241,7 +241,7 @@ class HeaderTimeout(H11Protocol):
         self._header_timer = None
         if self._awaiting_headers() and not self.transport.is_closing():
             self.logger.warning("%s: request headers took longer than %g s; connection closed",
-                                "%s:%d" % self.client if self.client else "client", self.header_timeout)
+                                "{}:{}".format(*self.client) if self.client else "client", self.header_timeout)
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
