@@ -72,9 +72,13 @@ def _address_space() -> int:
 
 
 def _limit_memory(budget: int) -> None:
-    """Cap this process's address space at what it uses now plus `budget` bytes."""
+    """Cap this process's address space at what it uses now plus `budget` bytes (Linux: where there is no
+    /proc, only the time limit applies)."""
+    try:
+        soft = _address_space() + budget
+    except OSError:
+        return
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    soft = _address_space() + budget
     resource.setrlimit(resource.RLIMIT_AS, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
 
 
