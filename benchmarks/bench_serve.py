@@ -1,8 +1,11 @@
 """Load check of `cli.py serve`: requests/s and latency percentiles of POST /predict on CPU, then the server's
-peak memory (VmRSS from /proc, sampled every 5 ms) under 16 parallel uploads of a PNG just under the default
-`max_pixels`.
+peak memory (from /proc, sampled every 5 ms: the server and its decode processes) under 16 parallel uploads of a
+PNG just under the default `max_pixels`; with --hostile, the hostile set (issue 22): peak memory and the
+worst-case latency of a normal request while scan-bomb JPEGs, huge-tile TIFFs, deflated and RLE DICOMs and
+slow clients (slowloris headers, a body at 10 bytes/s) hit the server.
 
     python benchmarks/bench_serve.py [--run artifacts/sweeps/demo] [--clients 4] [--seconds 15] [--uploads 16]
+    python benchmarks/bench_serve.py --hostile [--slow_clients 100]
 
 Without --run it trains a small model on the embedded data first (about a minute).
 
@@ -34,7 +37,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from serving.limits import Limits  # noqa: E402  (after the repo is on the path)
+from serving.limits import Limits, default_decode_slots  # noqa: E402  (after the repo is on the path)
 
 
 def rss_bytes(pid: int) -> int:
@@ -45,16 +48,46 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-class PeakRss:
-    """Samples a process's RSS every 5 ms in a thread while in the `with` block; `.peak` is the highest seen."""
+def descendants(pid: int) -> list[int]:
+    """The process's children, their children, ... (Linux /proc/<pid>/task/*/children)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for child in children:
+            out += [child, *descendants(child)]
+    return out
 
-    def __init__(self, pid: int):
-        self.pid, self.peak, self._stop = pid, rss_bytes(pid), threading.Event()
+
+def tree_bytes(pid: int) -> int:
+    """Memory of a process and all its descendants (the server's decode processes): the sum of their PSS
+    (proportional set size), which counts each page shared by forked processes once, not once per process."""
+    total = 0
+    for p in [pid, *descendants(pid)]:
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:  # a decode process that just ended
+            continue
+    return total
+
+
+class PeakRss:
+    """Samples a process's memory (RSS; `measure=tree_bytes`: with its decode processes) every 5 ms in a thread
+    while in the `with` block; `.peak` is the highest seen."""
+
+    def __init__(self, pid: int, measure=rss_bytes):
+        self.pid, self.measure = pid, measure
+        self.peak, self._stop = measure(pid), threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes(self.pid))
+            self.peak = max(self.peak, self.measure(self.pid))
             time.sleep(0.005)
 
     def __enter__(self) -> PeakRss:
@@ -77,16 +110,108 @@ def near_limit_png(max_pixels: int) -> bytes:
 def memory_under_uploads(url: str, pid: int, uploads: int) -> tuple[int, int, int, list[int]]:
     """(idle RSS, peak RSS, RSS afterwards, statuses) for `uploads` parallel near-limit uploads."""
     data = near_limit_png(Limits().max_pixels)
-    idle = rss_bytes(pid)
+    idle = tree_bytes(pid)
 
     def upload(_):
         with httpx.Client(timeout=600) as c:
             return c.post(f"{url}/predict", files={"file": ("x.png", data, "image/png")}).status_code
 
-    with PeakRss(pid) as rss, ThreadPoolExecutor(uploads) as pool:
+    with PeakRss(pid, tree_bytes) as rss, ThreadPoolExecutor(uploads) as pool:
         statuses = list(pool.map(upload, range(uploads)))
     time.sleep(0.5)
-    return idle, rss.peak, rss_bytes(pid), statuses
+    return idle, rss.peak, tree_bytes(pid), statuses
+
+
+def hostile_uploads() -> dict[str, tuple[bytes, int]]:
+    """The hostile set of issue 22: name -> (file, copies sent at once). About 20 s to generate."""
+    from benchmarks import hostile_uploads as hostile
+
+    return {
+        "progressive JPEG 6000^2, AC scan x10,000": (hostile.repeated_scan_jpeg(), 2),
+        "TIFF 100x100 claiming one 32768^2 tile": (hostile.tiled_tiff(), 4),
+        "deflated DICOM 128^2 + 1 GiB of zeros": (hostile.deflated_dicom(), 1),
+        "RLE DICOM RGB 32-bit 5990x6000": (hostile.rle_dicom(), 1),
+        "RLE DICOM grey 16-bit 5990x6000": (hostile.rle_dicom(6000, 5990, 1, 16), 1),
+    }
+
+
+def slow_clients(url: str, n: int, seconds: float) -> tuple[int, float, bytes]:
+    """`n` connections sending their headers a byte a second, and one sending a body at 10 bytes/s, for at most
+    `seconds`; (header connections the server closed, the last close in seconds, the slow body's answer)."""
+    host, port = url.removeprefix("http://").split(":")
+    conns = [socket.create_connection((host, int(port))) for _ in range(n)]
+    body = socket.create_connection((host, int(port)))
+    for c in conns:
+        c.sendall(b"GET /health HTTP/1.1\r\n")
+        c.setblocking(False)
+    body.sendall(b"POST /predict HTTP/1.1\r\nHost: b\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+                 b"Content-Length: 1000000\r\n\r\n--x\r\nContent-Disposition: form-data; name=\"file\"; "
+                 b"filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n")
+    body.setblocking(False)
+    t0, closed, last, answer, open_ = time.perf_counter(), 0, 0.0, b"", set(range(n))
+    while time.perf_counter() - t0 < seconds and (open_ or not answer):
+        for k in list(open_):
+            try:
+                if conns[k].recv(1024) == b"":
+                    raise ConnectionError
+                conns[k].send(b"X")
+            except BlockingIOError:
+                conns[k].send(b"X")
+            except OSError:
+                open_.discard(k)
+                closed, last = closed + 1, time.perf_counter() - t0
+        try:
+            answer += body.recv(4096)
+        except BlockingIOError:
+            body.send(b"a" * 10)
+        except OSError:
+            pass
+        time.sleep(1)
+    for c in [*conns, body]:
+        c.close()
+    return closed, last, answer.split(b"\r\n", 1)[0]
+
+
+def hostile_set(url: str, pid: int, image: bytes, n_slow: int) -> None:
+    """Peak memory of the server (with its decode processes) and the latency of a normal request, one every
+    0.1 s, while the hostile set runs: every hostile upload in parallel, and the slow clients."""
+    files = hostile_uploads()
+    idle = tree_bytes(pid)
+    latencies: list[float] = []
+    errors, done = [0], threading.Event()
+
+    def normal():
+        with httpx.Client(timeout=120) as c:
+            while not done.is_set():
+                t0 = time.perf_counter()
+                errors[0] += c.post(f"{url}/predict", files={"file": ("x.png", image, "image/png")}).status_code != 200
+                latencies.append(time.perf_counter() - t0)
+                time.sleep(0.1)
+
+    def upload(name: str) -> tuple[str, int, float]:
+        t0 = time.perf_counter()
+        with httpx.Client(timeout=600) as c:
+            r = c.post(f"{url}/predict", files={"file": ("x", files[name][0], "application/octet-stream")})
+        return name, r.status_code, time.perf_counter() - t0
+
+    names = [name for name, (_, copies) in files.items() for _ in range(copies)]
+    with PeakRss(pid, tree_bytes) as mem, ThreadPoolExecutor(len(names) + 2) as pool:
+        watcher = pool.submit(normal)
+        slow = pool.submit(slow_clients, url, n_slow, 30)
+        results = list(pool.map(upload, names))
+        closed, last, answer = slow.result()
+        done.set()
+        watcher.result()
+    mb, ms = 2**20, np.array(latencies) * 1000
+    print(f"hostile set ({len(names)} uploads in parallel, {n_slow} slowloris connections, one body at 10 B/s):")
+    for name, status, took in results:
+        print(f"  {name:45s} {len(files[name][0]) / 1e6:6.2f} MB  -> {status} in {took:5.1f} s")
+    print(f"  slowloris: {closed}/{n_slow} connections closed by the server, the last after {last:.1f} s; "
+          f"slow body answered {answer.decode(errors='replace')!r}")
+    print(f"  normal request during it: {len(ms)} sent, {errors[0]} errors, p50 {np.percentile(ms, 50):.0f} ms, "
+          f"worst {ms.max():.0f} ms")
+    print(f"  server + decode processes: idle {idle / mb:.0f} MB, peak {mem.peak / mb:.0f} MB "
+          f"(+{(mem.peak - idle) / mb:.0f} MB)")
 
 
 def free_port() -> int:
@@ -182,6 +307,8 @@ def main() -> None:
     ap.add_argument("--decode_slots", type=int, default=None, help="the server's decode slots (default: its own)")
     ap.add_argument("--compare_backends", action="store_true", help="torch vs ONNX Runtime server, side by side")
     ap.add_argument("--export", default=None, help="the ONNX export of --run for --compare_backends (default: made now)")
+    ap.add_argument("--hostile", action="store_true", help="run the hostile set (issue 22) instead of the load check")
+    ap.add_argument("--slow_clients", type=int, default=100, help="slowloris connections in the hostile set")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp()
     run = args.run
@@ -209,6 +336,11 @@ def main() -> None:
             raise SystemExit("server did not start")
         phantom = REPO / "artifacts" / "datasets" / "chd_phantom" / "VSD" / "VSD_000.png"
         image = phantom.read_bytes() if phantom.exists() else near_limit_png(128 * 128)  # 126 x 126 when absent
+        if args.hostile:
+            print(f"limits: {Limits(decode_slots=args.decode_slots or default_decode_slots())}; decode memory bound "
+                  f"{Limits(decode_slots=args.decode_slots or default_decode_slots()).decode_memory_bound() / 2**20:.0f} MB")
+            hostile_set(url, server.pid, image, args.slow_clients)
+            return
         print(f"model {info['name']} ({info['parameters']:,} parameters, input {info['input']['height']}px), "
               f"{args.clients} concurrent clients, {args.seconds:.0f} s each, CPU:")
         for heatmap in (False, True):

@@ -7,7 +7,8 @@ budget or time limit (413), anything but PNG/JPEG/BMP/TIFF/DICOM by content (415
 (422). The client's file name and content type are never used, and no error body repeats what was uploaded.
 
 Each decode runs in its own process (serving.sandbox) under a decode slot; a DICOM first waits for the one
-DICOM decode at a time, without holding a slot, so waiting DICOMs never keep other images from decoding.
+DICOM decode at a time, without holding a slot, so waiting DICOMs never keep other images from decoding; an
+image up to `express_pixels` may use the express slot, so slow uploads in every slot never delay a small one.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
+import fastapi_offline
 from anyio import to_thread
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-import fastapi_offline
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 
@@ -75,6 +76,54 @@ def _http_error(e: ImageDecodeError) -> HTTPException:
     return HTTPException(422, f"the image could not be decoded: {e}")
 
 
+class Decoding:
+    """Uploads -> model inputs, each decode in its own process (serving.sandbox), scheduled fairly.
+
+    Decoding holds up to one budget of memory, so at most `decode_slots` run at once (see serving.limits), on
+    asyncio primitives: requests waiting for a slot hold no worker thread and no copy of their upload. A DICOM
+    first waits for the one DICOM decode at a time (its budget is 4 times an image's), without a slot.
+    serving.images keeps a lock of its own for in-process callers; here each decode has a fresh process, where
+    that lock is always free.
+    """
+
+    def __init__(self, predictor: Predictor | OnnxPredictor, limits: Limits):
+        self.predictor, self.limits = predictor, limits
+        self.slots = asyncio.Semaphore(limits.decode_slots)
+        self.one_dicom = asyncio.Lock()
+        self.express = asyncio.Lock()
+
+    def _decode(self, upload, max_pixels: int, seconds: float, budget: int):
+        p = self.predictor
+        upload.seek(0)
+        args = (upload.read(), p.channels, p.image_size, p.resize_mode, max_pixels, p.dicom)
+        return sandbox.run(decode_upload, args, seconds, budget)
+
+    async def __call__(self, upload):
+        """The (H, W, C) uint8 model input of an upload (a binary file).
+
+        A non-DICOM upload first tries the express slot when it is free: at most `express_pixels`, its budget and
+        `express_seconds`. Whatever needs more goes on to a regular slot, so uploads that hold every regular slot
+        for their whole time limit never keep a small image waiting.
+
+        Raises:
+            ImageDecodeError: and its subclasses (see `_http_error`).
+        """
+        limits = self.limits
+        dicom = is_dicom(await to_thread.run_sync(_head, upload))
+        if not dicom and limits.express_pixels and not self.express.locked():
+            async with self.express:
+                try:
+                    return await to_thread.run_sync(self._decode, upload, min(limits.express_pixels, limits.max_pixels),
+                                                    min(limits.express_seconds, limits.decode_seconds),
+                                                    limits.express_budget())
+                except (TooManyPixels, sandbox.OverBudget):
+                    pass  # too large or too costly for the express slot
+        async with self.one_dicom if dicom else nullcontext():  # waits here without a slot
+            async with self.slots:
+                return await to_thread.run_sync(self._decode, upload, limits.max_pixels, limits.decode_seconds,
+                                                limits.decode_budget(dicom))
+
+
 def create_app(predictor: Predictor | OnnxPredictor, limits: Limits | None = None) -> FastAPI:
     """The server's application around a loaded model.
 
@@ -96,22 +145,7 @@ def create_app(predictor: Predictor | OnnxPredictor, limits: Limits | None = Non
                        read_timeout=limits.read_timeout, min_rate=limits.min_upload_rate)
     app.add_exception_handler(RequestValidationError, validation_error)
     page = files("serving").joinpath("page.html").read_text()
-    # Decoding holds up to one budget of memory: bound how many run at once (see serving.limits). asyncio
-    # primitives, so that requests waiting for a slot hold no worker thread.
-    decode_slots = asyncio.Semaphore(limits.decode_slots)
-    one_dicom = asyncio.Lock()
-
-    def decode(upload, dicom: bool):
-        args = (upload.read(), predictor.channels, predictor.image_size, predictor.resize_mode, limits.max_pixels,
-                predictor.dicom)
-        return sandbox.run(decode_upload, args, limits.decode_seconds, limits.decode_budget(dicom))
-
-    async def decode_in_slot(upload):
-        """The upload is read only inside a slot, so waiting requests hold no copy of it in memory."""
-        dicom = is_dicom(await to_thread.run_sync(_head, upload))
-        async with one_dicom if dicom else nullcontext():  # waits here without a slot
-            async with decode_slots:
-                return await to_thread.run_sync(decode, upload, dicom)
+    decode = Decoding(predictor, limits)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> str:
@@ -141,7 +175,7 @@ def create_app(predictor: Predictor | OnnxPredictor, limits: Limits | None = Non
         if size > limits.max_bytes:
             raise HTTPException(413, f"upload is larger than the limit of {limits.max_bytes} bytes")
         try:
-            image = await decode_in_slot(upload)
+            image = await decode(upload)
         except ImageDecodeError as e:
             raise _http_error(e) from None
         result = await to_thread.run_sync(predictor.predict, image, heatmap)

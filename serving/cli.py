@@ -120,5 +120,8 @@ def main(argv: list[str]) -> int:
     print(f"[serve] {app.title}: http://{cfg.host}:{cfg.port}/  (API docs: /docs)", flush=True)
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info",
                             http=header_timeout_protocol(cfg.read_timeout))
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its clean shutdown (uvicorn.run catches it too)
+        pass
     return 0

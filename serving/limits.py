@@ -70,6 +70,9 @@ class Limits:
         read_timeout: seconds a client may take to send a request's headers, and (plus the time the body
             needs at `min_upload_rate`) its body; past it the connection is closed (408 for a body).
         min_upload_rate: slowest accepted average upload rate, in bytes per second, after `read_timeout`.
+        express_pixels: images up to this size are first tried in one extra decode slot (budget and
+            `express_seconds` scaled to it); larger or costlier ones go on to a regular slot. 0: no express slot.
+        express_seconds: time limit in the express slot.
     """
 
     max_bytes: int = 25 * 1024 * 1024
@@ -78,6 +81,8 @@ class Limits:
     decode_seconds: float = 10.0
     read_timeout: float = 10.0
     min_upload_rate: int = 64 * 1024
+    express_pixels: int = 4_000_000
+    express_seconds: float = 2.0
 
     @property
     def max_body(self) -> int:
@@ -88,9 +93,17 @@ class Limits:
         per_pixel = DICOM_BYTES_PER_PIXEL if dicom else BYTES_PER_PIXEL
         return self.max_pixels * per_pixel + self.max_bytes + DECODE_OVERHEAD
 
+    def express_budget(self) -> int:
+        """Bytes a decode in the express slot may allocate."""
+        return min(self.express_pixels, self.max_pixels) * BYTES_PER_PIXEL + self.max_bytes + DECODE_OVERHEAD
+
     def decode_memory_bound(self) -> int:
-        """Most memory all decodes together can hold: every slot at the image budget, one at the DICOM one."""
-        return (self.decode_slots - 1) * self.decode_budget(False) + self.decode_budget(True)
+        """Most memory all decodes together can hold: every slot at the image budget, one at the DICOM one, the
+        express slot, and per slot the server's own two copies of the upload (read, and pickled to the decode
+        process)."""
+        decodes = (self.decode_slots - 1) * self.decode_budget(False) + self.decode_budget(True)
+        express = self.express_budget() if self.express_pixels else 0
+        return decodes + express + (self.decode_slots + bool(self.express_pixels)) * 2 * self.max_bytes
 
 
 class BodyTooLarge(Exception):
@@ -228,7 +241,7 @@ class HeaderTimeout(H11Protocol):
         self._header_timer = None
         if self._awaiting_headers() and not self.transport.is_closing():
             self.logger.warning("%s: request headers took longer than %g s; connection closed",
-                                "%s:%d" % self.client if self.client else "client", self.header_timeout)
+                                "{}:{}".format(*self.client) if self.client else "client", self.header_timeout)
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -20,6 +20,7 @@ task), hence the few lines here.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import resource
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -35,7 +36,21 @@ class OverBudget(ImageDecodeError):
     """The decode needed more memory or time than one request may use (HTTP 413)."""
 
 
+def _project_on_path() -> None:
+    """Put this project first on $PYTHONPATH, which the fork server inherits.
+
+    Python 3.11's fork server ignores the parent's sys.path (it is started with `python -c` in the parent's
+    working directory), so `python /repo/cli.py serve` started elsewhere would decode with whatever `serving`
+    package that directory or an installed copy provides, or fail to import this module at all.
+    """
+    root = str(Path(__file__).resolve().parents[1])
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if paths[:1] != [root]:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, *[p for p in paths if p != root]])
+
+
 def _context():
+    _project_on_path()
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     return ctx
@@ -57,9 +72,13 @@ def _address_space() -> int:
 
 
 def _limit_memory(budget: int) -> None:
-    """Cap this process's address space at what it uses now plus `budget` bytes."""
+    """Cap this process's address space at what it uses now plus `budget` bytes (Linux: where there is no
+    /proc, only the time limit applies)."""
+    try:
+        soft = _address_space() + budget
+    except OSError:
+        return
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    soft = _address_space() + budget
     resource.setrlimit(resource.RLIMIT_AS, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
 
 

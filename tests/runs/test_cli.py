@@ -267,3 +267,31 @@ def test_a_config_dict_with_fold_all_fits_without_validation_as_a_sweep_refit_do
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert (tmp_path / "refit" / "checkpoints" / "best.ckpt").is_file()
     assert cli.trainer.limit_val_batches == 0
+
+
+def one_error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("epochs", ["-2", "0"])
+def test_max_epochs_below_one_is_one_error_line(epochs, tmp_path, capsys):
+    """-2 was a MisconfigurationException traceback; 0 trained nothing and printed an empty best checkpoint."""
+    assert cli_in_process("fit", *small_fit_args(tmp_path / "a", tmp_path / "runs"), "--trainer.max_epochs", epochs) == 2
+    line = one_error_line(capsys)
+    assert f"trainer.max_epochs is {epochs}" in line and "at least 1" in line
+    assert not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("text, where, says", [
+    ("trainer:\n\tmax_epochs: 2\n", "line 2, column 1", "tabs are not allowed in YAML"),
+    ("trainer:\n  max_epochs: [2\n", "line 3, column 1", "expected ',' or ']'"),
+    ("a: 1\n b: 2\n", "line 2, column 3", "mapping values are not allowed here"),
+])
+def test_a_yaml_error_names_the_file_line_and_column(text, where, says, tmp_path, capsys):
+    cfg = tmp_path / "broken.yaml"
+    cfg.write_text(text)
+    assert cli_in_process("fit", "--config", str(cfg)) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: {cfg}, {where}: ") and says in line, line

@@ -1,5 +1,6 @@
-"""`cli.py serve` as a real process on 127.0.0.1 (slow): its memory under parallel near-limit uploads, read from
-/proc, and a 1 GB chunked upload cut off at the limit on the wire."""
+"""`cli.py serve` as a real process on 127.0.0.1 (slow): its memory (with its decode processes) under parallel
+near-limit uploads and under the hostile set of issue 22, read from /proc, and a 1 GB chunked upload cut off
+at the limit on the wire."""
 
 from __future__ import annotations
 
@@ -17,13 +18,15 @@ import httpx
 import pytest
 from PIL import Image
 
-from benchmarks.bench_serve import PeakRss, near_limit_png, rss_bytes
+from benchmarks import hostile_uploads as hostile
+from benchmarks.bench_serve import PeakRss, near_limit_png, tree_bytes
 from serving.limits import Limits
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")]
 
 MAX_BYTES = 16_000_000  # large against the loopback socket buffers (a few MB) that the count includes
+DECODE_SECONDS = 60  # a 36-MP PNG takes 2 s to decode on an idle core, 10 on the shared test machine
 
 
 def free_port() -> int:
@@ -38,7 +41,7 @@ def server(served, tmp_path_factory):
     max_bytes; yields (url, pid)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "serve", "--run", str(served.run_dir), "--port", str(port),
-                             f"--max_bytes={MAX_BYTES}"], cwd=tmp_path_factory.mktemp("elsewhere"),
+                             f"--max_bytes={MAX_BYTES}", f"--decode_seconds={DECODE_SECONDS}"], cwd=tmp_path_factory.mktemp("elsewhere"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -54,25 +57,46 @@ def server(served, tmp_path_factory):
 
 
 def test_parallel_near_limit_uploads_keep_memory_bounded(server):
-    """8 uploads of just under the default max_pixels at once: the server's RSS stays under idle + 1.5 GB
-    (decode slots, decode-time reduction), and the memory goes back afterwards."""
+    """8 uploads of just under the default max_pixels at once: the server's memory with its decode processes
+    stays under idle + 1.5 GB (decode slots, decode-time reduction), and goes back afterwards."""
     url, pid = server
     data = near_limit_png(Limits().max_pixels)
     with httpx.Client() as c:  # one request first, so lazy start-up allocations count as idle
         assert c.post(f"{url}/predict", files={"file": ("x.png", png_small(), "image/png")}).status_code == 200
-    idle = rss_bytes(pid)
+    idle = tree_bytes(pid)
 
     def upload(_):
         with httpx.Client(timeout=300) as c:
             return c.post(f"{url}/predict", files={"file": ("x.png", data, "image/png")}).status_code
 
-    with PeakRss(pid) as rss, ThreadPoolExecutor(8) as pool:
+    with PeakRss(pid, tree_bytes) as rss, ThreadPoolExecutor(8) as pool:
         statuses = list(pool.map(upload, range(8)))
     assert statuses == [200] * 8
     print(f"idle {idle / 2**20:.0f} MB, peak {rss.peak / 2**20:.0f} MB (+{(rss.peak - idle) / 2**20:.0f} MB)")
     assert rss.peak - idle < 1.5 * 2**30
     time.sleep(0.5)
-    assert rss_bytes(pid) - idle < 0.5 * 2**30  # freed image buffers went back to the OS
+    assert tree_bytes(pid) - idle < 0.5 * 2**30  # freed image buffers went back to the OS
+
+
+def test_hostile_uploads_stay_under_the_decode_memory_bound(server):
+    """Issue 22's memory bombs all at once (a 1 GiB deflated DICOM, 4 huge-tile TIFFs, an RLE RGB 32-bit DICOM
+    of 36 MP): every one answered without a 5xx, and the server with its decode processes never grows by more
+    than `Limits.decode_memory_bound()` (each decode process is capped at its budget)."""
+    url, pid = server
+    files = [hostile.deflated_dicom(), *[hostile.tiled_tiff()] * 4, hostile.rle_dicom()]
+    idle = tree_bytes(pid)
+
+    def upload(data):
+        with httpx.Client(timeout=300) as c:
+            return c.post(f"{url}/predict", files={"file": ("x", data, "application/octet-stream")}).status_code
+
+    with PeakRss(pid, tree_bytes) as mem, ThreadPoolExecutor(len(files)) as pool:
+        statuses = list(pool.map(upload, files))
+    bound = Limits(max_bytes=MAX_BYTES).decode_memory_bound()
+    print(f"statuses {statuses}; idle {idle / 2**20:.0f} MB, peak +{(mem.peak - idle) / 2**20:.0f} MB (bound {bound / 2**20:.0f} MB)")
+    assert all(s in (200, 413, 422) for s in statuses), statuses
+    assert statuses[:5] == [413] * 5
+    assert mem.peak - idle < bound
 
 
 def png_small() -> bytes:
