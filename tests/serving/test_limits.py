@@ -4,6 +4,8 @@ back, nothing loaded from other hosts. Hostile files are generated in the test (
 
 from __future__ import annotations
 
+import re
+
 import os
 import socket
 import threading
@@ -73,8 +75,8 @@ def test_memory_bombs_are_refused_or_decoded_within_budget(tight, name):
     r = post(tight, hostile_file(name), "application/octet-stream", "x.bin")
     assert r.status_code in {"tiff_tile": (413,), "deflated_dicom": (413,), "rle_dicom": (200, 413)}[name], r.text
     assert time.perf_counter() - t0 < TIGHT.decode_seconds + 2
-    if r.status_code == 413:
-        assert "memory budget" in r.json()["detail"]
+    if r.status_code == 413:  # refused from its header by the decoder's own checks, or by the process's budget
+        assert re.search(r"memory budget|over the (pixel |byte |decode )?(limit|budget)|more than", r.json()["detail"]), r.text
 
 
 def test_more_than_one_file_part_is_400(tight):
