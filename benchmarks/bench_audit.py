@@ -59,13 +59,14 @@ def audit_image(image: np.ndarray) -> np.ndarray:
     return resize(image[..., None], SIZE)
 
 
-def run_new(images: np.ndarray) -> tuple[np.ndarray, dict]:
-    """The whole audit as `duplicate_audit.find_clusters` runs it: digests, hashes, then the clusters."""
+def run_new(images: np.ndarray, sides: np.ndarray) -> tuple[np.ndarray, dict]:
+    """The whole audit as `duplicate_audit.find_clusters` runs it: digests, hashes, then the clusters.
+    `sides`: the smaller side of each image as stored (what `duplicate_audit.stored_sides` reads)."""
     uniq = {}
     for k, im in enumerate(images):
         uniq.setdefault(pixel_digest(im), k)
     first = np.array(list(uniq.values()))
-    labels, stats = cluster_images(images[first], variant_hashes(images[first]), 10, 0.9)
+    labels, stats = cluster_images(images[first], variant_hashes(images[first]), 10, 0.9, sides=sides[first])
     of_digest = dict(zip(uniq, labels, strict=True))
     return np.array([of_digest[pixel_digest(im)] for im in images]), stats
 
@@ -135,10 +136,12 @@ def transform_suite(sources: list[np.ndarray], names: list[str], allowed: set, s
     totals = {"new": 0.0, "today": 0.0, "images": 0}
     for kind, transform in copies.TRANSFORMS.items():
         rng = np.random.default_rng(seed)
-        pool = np.concatenate([base, np.stack([audit_image(transform(im, rng)) for im in sources])])
+        made = [transform(im, rng) for im in sources]
+        pool = np.concatenate([base, np.stack([audit_image(im) for im in made])])
+        sides = np.array([min(im.shape[:2]) for im in sources + made])
         source = np.concatenate([np.arange(n), np.arange(n)])
         t0 = time.perf_counter()
-        new, _ = run_new(pool)
+        new, _ = run_new(pool, sides)
         t_new = time.perf_counter() - t0
         t0 = time.perf_counter()
         old = run_today(pool)
@@ -177,7 +180,7 @@ def look_alikes(covid_images: list[np.ndarray], covid_names: list[str], allowed:
         grades = rng.integers(0, 3, len(pool))  # a grade per image, as a fundus set has
         ok = allowed if name.startswith("COVID") else set()
         row = []
-        new, stats = run_new(pool)
+        new, stats = run_new(pool, np.array([min(im.shape[:2]) for im in images]))
         for labels in (new, run_today(pool)):
             bad = false_links(labels, np.arange(len(pool)), ok)
             stops = sum(len(set(grades[labels == lab])) > 1 for lab in np.unique(labels) if (labels == lab).sum() > 1)
