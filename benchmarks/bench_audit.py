@@ -104,7 +104,7 @@ def load_sources(covid: Path | None, limit: int | None, smoke: bool) -> tuple[li
     names, images = [], []
     if covid is not None and covid.is_dir():
         files = sorted(p for p in covid.glob("CT_*/*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-        files = files[:limit] if limit else files
+        files = files[:: max(1, len(files) // limit)][:limit] if limit else files  # an even sample
         names += [str(p.relative_to(covid)) for p in files]
         images += [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in files]
     else:
@@ -215,7 +215,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="seconds: generated images only, smaller sets")
     p.add_argument("--covid", default=str(REPO.parent / "shared" / "datasets" / "covid_ct"))
-    p.add_argument("--limit", type=int, help="first N COVID-CT images only")
+    p.add_argument("--limit", type=int, help="an even sample of N COVID-CT images (all 746 by default)")
     p.add_argument("--hashes", type=int, default=100_000, help="images in the candidate-search timing")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()

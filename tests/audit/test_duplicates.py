@@ -41,8 +41,9 @@ def assert_pairs_linked(originals: list[np.ndarray], copies_: list[np.ndarray], 
 
 GEOMETRIC = ["crop", "rescale", "jpeg_q70", "crop+rescale", "rescale+jpeg"]
 # Burnt-in marks (2% of the pixels, white strokes) weigh more on these generated images than on real scans:
-# of 4 copies per size, the pixel check links at least this many (COVID-CT's recall: benchmarks/README.md).
-MARKED = {"marks": 3, "crop+marks": 0, "crop+rescale+marks+jpeg": 0}
+# of the 12 copies (4 per size), the pixel check links at least this many (measured: 12, 4, 4; COVID-CT's
+# recall is in benchmarks/README.md).
+MARKED = {"marks": 12, "crop+marks": 4, "crop+rescale+marks+jpeg": 4}
 
 
 def linked(originals: list[np.ndarray], copies_: list[np.ndarray], what: str) -> int:
@@ -75,7 +76,7 @@ def test_each_geometric_transform_and_combination_is_linked_to_its_source_only(k
 @pytest.mark.parametrize("kind", list(MARKED))
 def test_marked_copies_are_linked_where_the_check_sees_past_the_marks_and_never_to_another_image(kind):
     found = [linked(*generated(kind, shape), kind) for shape in SHAPES]
-    assert min(found) >= MARKED[kind], f"{kind}: linked {found} of 4 per size"
+    assert sum(found) >= MARKED[kind], f"{kind}: linked {found} of 4 per size"
 
 
 @pytest.mark.parametrize("px", [4, 8, 12])
