@@ -176,9 +176,11 @@ def confirm(a: np.ndarray, b: np.ndarray, give_up: float = 0.4, sure: float = 0.
     """
     ga, gb = gray(a), gray(b)
     best = 0.0
-    for start in coarse_register(cv2.medianBlur(ga, 3), cv2.medianBlur(gb, 3)):
+    for k, start in enumerate(coarse_register(cv2.medianBlur(ga, 3), cv2.medianBlur(gb, 3))):
         score, keep = masked_score(ga, gb, start)
         if score < give_up:
+            if k == 0:
+                break  # the grid's best start is already far off: a distinct image (most candidates)
             continue
         score, keep, warp = _refine(ga, gb, start, score, keep)
         if _plausible(warp) and 1 - keep.sum() / np.count_nonzero(_interior()) <= MAX_MASKED:
