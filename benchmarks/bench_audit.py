@@ -131,8 +131,11 @@ def transform_suite(sources: list[np.ndarray], names: list[str], allowed: set, s
     """Recall and false links per transform, new and today's; returns the table's lines."""
     base = np.stack([audit_image(im) for im in sources])
     n = len(sources)
-    lines = [f"{'transform':<26} {'recall new':>10} {'today':>7} {'false links new':>16} {'today':>6} "
-             f"{'images/s new':>13} {'today':>8}"]
+    groups = {g: np.array([nm.startswith(prefix) for nm in names])
+              for g, prefix in (("COVID-CT", "CT_"), ("generated", "generated/"), ("phantoms", "phantom/"))}
+    groups = {g: m for g, m in groups.items() if m.any()}
+    head = "".join(f" {g + ' new':>13} {'today':>6}" for g in groups)
+    lines = [f"{'recall per transform':<24}{head} {'false links new':>15} {'today':>6} {'images/s new':>12} {'today':>6}"]
     totals = {"new": 0.0, "today": 0.0, "images": 0}
     for kind, transform in copies.TRANSFORMS.items():
         rng = np.random.default_rng(seed)
@@ -149,15 +152,13 @@ def transform_suite(sources: list[np.ndarray], names: list[str], allowed: set, s
         totals["new"] += t_new
         totals["today"] += t_old
         totals["images"] += len(pool)
-        row = []
-        for labels in (new, old):
-            row.append(float((labels[:n] == labels[n:]).mean()))
-            row.append(len(false_links(labels, source, allowed)))
-        lines.append(f"{kind:<26} {row[0]:>10.1%} {row[2]:>7.1%} {row[1]:>16d} {row[3]:>6d} "
-                     f"{len(pool) / t_new:>13.0f} {len(pool) / t_old:>8.0f}")
-        missed = [names[k] for k in np.flatnonzero(new[:n] != new[n:])]
+        found = {"new": new[:n] == new[n:], "today": old[:n] == old[n:]}
+        cells = "".join(f" {found['new'][m].mean():>13.1%} {found['today'][m].mean():>6.1%}" for m in groups.values())
+        lines.append(f"{kind:<24}{cells} {len(false_links(new, source, allowed)):>15d} "
+                     f"{len(false_links(old, source, allowed)):>6d} {len(pool) / t_new:>12.0f} {len(pool) / t_old:>6.0f}")
+        missed = [names[k] for k in np.flatnonzero(~found["new"])]
         if missed:
-            lines.append(f"    missed ({len(missed)}): {', '.join(missed[:6])}{' ...' if len(missed) > 6 else ''}")
+            lines.append(f"    missed ({len(missed)}): {', '.join(missed[:4])}{' ...' if len(missed) > 4 else ''}")
     ratio = totals["today"] / totals["new"]
     lines.append(f"throughput (whole audit, {totals['images']:,} images over all transforms): new "
                  f"{totals['images'] / totals['new']:,.0f} images/s, today's {totals['images'] / totals['today']:,.0f} "

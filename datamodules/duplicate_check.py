@@ -161,18 +161,20 @@ def _refine(ga: np.ndarray, gb: np.ndarray, warp: np.ndarray, score: float, keep
     return score, keep, warp
 
 
-def confirm(a: np.ndarray, b: np.ndarray, give_up: float = 0.4, sure: float = 0.95) -> float:
+def confirm(a: np.ndarray, b: np.ndarray, give_up: float = 0.4, sure: float = 0.95, near_miss: float = 0.8) -> float:
     """Stage 2 for one pair: the masked fine-detail correlation after registration.
 
     The registration runs on median-filtered images (thin burnt-in strokes would pull it): a scale grid
     with phase correlation, then (unless the pair scores below `give_up` there, as distinct images do)
-    ECC from the grid's four best maps, once more without the masked pixels. A pair differing over more
+    ECC from the grid's best map, once more without the masked pixels, and from its next three when that
+    ends in a near miss (ECC sometimes settles in a local optimum). A pair differing over more
     than `MAX_MASKED` of its pixels, or needing a rotation or shear, scores 0.
 
     Args:
         a, b: (64, 64, C) uint8 audit images.
         give_up: score at the grid's registration below which the pair is refused without refining.
-        sure: score after which the second start is not tried.
+        sure: score after which no further start is tried.
+        near_miss: refined score of the best start below which no further start is tried.
     """
     ga, gb = gray(a), gray(b)
     best = 0.0
@@ -185,8 +187,8 @@ def confirm(a: np.ndarray, b: np.ndarray, give_up: float = 0.4, sure: float = 0.
         score, keep, warp = _refine(ga, gb, start, score, keep)
         if _plausible(warp) and 1 - keep.sum() / np.count_nonzero(_interior()) <= MAX_MASKED:
             best = max(best, score)
-        if best >= sure:
-            break
+        if best >= sure or (k == 0 and score < near_miss):
+            break  # sure enough, or far from a copy even after refining: the other starts are for near misses
     return best
 
 
