@@ -35,10 +35,15 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import baseline_duplicates as today  # noqa: E402
+
 from audit import copies  # noqa: E402
 from datamodules import phantoms  # noqa: E402
 from datamodules.duplicates import (  # noqa: E402
-    candidate_pairs, cluster_images, near_pairs, pixel_digest, variant_hashes,
+    candidate_pairs,
+    cluster_images,
+    near_pairs,
+    pixel_digest,
+    variant_hashes,
 )
 from datamodules.images import resize  # noqa: E402
 
@@ -187,7 +192,7 @@ def look_alikes(covid_images: list[np.ndarray], covid_names: list[str], allowed:
             stops = sum(len(set(grades[labels == lab])) > 1 for lab in np.unique(labels) if (labels == lab).sum() > 1)
             row += [len(bad), stops]
             if labels is new and bad:
-                lines.append(f"    new links: " + ", ".join(f"{covid_names[a] if ok else a}~{covid_names[b] if ok else b}"
+                lines.append("    new links: " + ", ".join(f"{covid_names[a] if ok else a}~{covid_names[b] if ok else b}"
                                                         for a, b in bad[:8]))
         lines.append(f"{name:<28} {len(pool):>6} {row[0]:>16d} {row[2]:>6d} {row[1]:>19d} {row[3]:>6d} "
                      f"{stats['low_detail']:>10d}")

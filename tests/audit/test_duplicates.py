@@ -11,7 +11,13 @@ from audit import copies
 from datamodules import phantoms
 from datamodules.duplicate_audit import AUDIT_GEOMETRY
 from datamodules.duplicates import (
-    candidate_pairs, cluster_images, low_detail, near_pairs, popcount, star_clusters, variant_hashes,
+    candidate_pairs,
+    cluster_images,
+    low_detail,
+    near_pairs,
+    popcount,
+    star_clusters,
+    variant_hashes,
 )
 from datamodules.images import resize
 
@@ -30,13 +36,6 @@ def audit(arrays: list[np.ndarray]) -> tuple[np.ndarray, dict]:
     images = np.stack([cached(a) for a in arrays])
     return cluster_images(images, variant_hashes(images), max_distance=10, min_similarity=0.9,
                           sides=np.array([min(a.shape[:2]) for a in arrays]))
-
-
-def assert_pairs_linked(originals: list[np.ndarray], copies_: list[np.ndarray], what: str) -> None:
-    labels, _ = audit(originals + copies_)
-    n = len(originals)
-    assert (labels[:n] == labels[n:]).all(), f"{what}: copies {np.flatnonzero(labels[:n] != labels[n:])} not linked"
-    assert len(set(labels[:n].tolist())) == n, f"{what}: two distinct images were linked"
 
 
 GEOMETRIC = ["crop", "rescale", "jpeg_q70", "crop+rescale", "rescale+jpeg"]
