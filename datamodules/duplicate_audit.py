@@ -1,7 +1,8 @@
 """The duplicate audit run inside `ImageDataModule.resolve`: clusters, their categories and the conflict policy.
 
-Per image: a digest of the decoded pixels (exact duplicates, whatever the file format) and a perceptual
-hash of the cached array; near-duplicates are clustered with `datamodules.duplicates`. The per-image
+Per image: a digest of the decoded pixels (exact duplicates, whatever the file format), perceptual hashes
+of the cached array and its centred crops, and the stored size (tiny images are linked on identical pixels
+only); near-duplicates are clustered with `datamodules.duplicates`. The per-image
 hashes are stored in `artifacts/audit/hashes-<geometry>.parquet` keyed by cache slot content, and the
 clustering of a whole dataset in `artifacts/audit/<dataset key>.parquet`, so a rerun costs a file read.
 """

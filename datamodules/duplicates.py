@@ -7,6 +7,10 @@ The perceptual hash is the DCT hash of `imagehash.phash` (32x32 grayscale, top-l
 compared to their median), computed here on whole batches of the decode cache's arrays at once: imagehash
 works one PIL image at a time and would re-decode every file. (The thumbnail is resized with OpenCV's area
 filter instead of PIL's Lanczos, so single bits can differ from imagehash's.)
+
+Candidates come from hashes of the image and of centred crops (`variant_hashes`, `candidate_pairs`), are
+confirmed on the pixels by `datamodules.duplicate_check`, and grouped into star clusters (`star_clusters`)
+so that look-alikes cannot chain; what and how well is in docs/duplicates.md.
 """
 
 from __future__ import annotations
