@@ -125,7 +125,7 @@ def main(argv: list[str]) -> int:
     images = data.frame.select("relpath", "label", "patient_id", "split", "cluster_id", "exact_id", "phash")
     page = write_audit_report(out, data.audit, data.clusters, images, issues,
                               title=f"Data audit: {source.name}", limit=args.limit)
-    print(summary_text(data.audit, str(page)))
+    print(summary_text(data.audit, str(page), data.clusters, dm.split_cfg.use_manifest_split))
     if issues is not None:
         print(f"[audit] suspected label issues: {issues.height} (ranked in {out / HTML})")
     return 0

@@ -101,7 +101,7 @@ def textured(seed: int, height: int = 256, width: int | None = None) -> np.ndarr
         axes = tuple(int(side * rng.uniform(0.01, 0.1)) + 1 for _ in range(2))
         cv2.ellipse(field, centre, axes, rng.uniform(0, 180), 0, 360, float(rng.normal(0, 0.8)), -1)
     field = (field - field.min()) / (field.max() - field.min())
-    return np.clip(field * 170 + 40 + rng.normal(0, 12, (height, width)), 0, 255).astype(np.uint8)
+    return np.clip(field * 170 + 40 + rng.normal(0, 6, (height, width)), 0, 255).astype(np.uint8)
 
 
 def smooth_discs(n: int, seed: int = 0, size: int = 28) -> list[np.ndarray]:

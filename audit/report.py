@@ -49,6 +49,10 @@ def _counts_table(counts: dict) -> pl.DataFrame:
     rows = [("exact-duplicate clusters", counts["exact_clusters"], f"{counts['exact_images']} images, identical pixels"),
             ("near-duplicate clusters", counts["near_clusters"], f"{counts['near_images']} images, perceptually equal")]
     rows += [(c.replace("_", " "), counts[c], MEANING[c]) for c in CATEGORIES]
+    if counts.get("low_detail_images"):
+        rows.append(("audited for exact copies only", counts["low_detail_images"],
+                     "images, not clusters: too little detail for the pixel check (stored tiny and upsampled, "
+                     "or nearly uniform), so linked to another image only when the pixels are identical"))
     return pl.DataFrame(rows, schema=["category", "clusters", "meaning"], orient="row")
 
 
@@ -116,8 +120,11 @@ def write_audit_report(
         issues.write_parquet(out / LABEL_ISSUES)
     doc = Document(out)
     doc.h1(title)
-    doc.p(f"{counts['images']} images. Near-duplicates: perceptual hash within the configured Hamming distance, "
-          "confirmed by aligned fine-detail correlation (`data.audit`). Policies: clusters are a split grouping key "
+    doc.p(f"{counts['images']} images. Near-duplicates: perceptual hashes of the image and of centred crops "
+          "within the configured Hamming distance are candidates; a candidate pair is linked when its fine detail "
+          "correlates after registration (scale and shift, burnt-in marks masked), and a cluster holds only images "
+          "confirmed against one representative, so look-alikes cannot chain (`data.audit`, docs/duplicates.md). "
+          "Policies: clusters are a split grouping key "
           "(`data.split.group_by`), label conflicts stop training unless `data.on_conflict` is `drop` or `keep`.")
     if counts.get("conflict_action"):
         doc.p(f"Label-conflict policy applied: **{counts['conflict_action']}**.")

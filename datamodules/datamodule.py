@@ -333,7 +333,10 @@ class ImageDataModule(LightningDataModule):
                      "validates)" if fold != "all" else " (cross-validation: every non-test image trains, no validation)")
             rank_zero_info(f"[data] split {data.split_file}{which}\n{splits.count_table(data.frame, self.classes)}")
             if data.audit is not None:
-                rank_zero_info(duplicate_audit.summary_text(data.audit))
+                trainer = getattr(self, "trainer", None)
+                where = str(Path(trainer.default_root_dir) / run_record.AUDIT_CLUSTERS) if trainer is not None else None
+                rank_zero_info(duplicate_audit.summary_text(data.audit, where, data.clusters,
+                                                            self.split_cfg.use_manifest_split))
             self._record_in_run_dir(data)
             trainer = getattr(self, "trainer", None)
             if trainer is not None and trainer.world_size > 1:  # one line per rank: they must all agree

@@ -1,7 +1,8 @@
 """The duplicate audit run inside `ImageDataModule.resolve`: clusters, their categories and the conflict policy.
 
-Per image: a digest of the decoded pixels (exact duplicates, whatever the file format) and a perceptual
-hash of the cached array; near-duplicates are clustered with `datamodules.duplicates`. The per-image
+Per image: a digest of the decoded pixels (exact duplicates, whatever the file format), perceptual hashes
+of the cached array and its centred crops, and the stored size (tiny images are linked on identical pixels
+only); near-duplicates are clustered with `datamodules.duplicates`. The per-image
 hashes are stored in `artifacts/audit/hashes-<geometry>.parquet` keyed by cache slot content, and the
 clustering of a whole dataset in `artifacts/audit/<dataset key>.parquet`, so a rerun costs a file read.
 """
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from PIL import Image
 
 from datamodules.cache import CachedImages
-from datamodules.duplicates import cluster_images, pixel_digest, variant_hashes
+from datamodules.duplicates import LOW_DETAIL_SIDE, cluster_images, pixel_digest, variant_hashes
 
 CATEGORIES = ("label_conflict", "leakage", "cross_patient", "redundant")
 AUDIT_VERSION = 2  # 2: hashes of centred crops, registration check, star clusters, low-detail images
@@ -83,6 +85,19 @@ def slot_hashes(view: CachedImages, slots: np.ndarray, store: Path, batch: int =
     return known.filter(pl.col("slot").is_in(slots.tolist()))
 
 
+def stored_sides(paths: list[str]) -> np.ndarray:
+    """Smaller side in pixels of each file as stored, from its header (0 where the header does not say,
+    e.g. DICOM: such images are judged on their pixels only)."""
+    out = np.zeros(len(paths), np.int64)
+    for k, path in enumerate(paths):
+        try:
+            with Image.open(path) as img:  # reads the header only
+                out[k] = min(img.size)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            pass
+    return out
+
+
 def find_clusters(
     frame: pl.DataFrame, view: CachedImages, slots: np.ndarray, cfg: AuditConfig, audit_dir: Path
 ) -> pl.DataFrame:
@@ -109,7 +124,7 @@ def find_clusters(
         images = view.open()
         hashes = np.stack(uniq["variants"].to_list()) if uniq.height else np.zeros((0, 1), np.uint64)
         labels, stats = cluster_images(images[uniq["audit_slot"].to_numpy()], hashes, cfg.max_distance,
-                                       cfg.min_similarity, cfg.min_confirmed)
+                                       cfg.min_similarity, cfg.min_confirmed, stored_sides(uniq["path"].to_list()))
         by_digest = pl.DataFrame({"digest": uniq["digest"], "component": labels, "low_detail": stats["flat"]})
         _write(by_digest, stored)
     frame = frame.join(by_digest, on="digest", how="left")
@@ -167,8 +182,10 @@ def summary(frame: pl.DataFrame, clusters: pl.DataFrame) -> dict:
     return out
 
 
-def summary_text(counts: dict, where: str | None = None) -> str:
-    """The one-screen summary printed at the start of a run."""
+def summary_text(counts: dict, where: str | None = None, clusters: pl.DataFrame | None = None,
+                 manifest_split: bool = False) -> str:
+    """The one-screen summary printed at the start of a run; with `clusters`, the files of every
+    label-conflict (and, for a manifest's split, leakage) cluster too (see `cluster_lines`)."""
     lines = [
         f"[audit] {counts['images']} images: {counts['exact_clusters']} exact-duplicate clusters "
         f"({counts['exact_images']} images), {counts['near_clusters']} near-duplicate clusters ({counts['near_images']} images)",
@@ -177,9 +194,37 @@ def summary_text(counts: dict, where: str | None = None) -> str:
     ]
     if counts.get("low_detail_images"):
         lines.append(f"[audit] {counts['low_detail_images']} image(s) audited for exact copies only: too little detail "
-                     "(tiny, upsampled or nearly uniform) for the pixel check to tell a copy from a look-alike")
+                     f"for the pixel check to tell a copy from a look-alike (stored under {LOW_DETAIL_SIDE} px a side, "
+                     "so upsampled for the audit, or nearly uniform)")
     if counts.get("conflict_action"):
         lines.append(f"[audit] label-conflict policy: {counts['conflict_action']}")
+    lines += cluster_lines(clusters, where, manifest_split)
     if where:
         lines.append(f"[audit] details: {where}")
     return "\n".join(lines)
+
+
+def cluster_lines(clusters: pl.DataFrame | None, where: str | None = None, manifest_split: bool = False,
+                  limit: int = 20) -> list[str]:
+    """The clusters a user must act on, by file: every label-conflict cluster (and, when the split comes from
+    a manifest, every leakage cluster), the first `limit` of each kind, then how many more and where.
+
+    Args:
+        clusters: `classify`'s table (None or empty: no lines).
+        where: the report or table that lists them all.
+        manifest_split: the split is the manifest's own, so leakage is the data's, not the tool's.
+        limit: clusters named per kind.
+    """
+    if clusters is None or clusters.is_empty():
+        return []
+    kinds = [("label_conflict", "label conflict", "labels")] + ([("leakage", "leakage", "split_of")] if manifest_split else [])
+    lines = []
+    for column, title, per_file in kinds:
+        part = clusters.filter(pl.col(column))
+        for row in part.head(limit).iter_rows(named=True):
+            files = ", ".join(f"{f} ({v or '-'})" for f, v in zip(row["files"], row[per_file], strict=True))
+            lines.append(f"[audit] {title} {row['cluster_id']}: {files}")
+        if part.height > limit:
+            lines.append(f"[audit] ... and {part.height - limit} more {title} cluster(s)"
+                         + (f", all in {where}" if where else ""))
+    return lines

@@ -82,12 +82,15 @@ def _ecc(ga: np.ndarray, gb: np.ndarray, warp: np.ndarray, mask: np.ndarray | No
     return warp
 
 
-def coarse_register(ga: np.ndarray, gb: np.ndarray) -> np.ndarray:
-    """The affine map of a's pixels onto b's (2x3 float32) for two 64x64 median-filtered images: the best of a
-    per-axis scale grid, each with the shift phase correlation finds (within a few % of the true scale)."""
+def coarse_register(ga: np.ndarray, gb: np.ndarray, keep: int = 4) -> list[np.ndarray]:
+    """Maps of a's pixels onto b's (2x3 float32) for two 64x64 median-filtered images, best first: for each
+    per-axis scale of a grid, the shift phase correlation finds (within a few % of the true scale); the
+    `keep` best, judged by the correlation they achieve (phase correlation's peak height is not comparable
+    across scales), since ECC from the best one alone sometimes settles in a local optimum."""
     ba, bb = cv2.GaussianBlur(ga, (0, 0), 1.0), cv2.GaussianBlur(gb, (0, 0), 1.0)
     inside = _interior()
-    best, warp = -2.0, _scaled(1, 1)
+    target = highpass(ba, 2.0)[inside]
+    found = []
     for sx in _SCALES:
         for sy in _SCALES:
             moved = cv2.warpAffine(bb, _scaled(sx, sy), (_SIZE, _SIZE), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
@@ -95,13 +98,10 @@ def coarse_register(ga: np.ndarray, gb: np.ndarray) -> np.ndarray:
             # A copy of ba: OpenCV 5.0's phaseCorrelate windows its first input in place.
             (dx, dy), _ = cv2.phaseCorrelate(ba.copy(), moved, _WINDOW)
             candidate = _scaled(sx, sy, sx * dx, sy * dy)
-            # Judged by the correlation it achieves: phase correlation's peak height is not comparable across scales.
             moved = cv2.warpAffine(bb, candidate, (_SIZE, _SIZE), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                                    borderMode=cv2.BORDER_REFLECT)
-            score = _corr(highpass(ba, 2.0)[inside], highpass(moved, 2.0)[inside])
-            if score > best:
-                best, warp = score, candidate
-    return warp
+            found.append((_corr(target, highpass(moved, 2.0)[inside]), len(found), candidate))
+    return [warp for _, _, warp in sorted(found, key=lambda f: (-f[0], f[1]))[:keep]]
 
 
 def _corr(x: np.ndarray, y: np.ndarray) -> float:
@@ -161,27 +161,35 @@ def _refine(ga: np.ndarray, gb: np.ndarray, warp: np.ndarray, score: float, keep
     return score, keep, warp
 
 
-def confirm(a: np.ndarray, b: np.ndarray, give_up: float = 0.4) -> float:
+def confirm(a: np.ndarray, b: np.ndarray, give_up: float = 0.4, sure: float = 0.95, near_miss: float = 0.8) -> float:
     """Stage 2 for one pair: the masked fine-detail correlation after registration.
 
     The registration runs on median-filtered images (thin burnt-in strokes would pull it): a scale grid
     with phase correlation, then (unless the pair scores below `give_up` there, as distinct images do)
-    ECC, once more without the masked pixels. A pair differing over more than `MAX_MASKED` of its pixels,
-    or needing a rotation or shear, scores 0.
+    ECC from the grid's best map, once more without the masked pixels, and from its next three when that
+    ends in a near miss (ECC sometimes settles in a local optimum). A pair differing over more
+    than `MAX_MASKED` of its pixels, or needing a rotation or shear, scores 0.
 
     Args:
         a, b: (64, 64, C) uint8 audit images.
         give_up: score at the grid's registration below which the pair is refused without refining.
+        sure: score after which no further start is tried.
+        near_miss: refined score of the best start below which no further start is tried.
     """
     ga, gb = gray(a), gray(b)
-    warp = coarse_register(cv2.medianBlur(ga, 3), cv2.medianBlur(gb, 3))
-    score, keep = masked_score(ga, gb, warp)
-    if score < give_up:
-        return score
-    score, keep, warp = _refine(ga, gb, warp, score, keep)
-    if not _plausible(warp) or 1 - keep.sum() / np.count_nonzero(_interior()) > MAX_MASKED:
-        return 0.0
-    return score
+    best = 0.0
+    for k, start in enumerate(coarse_register(cv2.medianBlur(ga, 3), cv2.medianBlur(gb, 3))):
+        score, keep = masked_score(ga, gb, start)
+        if score < give_up:
+            if k == 0:
+                break  # the grid's best start is already far off: a distinct image (most candidates)
+            continue
+        score, keep, warp = _refine(ga, gb, start, score, keep)
+        if _plausible(warp) and 1 - keep.sum() / np.count_nonzero(_interior()) <= MAX_MASKED:
+            best = max(best, score)
+        if best >= sure or (k == 0 and score < near_miss):
+            break  # sure enough, or far from a copy even after refining: the other starts are for near misses
+    return best
 
 
 def _interior() -> np.ndarray:

@@ -7,6 +7,10 @@ The perceptual hash is the DCT hash of `imagehash.phash` (32x32 grayscale, top-l
 compared to their median), computed here on whole batches of the decode cache's arrays at once: imagehash
 works one PIL image at a time and would re-decode every file. (The thumbnail is resized with OpenCV's area
 filter instead of PIL's Lanczos, so single bits can differ from imagehash's.)
+
+Candidates come from hashes of the image and of centred crops (`variant_hashes`, `candidate_pairs`), are
+confirmed on the pixels by `datamodules.duplicate_check`, and grouped into star clusters (`star_clusters`)
+so that look-alikes cannot chain; what and how well is in docs/duplicates.md.
 """
 
 from __future__ import annotations
@@ -146,16 +150,25 @@ def candidate_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, 
     return linked.row.astype(np.int64), linked.col.astype(np.int64)
 
 
-# Grey levels (std) of the finest band of the 64 px audit image below which an image is "low detail": an image
-# upsampled from a few dozen pixels or nearly uniform has too little of the detail the pixel check compares to
-# tell a copy from a look-alike. Measured: 28 px fundus-like discs upsampled 2.4-3.0 (max of 300), COVID-CT's
-# scans 6.4 and above, the phantoms 4.2 and above, generated 100-2,000 px scans 3.4 and above.
-LOW_DETAIL_STD = 3.25
+# Images the pixel check cannot judge: stored smaller than LOW_DETAIL_SIDE px on a side (upsampled at least
+# 1.3x into the 64 px audit image: 28 px fundus photographs are smooth discs that differ only in what the
+# upsampling blurred away), or nearly uniform (finest band below LOW_DETAIL_STD grey levels).
+LOW_DETAIL_SIDE = 48
+LOW_DETAIL_STD = 1.0
 
 
-def low_detail(images: np.ndarray) -> np.ndarray:
-    """(N,) bool: images with too little fine detail to be linked on anything but identical pixels."""
-    return np.array([highpass(gray(im), 0.7)[4:-4, 4:-4].std() < LOW_DETAIL_STD for im in images], bool)
+def low_detail(images: np.ndarray, sides: np.ndarray | None = None) -> np.ndarray:
+    """(N,) bool: images with too little detail to be linked on anything but identical pixels.
+
+    Args:
+        images: (N, 64, 64, C) uint8 audit images.
+        sides: (N,) smaller side of each stored image in pixels (0: unknown, judged on the pixels only).
+    """
+    flat = np.array([highpass(gray(im), 0.7)[4:-4, 4:-4].std() < LOW_DETAIL_STD for im in images], bool)
+    if sides is None:
+        return flat
+    sides = np.asarray(sides)
+    return flat | ((sides > 0) & (sides < LOW_DETAIL_SIDE))
 
 
 def star_clusters(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
@@ -190,7 +203,7 @@ def star_clusters(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
 
 def cluster_images(
     images: np.ndarray, hashes: np.ndarray, max_distance: int, min_similarity: float | None,
-    min_confirmed: float = 0.9,
+    min_confirmed: float = 0.9, sides: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Near-duplicate clusters: candidate pairs from the hashes, confirmed on the pixels, star-clustered.
 
@@ -202,6 +215,7 @@ def cluster_images(
             the source's geometry); None links every candidate (hash only, no pixel check).
         min_confirmed: masked correlation after registration (`duplicate_check.confirm`) that links the
             remaining candidates (crops, rescales, marks).
+        sides: (N,) smaller side of each stored image (for `low_detail`; None: judged on the pixels only).
 
     Returns:
         (labels, stats): cluster label per image; stats counts `candidates`, `rejected` pairs and the
@@ -210,9 +224,9 @@ def cluster_images(
     """
     hashes = hashes.reshape(len(images), -1)
     i, j = candidate_pairs(hashes, max_distance)
-    flat = low_detail(images) if len(images) else np.zeros(0, bool)
+    flat = low_detail(images, sides) if len(images) else np.zeros(0, bool)
     stats = {"candidates": len(i), "low_detail": int(flat.sum()), "flat": flat}
-    i, j = i[~(flat[i] & flat[j])], j[~(flat[i] & flat[j])]  # two low-detail images: identical pixels only
+    i, j = i[~(flat[i] | flat[j])], j[~(flat[i] | flat[j])]  # a low-detail image: identical pixels only
     if min_similarity is not None and len(i):
         # Equal hashes are checked too: distinct look-alikes (the phantoms) can share all 64 bits.
         keep = shifted_scores(detail(images), i, j) >= min_similarity

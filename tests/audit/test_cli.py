@@ -123,3 +123,26 @@ def test_an_unknown_or_hyphenated_option_is_refused_naming_it(folder, tmp_path, 
         main(["--config", str(_config(tmp_path, folder)), "--label-issues"])
     assert stop.value.code == 2
     assert "--label-issues" in capsys.readouterr().err
+
+
+def test_console_names_the_files_of_every_conflict_cluster(folder, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["--config", str(_config(tmp_path, folder)), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "[audit] label conflict c" in printed
+    assert "covid/copy_of_normal_0.png (covid), normal/normal_0.png (normal)" in printed
+
+
+def test_cluster_lines_name_the_first_20_then_count_and_point_to_the_report():
+    from datamodules.duplicate_audit import cluster_lines
+
+    rows = [{"cluster_id": f"c{k}", "files": [f"a/{k}.png", f"b/{k}.png"], "labels": ["a", "b"],
+             "split_of": ["train", "test"], "label_conflict": True, "leakage": k % 2 == 0} for k in range(25)]
+    clusters = pl.DataFrame(rows)
+    lines = cluster_lines(clusters, "out/audit.html")
+    assert len(lines) == 21 and lines[0] == "[audit] label conflict c0: a/0.png (a), b/0.png (b)"
+    assert lines[-1] == "[audit] ... and 5 more label conflict cluster(s), all in out/audit.html"
+    assert not any("leakage" in line for line in lines)  # a computed split groups clusters: no leakage to name
+    with_leaks = cluster_lines(clusters, "out/audit.html", manifest_split=True)
+    assert "[audit] leakage c0: a/0.png (train), b/0.png (test)" in with_leaks
+    assert with_leaks[-1] == "[audit] leakage c24: a/24.png (train), b/24.png (test)"  # 13 leaks: all named

@@ -66,6 +66,10 @@ def test_without_duplicate_grouping_the_manifest_split_shows_leakage(folder, tmp
     assert data.audit["leakage"] == 1
     leak = data.clusters.filter(pl.col("leakage"))
     assert leak["files"].to_list() == [["normal/normal_2.png", "normal/normal_2_copy.png"]]
+    from datamodules.duplicate_audit import summary_text
+
+    printed = summary_text(data.audit, "run/audit_clusters.parquet", data.clusters, manifest_split=True)
+    assert "leakage c" in printed and "normal/normal_2.png (train), normal/normal_2_copy.png (test)" in printed
 
 
 def test_a_runs_audit_goes_into_another_report(folder, tmp_path):
