@@ -213,6 +213,9 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     # cli.py passes its (config-resolved) argv explicitly; that is not a mistake.
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+    # On a SLURM login or compute node Lightning suggests `srun python ...` whenever `srun` is on PATH; this tool
+    # launches its own processes (trials, DDP ranks) and never wants a run to become an srun task.
+    warnings.filterwarnings("ignore", message=".*The `srun` command is available on your system but is not used.*")
 
 
 def _fold(cfg) -> Any:
