@@ -1,0 +1,27 @@
+"""Process isolation is generic: any module-level function runs in a forked child, its failure becomes a
+reason, and the module imports nothing from `sweeps`."""
+
+from __future__ import annotations
+
+import ast
+import os
+
+from sweeps import isolation
+from tests.conftest import REPO
+from tests.sweeps.child_jobs import raise_value_error, write_pid
+
+
+def test_a_function_runs_in_a_child_and_its_failure_is_the_reason(tmp_path):
+    isolation.start_forkserver([])
+    ok = isolation.run_in_process(write_pid, {"file": str(tmp_path / "pid")}, tmp_path, "job")
+    assert ok.status == "ok" and int((tmp_path / "pid").read_text()) != os.getpid()
+    failed = isolation.run_in_process(raise_value_error, {"why": "bad value"}, tmp_path, "job")
+    assert (failed.status, failed.reason) == ("failed", "ValueError: bad value")
+    assert "Traceback" in (tmp_path / "job.log").read_text()  # the child's own output goes to its log
+
+
+def test_isolation_imports_nothing_from_sweeps():
+    tree = ast.parse((REPO / "sweeps" / "isolation.py").read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not [m for m in imported if m.split(".")[0] == "sweeps"]
