@@ -13,3 +13,11 @@ def write_pid(payload: dict) -> None:
 
 def raise_value_error(payload: dict) -> None:
     raise ValueError(payload["why"])
+
+
+def sleep_long(payload: dict) -> None:
+    """Stands in for a long trial: it writes that it started, then waits to be stopped."""
+    import time
+
+    Path(payload["file"]).write_text(str(os.getpid()))
+    time.sleep(120)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+from pathlib import Path
 
 from sweeps import isolation
 from tests.conftest import REPO
@@ -25,3 +26,37 @@ def test_isolation_imports_nothing_from_sweeps():
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not [m for m in imported if m.split(".")[0] == "sweeps"]
+
+
+def test_an_interrupt_stops_the_child_which_records_itself_interrupted(tmp_path):
+    """The caller's first SIGTERM stops the running child (its process group) and raises `Interrupted`
+    where the caller waits; the child writes its result as interrupted and is gone within the grace time."""
+    import signal
+    import threading
+    import time
+
+    import pytest
+
+    from runs import interrupts
+    from tests.sweeps.child_jobs import sleep_long
+
+    isolation.start_forkserver([])
+    started = tmp_path / "started"
+
+    def interrupt_when_started() -> None:
+        while not started.exists():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=interrupt_when_started, daemon=True).start()
+    saved = interrupts.install(on_first=isolation.stop_children)
+    try:
+        with pytest.raises(interrupts.Interrupted) as stopped:
+            isolation.run_in_process(sleep_long, {"file": str(started)}, tmp_path, "job")
+    finally:
+        interrupts.restore(saved)
+    assert stopped.value.exit_code == 143
+    child = int(started.read_text())
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+    outcome = isolation.outcome_of(tmp_path / ".job_result.json", None, tmp_path / "job.log")
+    assert (outcome.status, outcome.reason) == ("interrupted", "stopped by SIGTERM")
