@@ -34,6 +34,7 @@ from runs.wandb_mode import wandb_mode
 _PRELOAD: list[str] = []
 GRACE_SECONDS = 5.0  # a stopped child's time to finish its W&B run and exit before it is killed
 _CHILDREN: set[int] = set()  # the process groups this process has running (their leaders' pids)
+_STOPPED: set[int] = set()  # those `stop_children` has asked to stop already
 
 
 @dataclass
@@ -114,7 +115,8 @@ def _write(path: Path, payload: dict) -> None:
 def _child(target: Callable[[Any], None], payload: Any, result_file: str, log_file: str, worker: int,
            cwd: str) -> None:
     os.setpgid(0, 0)  # its own process group: the caller stops it with its data-loader workers
-    interrupts.install()
+    # A repeated stop request must not cut short the writing of its result: the caller kills it if it lingers.
+    interrupts.install(second="ignore")
     _die_with_worker(worker)
     _redirect_output(Path(log_file))
     os.chdir(cwd)
@@ -145,6 +147,7 @@ def stop_children(signum: int = signal.SIGTERM) -> None:
     `GRACE_SECONDS` later. Safe to call from a signal handler: it only sends signals and starts a thread."""
     groups = list(_CHILDREN)
     for pgid in groups:
+        _STOPPED.add(pgid)
         _signal_group(pgid, signal.SIGTERM)
 
     def kill_late() -> None:
@@ -165,7 +168,8 @@ def _signal_group(pgid: int, sig: int) -> None:
 
 def _stop_and_wait(pgid: int, wait: Callable[[float], bool]) -> None:
     """After an exception in the caller (an interrupt): stop the child's group and wait for it to end."""
-    _signal_group(pgid, signal.SIGTERM)
+    if pgid not in _STOPPED:  # not asked by `stop_children` yet (another exception, or a worker thread's child)
+        _signal_group(pgid, signal.SIGTERM)
     if not wait(GRACE_SECONDS):
         _signal_group(pgid, signal.SIGKILL)
         wait(GRACE_SECONDS)
@@ -193,6 +197,7 @@ def run_in_process(target: Callable[[Any], None], payload: Any, workdir: Path, n
         raise
     finally:
         _CHILDREN.discard(proc.pid)
+        _STOPPED.discard(proc.pid)
     return outcome_of(result_file, proc.exitcode, log)
 
 
@@ -211,6 +216,7 @@ def run_command(command: list[str], log: Path, env: dict[str, str] | None = None
             raise
         finally:
             _CHILDREN.discard(proc.pid)
+            _STOPPED.discard(proc.pid)
     if proc.returncode == 0:
         return Outcome("ok")
     return outcome_of(None, proc.returncode, log)
