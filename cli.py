@@ -9,7 +9,8 @@
     python cli.py audit    --config covid_ct                 # duplicates, leakage, label issues
 
 A `--config` that is not a file is looked up by name in the project's `configs/` folder. Errors in the user's
-data or config are printed as one `error:` line, without a traceback.
+data or config are printed as one `error:` line, without a traceback. Ctrl-C (SIGINT), SIGTERM or SIGHUP stop
+a command with one `interrupted:` line and exit code 130, 143 or 129 (docs/interrupts.md).
 """
 
 from __future__ import annotations
@@ -48,8 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         print(usage(), end="")
         return 0 if argv else 2
     from errors import MedselError
+    from runs import interrupts
 
     command = argv[0]
+    # The server's own handlers stop it on Ctrl-C with exit code 0.
+    previous = interrupts.install() if command != "serve" else {}
     try:
         if command not in COMMANDS:
             raise MedselError(f"unknown command '{command}'. Commands: {', '.join(COMMANDS)}. See python cli.py --help")
@@ -73,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     except MedselError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except interrupts.Interrupted as e:
+        kept = "; the checkpoints of its finished epochs stay in its run directory" if command == "fit" else ""
+        print(interrupts.message(e, command) + kept, file=sys.stderr)
+        return e.exit_code
+    finally:
+        interrupts.restore(previous)
 
 
 if __name__ == "__main__":

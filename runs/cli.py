@@ -28,8 +28,8 @@ from lightning_modules.classifier import ImageClassifier
 from runs import files
 from runs.callbacks import FitTimer, ModelInfoWriter, PredictionWriter, TestResultsWriter
 from runs.files import RunFiles
-from runs.wandb_mode import wandb_mode
 from runs.train_eval import TrainEvalWriter
+from runs.wandb_mode import wandb_mode
 
 _RUN_DIR_ENV = "MEDSEL_RUN_DIR"
 _RUN_DIR_OWNER_ENV = "MEDSEL_RUN_DIR_OWNER_PID"

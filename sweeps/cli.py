@@ -4,7 +4,9 @@ Every key of the sweep config can also be given on the command line (`--allow_fa
 Rerunning the same command resumes the sweep from its Optuna storage.
 
 Exit codes: 0 done; 1 some grid point has no finished trial (unless --allow_failures true); 2 a config,
-data or sweep error, printed as one `error:` line (every problem of the sweep's configs at once).
+data or sweep error, printed as one `error:` line (every problem of the sweep's configs at once); 130, 143
+or 129 stopped by SIGINT (Ctrl-C), SIGTERM or SIGHUP: the running trials are stopped and recorded as
+interrupted, and rerunning the same command resumes (see docs/interrupts.md).
 """
 
 from __future__ import annotations
@@ -42,7 +44,21 @@ def main(argv: list[str]) -> int:
     jobs.start_forkserver()
     import optuna
 
+    from runs import interrupts
     from sweeps.sweep import exit_code, run
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own progress
-    return exit_code(sweep, run(sweep))
+    previous = interrupts.install(on_first=isolation.stop_children)
+    try:
+        return exit_code(sweep, run(sweep))
+    except interrupts.Interrupted as e:
+        log.warning(interrupted_line(getattr(e, "stopped", [])))
+        return e.exit_code
+    finally:
+        interrupts.restore(previous)
+
+
+def interrupted_line(stopped: list[str]) -> str:
+    """E.g. 'interrupted: 1 trial stopped (stage1 003-resnet18-r0-f2); rerun the same command to resume'."""
+    which = f" ({', '.join(stopped)})" if stopped else ""
+    return f"interrupted: {len(stopped)} trial{'s' * (len(stopped) != 1)} stopped{which}; rerun the same command to resume"

@@ -5,6 +5,10 @@ are in `sweeps.jobs`). Functions run in a child forked from a forkserver that ha
 `preload` modules already (torch, lightning, timm), so a child's fixed start-up cost is a fork, not a Python
 start and a torch import; `run_command` runs a command line instead (what DDP's launcher needs). A process
 that dies by a signal without writing its result is `interrupted`, not `failed`.
+
+Each child leads its own process group (with its data-loader workers, or a command's DDP ranks), so a
+terminal's Ctrl-C reaches only the caller, which stops its children with `stop_children` (SIGTERM to each
+group, SIGKILL after `GRACE_SECONDS`); a child stopped so records itself `interrupted`.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -23,9 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from errors import MedselError
+from runs import interrupts
 from runs.wandb_mode import wandb_mode
 
 _PRELOAD: list[str] = []
+GRACE_SECONDS = 5.0  # a stopped child's time to finish its W&B run and exit before it is killed
+_CHILDREN: set[int] = set()  # the process groups this process has running (their leaders' pids)
+_STOPPED: set[int] = set()  # those `stop_children` has asked to stop already
 
 
 @dataclass
@@ -105,6 +114,9 @@ def _write(path: Path, payload: dict) -> None:
 
 def _child(target: Callable[[Any], None], payload: Any, result_file: str, log_file: str, worker: int,
            cwd: str) -> None:
+    os.setpgid(0, 0)  # its own process group: the caller stops it with its data-loader workers
+    # A repeated stop request must not cut short the writing of its result: the caller kills it if it lingers.
+    interrupts.install(second="ignore")
     _die_with_worker(worker)
     _redirect_output(Path(log_file))
     os.chdir(cwd)
@@ -113,16 +125,54 @@ def _child(target: Callable[[Any], None], payload: Any, result_file: str, log_fi
         _finish_wandb()
         _write(Path(result_file), {"status": "ok"})
     except BaseException as e:  # noqa: BLE001 -- every failure becomes the recorded reason
-        traceback.print_exc()
+        stopped = isinstance(e, interrupts.Interrupted)
+        if stopped:
+            print(f"{interrupts.message(e, 'this process')}", flush=True)
+        else:
+            traceback.print_exc()
         reason = str(e) if isinstance(e, MedselError) else f"{type(e).__name__}: {e}"[:2000]
-        _write(Path(result_file), {"status": "failed", "reason": reason})
+        _write(Path(result_file), {"status": "interrupted", "reason": f"stopped by {e.name}"} if stopped
+               else {"status": "failed", "reason": reason})
         try:
             _finish_wandb()
-        except Exception:  # noqa: BLE001 -- the child has failed already; its reason is recorded
+        except BaseException:  # noqa: BLE001 -- the child has ended already; its reason is recorded
             pass
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(1)
+        os._exit(e.exit_code if stopped else 1)
+
+
+def stop_children(signum: int = signal.SIGTERM) -> None:
+    """Ask every child process group this process runs to stop (SIGTERM), and kill the groups still alive
+    `GRACE_SECONDS` later. Safe to call from a signal handler: it only sends signals and starts a thread."""
+    groups = list(_CHILDREN)
+    for pgid in groups:
+        _STOPPED.add(pgid)
+        _signal_group(pgid, signal.SIGTERM)
+
+    def kill_late() -> None:
+        time.sleep(GRACE_SECONDS)
+        for pgid in groups:
+            _signal_group(pgid, signal.SIGKILL)
+
+    if groups:
+        threading.Thread(target=kill_late, daemon=True).start()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):  # already gone (its pid not yet reused: we still wait on it)
+        pass
+
+
+def _stop_and_wait(pgid: int, wait: Callable[[float], bool]) -> None:
+    """After an exception in the caller (an interrupt): stop the child's group and wait for it to end."""
+    if pgid not in _STOPPED:  # not asked by `stop_children` yet (another exception, or a worker thread's child)
+        _signal_group(pgid, signal.SIGTERM)
+    if not wait(GRACE_SECONDS):
+        _signal_group(pgid, signal.SIGKILL)
+        wait(GRACE_SECONDS)
 
 
 def run_in_process(target: Callable[[Any], None], payload: Any, workdir: Path, name: str) -> Outcome:
@@ -139,19 +189,45 @@ def run_in_process(target: Callable[[Any], None], payload: Any, workdir: Path, n
     result_file.unlink(missing_ok=True)
     proc = _context().Process(target=_child, args=(target, payload, str(result_file), str(log), os.getpid(), os.getcwd()))
     proc.start()
-    proc.join()
+    _CHILDREN.add(proc.pid)
+    try:
+        proc.join()
+    except BaseException:  # an interrupt while waiting: the child must not train on unobserved
+        _stop_and_wait(proc.pid, lambda seconds: proc.join(seconds) or proc.exitcode is not None)
+        raise
+    finally:
+        _CHILDREN.discard(proc.pid)
+        _STOPPED.discard(proc.pid)
     return outcome_of(result_file, proc.exitcode, log)
 
 
 def run_command(command: list[str], log: Path, env: dict[str, str] | None = None) -> Outcome:
-    """Run a command line (e.g. `python cli.py fit`, whose DDP launcher re-executes it per rank), its output
-    appended to `log`."""
+    """Run a command line (e.g. `python cli.py fit`, whose DDP launcher re-executes it per rank) in its own
+    process group, its output appended to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as fh:
-        proc = subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                start_new_session=True)
+        _CHILDREN.add(proc.pid)
+        try:
+            proc.wait()
+        except BaseException:  # an interrupt while waiting: stop every rank
+            _stop_and_wait(proc.pid, lambda seconds: _waited(proc, seconds))
+            raise
+        finally:
+            _CHILDREN.discard(proc.pid)
+            _STOPPED.discard(proc.pid)
     if proc.returncode == 0:
         return Outcome("ok")
     return outcome_of(None, proc.returncode, log)
+
+
+def _waited(proc: subprocess.Popen, seconds: float) -> bool:
+    try:
+        proc.wait(seconds)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def _reason_from_log(log: Path, code: int | None) -> str:
@@ -166,6 +242,8 @@ def outcome_of(result_file: Path | None, exitcode: int | None, log: Path) -> Out
     if result_file is not None and result_file.exists():
         data = json.loads(result_file.read_text())
         return Outcome(data["status"], data.get("reason", ""))
+    if exitcode is not None and exitcode in (130, 143, 129) and log.exists() and "interrupted: " in log.read_text(errors="replace"):
+        return Outcome("interrupted", f"stopped (exit code {exitcode})")
     if exitcode is not None and exitcode < 0:
         sig = -exitcode
         why = " (out of memory, or killed from outside)" if sig == 9 else ""

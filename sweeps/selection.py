@@ -143,7 +143,10 @@ def leader(sweep: SweepConfig, ss: coord.StageStudy) -> str:
     frame = trial_frame(ss.study, ss.stage, sweep.out_dir)
     if frame.is_empty():
         return ""
-    _, board = _leaderboard(sweep, ss.stage, frame, check_repeats=False)
+    try:
+        _, board = _leaderboard(sweep, ss.stage, frame, check_repeats=False)
+    except (KeyError, SweepError):  # e.g. a rank-score metric not logged: the stage's own ranking says so, once
+        return ""
     best = board.row(0, named=True)
     score = "rank_score" if sweep.selection.rule == "rank_score" else sweep.selection.metric
     value = best.get(score)

@@ -9,6 +9,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from errors import ConfigError
-from runs import files
+from runs import files, interrupts
 from runs.files import PROGRESS, RunFiles
+from runs.interrupts import Interrupted
 from sweeps import coordinator as coord
 from sweeps import grid, isolation, jobs, selection, trials
 from sweeps.config import SweepConfig, merge
@@ -95,9 +97,13 @@ class TrialRunner:
         log.info(f"[sweep] {self.stage.name} {label} -> {run_dir} (log: fit.log)")
         self.progress.trial_started(label)
         started = time.perf_counter()
-        with coord.Heartbeat(ss, number, self.sweep.heartbeat_seconds), \
-                follow(RunFiles(run_dir) / PROGRESS, self.progress.epoch_done):
-            outcome = self.execute(cfg, run_dir)
+        try:
+            with coord.Heartbeat(ss, number, self.sweep.heartbeat_seconds), \
+                    follow(RunFiles(run_dir) / PROGRESS, self.progress.epoch_done):
+                outcome = self.execute(cfg, run_dir)
+        except Interrupted as e:  # its process is stopped; its files (last-epoch checkpoint) stay for the rerun
+            coord.fail(ss, number, f"{coord.INTERRUPTED}: {STOPPED_BY}{e.name}")
+            raise
         seconds = time.perf_counter() - started
         self._record(ss, number, run_dir, cfg, outcome, seconds)
         self.progress.trial_finished(seconds, points_done(ss), selection.leader(self.sweep, ss))
@@ -156,11 +162,16 @@ def work(sweep: SweepConfig, stage: Stage, base: str | None, configs: trials.Tri
 
 
 def _worker_main(sweep_dict: dict, stage_name: str, base: str | None, env: dict[str, str]) -> None:
+    # A worker may get the terminal's signal and then the one its coordinator forwards: the first stops it.
+    interrupts.install(on_first=isolation.stop_children, second="ignore")
     os.environ.update(env)
-    jobs.start_forkserver()
-    sweep = SweepConfig.from_dict(sweep_dict)
-    configs = trials.TrialConfigs(sweep)
-    work(sweep, grid.stage_named(sweep, stage_name, list(configs.candidates), configs.shared), base, configs)
+    try:
+        jobs.start_forkserver()
+        sweep = SweepConfig.from_dict(sweep_dict)
+        configs = trials.TrialConfigs(sweep)
+        work(sweep, grid.stage_named(sweep, stage_name, list(configs.candidates), configs.shared), base, configs)
+    except Interrupted as e:
+        sys.exit(e.exit_code)
 
 
 def visible_gpus() -> list[str]:
@@ -223,15 +234,57 @@ def run_stage(sweep: SweepConfig, stage: Stage, base: str | None, configs: trial
     if before["failed"] and not sweep.retry_failed:
         log.warning(f"[sweep] {stage.name}: {before['failed']} trials failed with an error; rerun with --retry_failed true "
                     "to retry them")
-    if sweep.workers == 1:
-        work(sweep, stage, base, configs, execute, ss)
-    else:
-        per_trial, gpus = jobs.devices(configs.shared), visible_gpus()
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_worker_main, args=(sweep.to_dict(), stage.name, base, gpu_env(i, per_trial, gpus)))
-                 for i in range(sweep.workers)]
-        for p in procs:
-            p.start()
+    since = datetime.now()
+    try:
+        if sweep.workers == 1:
+            work(sweep, stage, base, configs, execute, ss)
+        else:
+            _run_workers(sweep, stage, base, configs)
+    except Interrupted as e:
+        raise StageInterrupted(e.signum, stopped_trials(ss, since)) from None
+    return ss
+
+
+class StageInterrupted(Interrupted):  # noqa: N818 -- a stop request
+    """A stage stopped by a signal, with the trials it stopped ("stage1 003-resnet18-r0-f2")."""
+
+    def __init__(self, signum: int, stopped: list[str]):
+        super().__init__(signum)
+        self.stopped = stopped
+
+
+STOPPED_BY = "stopped by "  # the reason of a trial stopped by an interrupt: "interrupted: stopped by SIGINT"
+
+
+def stopped_trials(ss: coord.StageStudy, since: datetime) -> list[str]:
+    """The stage's trials that an interrupt stopped since `since` (this process's or its workers')."""
+    prefix = f"{coord.INTERRUPTED}: {STOPPED_BY}"
+    return [f"{ss.stage.name} {Path(t.user_attrs.get('run_dir', str(t.number))).name}"
+            for t in ss.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+            if str(t.user_attrs.get("fail_reason", "")).startswith(prefix) and t.datetime_complete
+            and t.datetime_complete >= since]
+
+
+WORKER_STOP_SECONDS = 30.0  # an interrupted worker's time to stop its trial (GRACE_SECONDS) and record it
+
+
+def _run_workers(sweep: SweepConfig, stage: Stage, base: str | None, configs: trials.TrialConfigs) -> None:
+    per_trial, gpus = jobs.devices(configs.shared), visible_gpus()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker_main, args=(sweep.to_dict(), stage.name, base, gpu_env(i, per_trial, gpus)))
+             for i in range(sweep.workers)]
+    for p in procs:
+        p.start()
+    try:
         for p in procs:
             p.join()
-    return ss
+    except Interrupted as e:  # `kill` reaches this process only, a terminal's Ctrl-C every worker too
+        for p in procs:
+            if p.exitcode is None:
+                os.kill(p.pid, e.signum)
+        for p in procs:
+            p.join(WORKER_STOP_SECONDS)
+            if p.exitcode is None:
+                p.kill()
+                p.join()
+        raise

@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 
 from runs import files
 from sweeps import sweep as sweep_mod
-from sweeps.config import Stage2
+from sweeps.config import Selection, Stage2
 from tests.sweeps.fakes import FakeTrials, no_preflight, tiny_sweep
 
 
@@ -132,3 +132,51 @@ def test_a_sweep_command_with_another_folder_reaches_or_names_the_winner(tmp_pat
     assert summary["winner_elsewhere"] and sweep_mod.exit_code(third, summary) == 0
     assert "trained by another machine" in capsys.readouterr().out
     assert (third.out_dir / "report.md").exists() and not (third.out_dir / "winner.yaml").exists()
+
+
+def test_the_live_best_so_far_ranks_by_the_stage_s_selection_rule(tmp_path, capsys, no_plots):
+    """Under the rank score the live line names the rank score, not the trained loss (which differs across
+    losses), and its last leader of each stage is that stage's winner."""
+    sweep = tiny_sweep(tmp_path, selection=Selection(rule="rank_score", loss_term="trained"))  # the fakes log no NLL
+    summary = sweep_mod.run(sweep, execute=FakeTrials(), preflight=no_preflight)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "| best " in line]
+    assert lines and all("| best rank_score=" in line for line in lines)
+    stage2 = [line for line in lines if line.startswith("[sweep] stage2:")]
+    assert stage2[-1].endswith(f"({summary['optimizer']}-{summary['loss']})")
+
+
+def test_the_sweep_s_lines_come_from_the_medsel_sweep_logger(capsys):
+    import logging
+
+    logger = logging.getLogger("medsel.sweep")
+    logger.info("[sweep] a line")
+    logger.setLevel(logging.WARNING)  # what a user who wants only the warnings does
+    try:
+        logger.info("[sweep] hidden")
+        logger.warning("[sweep] a warning")
+    finally:
+        logger.setLevel(logging.INFO)
+    assert capsys.readouterr().out.splitlines() == ["[sweep] a line", "[sweep] a warning"]
+
+
+def test_the_coordinator_never_imports_torch():
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = ("import sys; import sweeps.cli, sweeps.sweep, sweeps.worker, sweeps.selection, sweeps.outputs, sweeps.jobs; "
+            "from sweeps.worker import visible_gpus; visible_gpus(); "
+            "print(sorted(m for m in ('torch', 'lightning', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_each_worker_gets_its_own_gpus_of_those_visible(monkeypatch):
+    from sweeps.worker import gpu_env, visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    gpus = visible_gpus()
+    assert gpus == ["4", "5", "6", "7"]
+    assert [gpu_env(w, 2, gpus) for w in range(2)] == [{"CUDA_VISIBLE_DEVICES": "4,5"}, {"CUDA_VISIBLE_DEVICES": "6,7"}]
+    assert gpu_env(0, 1, []) == {}
