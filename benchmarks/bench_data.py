@@ -147,7 +147,7 @@ def fit_memory(args, classes, workers: int) -> dict:
             "data": {"source": args.source, "classes": classes, "image_size": args.size, "augmentation": args.augmentation,
                      "batch_size": args.batch_size, "num_workers": workers, "artifacts_dir": args.artifacts,
                      "split": {"ratios": "80/10/10"}, "on_conflict": args.on_conflict},
-            "model": {"network": {"name": "resnet10t", "pretrained": False}},  # the weights do not change memory
+            "model": {"network": {"name": "resnet10t"}},
             "trainer": {"max_epochs": 1, "accelerator": "cpu", "enable_progress_bar": False, "limit_val_batches": 2},
             "run": {"root": tmp, "wandb": "disabled"}, "report": {"enabled": False},
         }
