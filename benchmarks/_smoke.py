@@ -22,3 +22,16 @@ def tiny_folder(root: Path, per_class: int = 24, size: int = 48) -> str:
             image = (stripes if c == CLASSES[0] else stripes.T) + rng.normal(0, 25, (size, size))
             Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).convert("RGB").save(root / c / f"{i:03d}.png")
     return str(root)
+
+
+def tiny_manifest(root: Path, classes: tuple[str, str] = ("NonCOVID", "COVID"), test_share: int = 5) -> str:
+    """A CSV manifest (`path,label,official_split`) over `tiny_folder`'s images relabelled as `classes` (COVID-CT's
+    by default, so its config applies unchanged), every `test_share`-th image in the official test split."""
+    import polars as pl
+
+    folder = Path(tiny_folder(root))
+    rows = [(str(p), classes[CLASSES.index(p.parent.name)], "test" if i % test_share == 0 else "train")
+            for c in CLASSES for i, p in enumerate(sorted((folder / c).glob("*.png")))]
+    manifest = root / "manifest.csv"
+    pl.DataFrame(rows, schema=["path", "label", "official_split"], orient="row").write_csv(manifest)
+    return str(manifest)
