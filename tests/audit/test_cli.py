@@ -123,3 +123,11 @@ def test_an_unknown_or_hyphenated_option_is_refused_naming_it(folder, tmp_path, 
         main(["--config", str(_config(tmp_path, folder)), "--label-issues"])
     assert stop.value.code == 2
     assert "--label-issues" in capsys.readouterr().err
+
+
+def test_a_runs_saved_config_is_accepted(folder, tmp_path):
+    """The run and sweep reports say `cli.py audit --config <run>/config.yaml`; fit saves `ckpt_path` in it."""
+    cfg = _config(tmp_path, folder)
+    cfg.write_text(cfg.read_text() + "ckpt_path: null\nseed_everything: 3\n")
+    assert main(["--config", str(cfg), "--out", str(tmp_path / "report")]) == 0
+    assert pl.read_parquet(tmp_path / "report" / CLUSTERS).height == 3
