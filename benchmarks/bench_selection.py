@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--candidates", nargs="+", default=CANDIDATES)
-    ap.add_argument("--smoke", action="store_true", help="a tiny generated manifest, 2 seeds x 2 folds x 2 candidates "
+    ap.add_argument("--smoke", action="store_true", help="a tiny generated manifest, 1 seed x 2 folds x 2 candidates "
                                                          "of 1 epoch at 32 px: checks the code path")
     args = ap.parse_args()
     if args.smoke:
@@ -92,7 +92,7 @@ def main() -> None:
 
         tmp = Path(tempfile.mkdtemp(prefix="bench_selection_smoke"))
         args.source, args.artifacts = tiny_manifest(tmp / "data"), str(tmp / "artifacts")
-        args.seeds, args.folds, args.epochs, args.size, args.candidates = 2, 2, 1, 32, args.candidates[:2]
+        args.seeds, args.folds, args.epochs, args.size, args.candidates = 1, 2, 1, 32, args.candidates[:2]
     if not Path(args.source).exists():
         raise SystemExit(f"data not found: {args.source} (pass --source)")
     import os
