@@ -59,6 +59,8 @@ def _parse(argv: list[str]) -> tuple[AuditConfig, dict, str]:
         def add_arguments_to_parser(self, parser) -> None:
             super().add_arguments_to_parser(parser)
             parser.add_class_arguments(AuditConfig, None)
+            # A run's saved config.yaml (what the run and sweep reports tell users to audit) records fit's ckpt_path.
+            parser.add_argument("--ckpt_path", type=str | None, default=None, help="ignored (a run's config.yaml has it)")
 
         def before_instantiate_classes(self) -> None:  # parse only: no run directory, no model
             return None
@@ -70,7 +72,7 @@ def _parse(argv: list[str]) -> tuple[AuditConfig, dict, str]:
     names = [f.name for f in fields(AuditConfig)]
     audit = AuditConfig(**{name: cli.config[name] for name in names})
     fit = cli.config.clone()
-    for name in names:
+    for name in [*names, "ckpt_path"]:
         del fit[name]
     return audit, fit.data.as_dict(), cli.parser.dump(fit, skip_validation=True)
 

@@ -4,7 +4,7 @@
     <out>/audit.{html,md,json}    counts per category, every cluster side by side, suspected label issues
     <out>/audit_clusters.parquet  one row per duplicate cluster (categories, files, classes, splits, patients)
     <out>/audit_images.parquet    one row per image (cluster, exact-duplicate id, perceptual hash)
-    <out>/label_issues.parquet    suspected mislabelled images, ranked (with `--label-issues`)
+    <out>/label_issues.parquet    suspected mislabelled images, ranked (with `--label_issues true`)
     <out>/audit_summary.json      the counts
 """
 

@@ -1,6 +1,7 @@
 """Decode once: the cached data path against decoding every image every epoch, and its memory.
 
     python benchmarks/bench_data.py [--source ../shared/datasets/covid_ct/metadata.csv] [--size 224]
+    python benchmarks/bench_data.py --smoke     # the same code path on tiny generated data, in seconds
 
 Prints, measured in this run:
   1. images/s of one training epoch from the memory-mapped cache vs. the same epoch decoding every file
@@ -145,7 +146,7 @@ def fit_memory(args, classes, workers: int) -> dict:
         cfg = {
             "data": {"source": args.source, "classes": classes, "image_size": args.size, "augmentation": args.augmentation,
                      "batch_size": args.batch_size, "num_workers": workers, "artifacts_dir": args.artifacts,
-                     "split": {"ratios": "80/10/10"}},
+                     "split": {"ratios": "80/10/10"}, "on_conflict": args.on_conflict},
             "model": {"network": {"name": "resnet10t"}},
             "trainer": {"max_epochs": 1, "accelerator": "cpu", "enable_progress_bar": False, "limit_val_batches": 2},
             "run": {"root": tmp, "wandb": "disabled"}, "report": {"enabled": False},
@@ -167,12 +168,23 @@ def main() -> None:
     ap.add_argument("--augmentation", default="ct")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--artifacts", default=str(REPO / "artifacts"))
+    ap.add_argument("--on-conflict", default="keep", choices=["error", "drop", "keep"],
+                    help="data.on_conflict (COVID-CT stores 2 slices under both classes: keep, as configs/covid_ct.yaml)")
+    ap.add_argument("--smoke", action="store_true", help="tiny generated data at 32 px: checks the code path in seconds")
     args = ap.parse_args()
+    if args.smoke:
+        from benchmarks._smoke import CLASSES, tiny_folder
+
+        tmp = Path(tempfile.mkdtemp(prefix="bench_data_smoke"))
+        args.source, args.classes, args.artifacts = tiny_folder(tmp / "data"), ",".join(CLASSES), str(tmp / "artifacts")
+        args.size, args.batch_size = 32, 8
     classes = args.classes.split(",")
+    common = {"source": args.source, "classes": classes, "image_size": args.size, "augmentation": args.augmentation,
+              "batch_size": args.batch_size, "artifacts_dir": args.artifacts, "split": {"ratios": "80/10/10"},
+              "on_conflict": args.on_conflict}
     torch.set_num_threads(1)
 
-    dm = ImageDataModule(source=args.source, classes=classes, image_size=args.size, augmentation=args.augmentation,
-                         batch_size=args.batch_size, num_workers=0, artifacts_dir=args.artifacts, split={"ratios": "80/10/10"})
+    dm = ImageDataModule(**common, num_workers=0)
     t0 = time.perf_counter()
     dm.prepare_data()
     first = time.perf_counter() - t0
@@ -192,18 +204,14 @@ def main() -> None:
     print(f"   memory-mapped cache: {cached:8.1f} images/s")
     print(f"   ratio              : {cached / decoded:8.1f}x   (target >= 8x)")
 
-    dm2 = ImageDataModule(source=args.source, classes=classes, image_size=args.size, augmentation=args.augmentation,
-                          batch_size=args.batch_size, num_workers=2, artifacts_dir=args.artifacts, split={"ratios": "80/10/10"},
-                          persistent_workers=True)
+    dm2 = ImageDataModule(**common, num_workers=2, persistent_workers=True)
     dm2.setup("fit")
     two_rate = epoch_rate(dm2.train_dataloader(), epochs=4)
     print(f"\n2. cached path: {cached:.0f} images/s on one core (target >= 1500 per core at 224x224); with 2 loader "
           f"workers {two_rate:.0f} images/s in all (the main process, which collates and receives the batches, shares "
           "the same 2 cores)")
 
-    base, peak = loader_memory({"source": args.source, "classes": classes, "image_size": args.size,
-                                "augmentation": args.augmentation, "batch_size": args.batch_size, "num_workers": 2,
-                                "artifacts_dir": args.artifacts, "split": {"ratios": "80/10/10"}, "persistent_workers": True})
+    base, peak = loader_memory({**common, "num_workers": 2, "persistent_workers": True})
     print("\n3. memory of the data pipeline with 2 loader workers, in a fresh process (PSS of it and its workers, MiB):")
     print(f"   baseline {base:.0f}, peak {peak:.0f}: growth {peak - base:.0f} MiB = {(peak - base) / cache_mb:.2f} x the "
           f"{cache_mb:.0f} MiB cache   (target < 1.5x; a copy of the cache per worker alone would be 2x)")

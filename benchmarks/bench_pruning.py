@@ -1,6 +1,7 @@
 """Search cost: stage 1 on COVID-CT run exhaustively and with median pruning.
 
     python benchmarks/bench_pruning.py [--epochs 8] [--size 64]
+    python benchmarks/bench_pruning.py --smoke     # the same code path on tiny generated data, 3 candidates
 
 Prints the epochs each variant trained, the fraction pruning saved, and whether both pick the same
 base architecture.
@@ -20,16 +21,18 @@ import polars as pl
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 CANDIDATES = ["resnet10t", "mobilenetv4_conv_small", "ctnet10", "tf_efficientnetv2_b0", "resnet18", "densenet121"]
 
 
 def run(tmp: Path, pruner: str, args) -> tuple[int, str, float, list]:
     cfg = {
         "name": f"prune-{pruner}", "base_config": str(REPO / "configs" / "covid_ct.yaml"), "root": str(tmp),
-        "overrides": {"data": {"source": args.source, "num_workers": 2},
-                      "model": {"network": {"pretrained": False, "pool": None, "hidden": None, "dropout": None}},
+        "overrides": {"data": {"source": args.source, "num_workers": 2, **args.data},
+                      "model": {"network": {"pretrained": False, "pool": None, "hidden": None, "dropout": None},
+                                **args.model},
                       "run": {"early_stopping_patience": None}},
-        "stage1": {"candidates": [{"network": c} for c in CANDIDATES],
+        "stage1": {"candidates": [{"network": c} for c in args.candidates],
                    "defaults": {"optimizer": "adam", "lr": 0.002, "loss": "ce", "batch_size": 32,
                                 "max_epochs": args.epochs, "image_size": args.size}},
         "stage2": {"optimizers": ["adam"], "losses": ["ce"]},
@@ -57,11 +60,20 @@ def main() -> None:
     ap.add_argument("--source", default=str(REPO.parent / "shared" / "datasets" / "covid_ct" / "metadata.csv"))
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--smoke", action="store_true", help="tiny generated data, 3 candidates, 3 epochs at 32 px: "
+                                                         "checks the code path in a minute")
     args = ap.parse_args()
+    args.candidates, args.data, args.model, dataset = CANDIDATES, {}, {}, "COVID-CT"
     with tempfile.TemporaryDirectory() as tmp:
+        if args.smoke:
+            from benchmarks._smoke import CLASSES, tiny_folder
+
+            args.source, args.candidates, args.epochs, args.size = tiny_folder(Path(tmp) / "data"), CANDIDATES[:3], 3, 32
+            args.data = {"classes": list(CLASSES), "artifacts_dir": str(Path(tmp) / "artifacts"), "num_workers": 0}
+            args.model, dataset = {"positive_class": CLASSES[1]}, "tiny generated data (smoke)"
         full = run(Path(tmp), "none", args)
         pruned = run(Path(tmp), "median", args)
-    print(f"stage 1 on COVID-CT: {len(CANDIDATES)} candidates, {args.epochs} epochs at {args.size}x{args.size}")
+    print(f"stage 1 on {dataset}: {len(args.candidates)} candidates, {args.epochs} epochs at {args.size}x{args.size}")
     print(f"  exhaustive   : {full[0]:3d} epochs trained, winner {full[1]}, sweep wall {full[2]:.0f} s")
     print(f"  median pruner: {pruned[0]:3d} epochs trained, winner {pruned[1]}, sweep wall {pruned[2]:.0f} s; "
           f"pruned: {', '.join(pruned[3]) or 'none'}")

@@ -1,6 +1,7 @@
 """Selection stability: one train/val split vs k-fold cross-validation, on COVID-CT.
 
     python benchmarks/bench_selection.py [--seeds 5] [--folds 5] [--epochs 6] [--size 64]
+    python benchmarks/bench_selection.py --smoke     # the same code path on a tiny generated manifest
 
 For every seed the same stage-1 candidates are trained with the same settings and epochs, and a winner is
 chosen by validation accuracy in two ways:
@@ -83,7 +84,15 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--candidates", nargs="+", default=CANDIDATES)
+    ap.add_argument("--smoke", action="store_true", help="a tiny generated manifest, 1 seed x 2 folds x 2 candidates "
+                                                         "of 1 epoch at 32 px: checks the code path")
     args = ap.parse_args()
+    if args.smoke:
+        from benchmarks._smoke import tiny_manifest
+
+        tmp = Path(tempfile.mkdtemp(prefix="bench_selection_smoke"))
+        args.source, args.artifacts = tiny_manifest(tmp / "data"), str(tmp / "artifacts")
+        args.seeds, args.folds, args.epochs, args.size, args.candidates = 1, 2, 1, 32, args.candidates[:2]
     if not Path(args.source).exists():
         raise SystemExit(f"data not found: {args.source} (pass --source)")
     import os

@@ -14,6 +14,8 @@ Without --run it trains a small model on the embedded data first (about a minute
 compares the torch server (on --run) with the ONNX Runtime server (on its `cli.py export`, made first unless
 --export names one) side by side: cold start (process start to the first answer of /health), requests/s and
 p95 latency of /predict, server RSS at idle and its peak under that load.
+
+    python benchmarks/bench_serve.py --smoke     # tiny generated data, 1 epoch, 2 s of load, 1-MP uploads
 """
 
 from __future__ import annotations
@@ -107,9 +109,9 @@ def near_limit_png(max_pixels: int) -> bytes:
     return buf.getvalue()
 
 
-def memory_under_uploads(url: str, pid: int, uploads: int) -> tuple[int, int, int, list[int]]:
+def memory_under_uploads(url: str, pid: int, uploads: int, max_pixels: int) -> tuple[int, int, int, list[int]]:
     """(idle RSS, peak RSS, RSS afterwards, statuses) for `uploads` parallel near-limit uploads."""
-    data = near_limit_png(Limits().max_pixels)
+    data = near_limit_png(max_pixels)
     idle = tree_bytes(pid)
 
     def upload(_):
@@ -309,20 +311,32 @@ def main() -> None:
     ap.add_argument("--export", default=None, help="the ONNX export of --run for --compare_backends (default: made now)")
     ap.add_argument("--hostile", action="store_true", help="run the hostile set (issue 22) instead of the load check")
     ap.add_argument("--slow_clients", type=int, default=100, help="slowloris connections in the hostile set")
+    ap.add_argument("--max_pixels", type=int, default=Limits().max_pixels, help="the server's max_pixels")
+    ap.add_argument("--smoke", action="store_true", help="tiny generated data, 1 epoch, 2 clients for 2 s, 2 uploads "
+                                                         "under a 1-MP limit: checks the code path")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp()
-    run = args.run
+    run, data, phantom = args.run, [], REPO / "artifacts" / "datasets" / "chd_phantom" / "VSD" / "VSD_000.png"
+    if args.smoke:
+        from benchmarks._smoke import CLASSES, tiny_folder
+
+        folder = tiny_folder(Path(tmp) / "data")
+        data = [f"--data.source={folder}", f"--data.classes=[{','.join(CLASSES)}]", "--data.num_workers=0",
+                f"--data.artifacts_dir={tmp}/artifacts", "--trainer.max_epochs=1", "--report.bootstrap=50"]
+        args.clients, args.seconds, args.uploads, args.max_pixels = 2, 2.0, 2, 1_000_000
+        phantom = Path(folder) / CLASSES[0] / "000.png"
     if run is None:
         subprocess.run([sys.executable, str(REPO / "cli.py"), "fit", "--config", str(REPO / "configs" / "demo.yaml"),
-                        f"--run.root={tmp}", "--run.wandb=disabled", "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false"],
-                       cwd=REPO, check=True, capture_output=True)
+                        f"--run.root={tmp}", "--run.wandb=disabled", "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false",
+                        *data], cwd=REPO, check=True, capture_output=True)
         run = str(next(Path(tmp).rglob("config.yaml")).parent)
     if args.compare_backends:
         compare_backends(run, args.export, args.clients, args.seconds)
         return
     port = free_port()
     slots = [f"--decode_slots={args.decode_slots}"] if args.decode_slots else []
-    server = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "serve", "--run", run, "--port", str(port), *slots], cwd=REPO,
+    server = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "serve", "--run", run, "--port", str(port), *slots,
+                               f"--max_pixels={args.max_pixels}"], cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -334,7 +348,6 @@ def main() -> None:
                 time.sleep(0.2)
         else:
             raise SystemExit("server did not start")
-        phantom = REPO / "artifacts" / "datasets" / "chd_phantom" / "VSD" / "VSD_000.png"
         image = phantom.read_bytes() if phantom.exists() else near_limit_png(128 * 128)  # 126 x 126 when absent
         if args.hostile:
             print(f"limits: {Limits(decode_slots=args.decode_slots or default_decode_slots())}; decode memory bound "
@@ -350,9 +363,9 @@ def main() -> None:
                   f"p50 {np.percentile(ms, 50):6.1f} ms, p95 {np.percentile(ms, 95):6.1f} ms, {errors} errors")
         if args.uploads:
             t0 = time.perf_counter()
-            idle, peak, after, statuses = memory_under_uploads(url, server.pid, args.uploads)
+            idle, peak, after, statuses = memory_under_uploads(url, server.pid, args.uploads, args.max_pixels)
             mb = 2**20
-            print(f"  {args.uploads} parallel uploads just under max_pixels={Limits().max_pixels:,} "
+            print(f"  {args.uploads} parallel uploads just under max_pixels={args.max_pixels:,} "
                   f"({time.perf_counter() - t0:.1f} s, {sum(s != 200 for s in statuses)} errors): server RSS idle "
                   f"{idle / mb:.0f} MB, peak {peak / mb:.0f} MB (+{(peak - idle) / mb:.0f} MB), afterwards {after / mb:.0f} MB")
     finally:

@@ -1,6 +1,7 @@
 """Trial overhead: what a sweep spends outside training steps.
 
     python benchmarks/bench_trials.py [--config configs/sweep_demo.yaml]
+    python benchmarks/bench_trials.py --smoke     # that sweep shrunk: tiny generated data, 4 trials of 1 epoch
 
 Runs the sweep from scratch (a fresh name and storage) and prints, from the trials' own timing records:
   - per-trial fixed cost = trial wall time (claim to result, process start included) - its train+val
@@ -22,16 +23,34 @@ import optuna
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def shrink(cfg: dict, tmp: Path) -> None:
+    """The sweep config on tiny generated data: 2 candidates, 2 stage-2 pairs, 1 epoch at 32 px."""
+    from benchmarks._smoke import CLASSES, tiny_folder
+
+    data = cfg.setdefault("overrides", {}).setdefault("data", {})
+    data.update(source=tiny_folder(tmp / "data"), classes=list(CLASSES), artifacts_dir=str(tmp / "artifacts"),
+                num_workers=0)
+    cfg["stage1"]["candidates"] = cfg["stage1"]["candidates"][:2]
+    cfg["stage1"]["defaults"] = {**cfg["stage1"].get("defaults", {}), "max_epochs": 1, "image_size": 32}
+    cfg["stage2"] = {**cfg.get("stage2", {}), "optimizers": ["adam"], "losses": ["ce", "mse"]}
+    cfg["wandb"] = "disabled"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(REPO / "configs" / "sweep_demo.yaml"))
     ap.add_argument("-v", action="store_true", help="also print the sweep's own timeline")
+    ap.add_argument("--smoke", action="store_true", help="the sweep on tiny generated data, 2 candidates and 2 "
+                                                         "stage-2 pairs of 1 epoch: checks the code path")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = yaml.safe_load(Path(args.config).read_text())
         cfg.update({"name": "bench", "root": tmp, "storage": None, "wandb": cfg.get("wandb")})
+        if args.smoke:
+            shrink(cfg, Path(tmp))
         path = Path(tmp) / "sweep.yaml"
         path.write_text(yaml.safe_dump(cfg))
         t0 = time.perf_counter()

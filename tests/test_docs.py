@@ -161,7 +161,10 @@ def run_documented(args: list[str], cwd: Path) -> tuple[int, str]:
         argv += SHRINK[args[2]]
         if args[2] == "serve":
             return _serve(argv, cwd)
-    proc = subprocess.run(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    try:  # shrunk, each command takes seconds on an idle machine; the limit is for an overloaded one
+        proc = subprocess.run(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1800)
+    except subprocess.TimeoutExpired as e:
+        return 124, f"timed out after {e.timeout} s\n{e.output or ''}"
     return proc.returncode, proc.stdout
 
 

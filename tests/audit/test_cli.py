@@ -146,3 +146,11 @@ def test_cluster_lines_name_the_first_20_then_count_and_point_to_the_report():
     with_leaks = cluster_lines(clusters, "out/audit.html", manifest_split=True)
     assert "[audit] leakage c0: a/0.png (train), b/0.png (test)" in with_leaks
     assert with_leaks[-1] == "[audit] leakage c24: a/24.png (train), b/24.png (test)"  # 13 leaks: all named
+
+
+def test_a_runs_saved_config_is_accepted(folder, tmp_path):
+    """The run and sweep reports say `cli.py audit --config <run>/config.yaml`; fit saves `ckpt_path` in it."""
+    cfg = _config(tmp_path, folder)
+    cfg.write_text(cfg.read_text() + "ckpt_path: null\nseed_everything: 3\n")
+    assert main(["--config", str(cfg), "--out", str(tmp_path / "report")]) == 0
+    assert pl.read_parquet(tmp_path / "report" / CLUSTERS).height == 3
