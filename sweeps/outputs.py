@@ -16,6 +16,7 @@ import yaml
 from optuna.trial import TrialState
 
 from evaluation.document import Document, fmt
+from export.model_card import write_model_card
 from runs import files
 from runs.files import RunFiles
 from runs.wandb_mode import wandb_mode
@@ -184,7 +185,8 @@ def write(sweep: SweepConfig, results: list[StageResult], winner: Winner,
             finish_wandb_summary(wandb_run, winner)
     RunFiles(out).write_json(files.WINNER, winner.to_json())
     write_report(sweep, out, results, winner)
-    log.info(f"[sweep] done: {out}/report.md, winner config {out}/winner.yaml")
+    write_model_card(out, out)  # read back from the files just written: the card never retypes a number
+    log.info(f"[sweep] done: {out}/report.md, model card {out}/model_card.md, winner config {out}/winner.yaml")
 
 
 def _selection_text(sweep: SweepConfig, winner: Winner) -> str:

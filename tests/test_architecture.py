@@ -20,10 +20,11 @@ from tests.conftest import REPO
 LAYER = {"errors": 0, "lightning_modules": 1, "datamodules": 1, "runs": 2, "cluster": 2,
          "evaluation": 3, "sweeps": 3, "serving": 3, "audit": 3, "export": 3, "cli": 4}
 # Same-layer edges that are part of the design: the sweep report embeds the winner's evaluation report, the
-# server draws the evaluation's heat maps, the audit report uses the evaluation's document writer.
+# server draws the evaluation's heat maps, the audit report uses the evaluation's document writer, and every sweep
+# folder gets the model card that `export` writes.
 ALLOWED_SIDEWAYS = {("sweeps", "evaluation"), ("serving", "evaluation"), ("audit", "evaluation"),
                     ("sweeps", "audit"), ("serving", "datamodules"), ("lightning_modules", "datamodules"),
-                    ("serving", "export")}
+                    ("serving", "export"), ("sweeps", "export")}
 PACKAGES = [p for p in LAYER if (REPO / p).is_dir() or (REPO / f"{p}.py").is_file()]
 
 

@@ -4,9 +4,8 @@ back, nothing loaded from other hosts. Hostile files are generated in the test (
 
 from __future__ import annotations
 
-import re
-
 import os
+import re
 import socket
 import threading
 import time

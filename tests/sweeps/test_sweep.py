@@ -46,6 +46,10 @@ def test_two_stages_pick_the_winner_and_write_relative_paths(finished_sweep):
     assert s2.user_attrs["base_candidate"] == "resnet10t"
     assert "# Reproduces" in (out / "winner.yaml").read_text() and (out / "report.md").exists()
     assert (out / "stage1.png").stat().st_size > 1000 and (out / "stage2_heatmap.png").stat().st_size > 1000
+    card = json.loads((out / "model_card.json").read_text())  # every sweep folder carries its model card
+    assert card["selection"]["winner"] == {k: winner[k] for k in card["selection"]["winner"]}
+    assert card["selection"]["stages"]["stage2"]["leaderboard"]["winner"] == "adam + ce"
+    assert "resnet10t" in (out / "model_card.md").read_text()
 
 
 def test_a_rerun_of_a_finished_sweep_trains_nothing(finished_sweep, tmp_path, capsys, no_plots):
