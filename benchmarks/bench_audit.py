@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-import baseline_duplicates as today  # noqa: E402
+import _baseline_duplicates as today  # noqa: E402
 
 from audit import copies  # noqa: E402
 from datamodules import phantoms  # noqa: E402

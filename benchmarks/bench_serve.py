@@ -126,7 +126,7 @@ def memory_under_uploads(url: str, pid: int, uploads: int, max_pixels: int) -> t
 
 def hostile_uploads() -> dict[str, tuple[bytes, int]]:
     """The hostile set of issue 22: name -> (file, copies sent at once). About 20 s to generate."""
-    from benchmarks import hostile_uploads as hostile
+    from benchmarks import _hostile_uploads as hostile
 
     return {
         "progressive JPEG 6000^2, AC scan x10,000": (hostile.repeated_scan_jpeg(), 2),

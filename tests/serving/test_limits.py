@@ -1,6 +1,6 @@
 """What one request may cost the server, enforced on what decoders really do (issue 22): each decode in its
 own process with a memory budget and a time limit, fair decode slots, slow clients cut off, no upload echoed
-back, nothing loaded from other hosts. Hostile files are generated in the test (benchmarks.hostile_uploads)."""
+back, nothing loaded from other hosts. Hostile files are generated in the test (benchmarks._hostile_uploads)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from benchmarks import hostile_uploads as hostile
+from benchmarks import _hostile_uploads as hostile
 from datamodules.images import ImageDecodeError
 from serving import sandbox
 from serving.app import create_app

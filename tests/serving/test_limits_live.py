@@ -18,7 +18,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from benchmarks import hostile_uploads as hostile
+from benchmarks import _hostile_uploads as hostile
 from benchmarks.bench_serve import PeakRss, near_limit_png, tree_bytes
 from serving.limits import Limits
 from tests.conftest import REPO
