@@ -36,6 +36,7 @@ SHRINK = {
     "report": ["--report.bootstrap=50"],
     "sweep": [],  # its config files are shrunk instead (see shrink_sweep)
     "serve": ["--device=cpu"],
+    "export": ["--parity_images=8"],
 }
 
 

@@ -19,3 +19,12 @@ def slow_dicom_decode(data: bytes, *args):
     if is_dicom(data[:132]):
         time.sleep(DICOM_SECONDS)
     return decode_upload(data, *args)
+
+
+def endless_jpeg_decode(data: bytes, *args):
+    """`decode_upload`, but a JPEG spins the CPU until the time limit stops it: a decoder cost that no header
+    check catches (the real scan bombs are refused from their headers now, see tests/datamodules)."""
+    if data[:2] == b"\xff\xd8":
+        while True:
+            pass
+    return decode_upload(data, *args)
