@@ -9,7 +9,6 @@ any image, is not written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -42,14 +41,6 @@ class ExportConfig:
     parity: Literal["test", "random"] = "test"
     parity_images: int | None = None
     batch_size: int = 16
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def default_out(run: Path, fmt: str) -> Path:
@@ -132,10 +123,10 @@ def _write_side_files(out: Path, final: Path, cfg: ExportConfig, opened, check, 
     for other in set(layout.MODEL_FILES.values()) - {final.name}:  # an earlier export of the other format
         (out / other).unlink(missing_ok=True)
     record = {
-        "format": cfg.format, "file": final.name, "sha256": sha256(final), "bytes": final.stat().st_size,
+        "format": cfg.format, "file": final.name, "sha256": layout.sha256(final), "bytes": final.stat().st_size,
         "opset": OPSET if cfg.format == "onnx" else None,
         "parity": check.to_dict(),
-        "source": {"run": cfg.run, "checkpoint": str(opened.checkpoint), "checkpoint_sha256": sha256(opened.checkpoint)},
+        "source": {"run": cfg.run, "checkpoint": str(opened.checkpoint), "checkpoint_sha256": layout.sha256(opened.checkpoint)},
         "model": {"network": {k: v for k, v in (hp.get("network") or {}).items() if k != "pretrained_path"},
                   "loss": hp.get("loss"), "parameters": opened.model.num_parameters()},
         "versions": versions(("torch", "timm", "lightning", "onnx", "onnxruntime", "numpy")),

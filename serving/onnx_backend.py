@@ -10,7 +10,6 @@ give: a request for one gets `heatmap_error` saying so.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +22,6 @@ from serving.images import decode_upload
 
 HEATMAP_UNAVAILABLE = ("heat map unavailable for an exported model: Grad-CAM needs the network's gradients in torch; "
                        "serve the sweep or run folder for heat maps")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _session(model: Path):
@@ -58,7 +49,7 @@ class OnnxPredictor:
             raise ConfigError(f"{self.dir}: holds a {self.record.get('format')} export; serve an ONNX export "
                               "(python cli.py export --format onnx) or the sweep/run folder itself")
         model = self.dir / self.record["file"]
-        if not model.is_file() or _sha256(model) != self.record["sha256"]:
+        if not model.is_file() or layout.sha256(model) != self.record["sha256"]:
             raise ConfigError(f"{model}: missing, or its sha256 differs from {layout.EXPORT}'s (the file was changed "
                               "after export); export it again with python cli.py export")
         self.prep = layout.read_json(self.dir / layout.PREPROCESSING)
