@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import socket
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,3 +76,25 @@ def png_bytes(size=(80, 60), mode="RGB", seed=0, constant: int | None = None) ->
 
 def post(client, data: bytes, ctype="image/png", name="x.png", **params):
     return client.post("/predict", files={"file": (name, data, ctype)}, params=params)
+
+
+@contextmanager
+def serve_in_thread(app, **config):
+    """`app` on a real uvicorn server in a daemon thread of this process, on a free port; yields its URL."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **config))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(100):
+        if server.started:
+            break
+        time.sleep(0.1)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

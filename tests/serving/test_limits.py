@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ from serving.app import create_app
 from serving.limits import Limits, header_timeout_protocol
 from tests.datamodules.test_dicom import dicom_bytes
 from tests.serving import standins
-from tests.serving.conftest import png_bytes, post
+from tests.serving.conftest import png_bytes, post, serve_in_thread
 
 TIGHT = Limits(max_bytes=8_000_000, max_pixels=1_000_000, decode_slots=2, decode_seconds=5.0)
 TIMED = Limits(max_bytes=2_000_000, max_pixels=36_000_000, decode_slots=2, decode_seconds=1.0, read_timeout=1.0)
@@ -108,27 +107,9 @@ def test_served_pages_load_nothing_from_other_hosts(tight):
 @contextmanager
 def live(predictor, limits: Limits):
     """The app with `limits` on a real uvicorn server in a thread, with the header timeout `cli.py serve` uses."""
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(create_app(predictor, limits), host="127.0.0.1", port=port, log_level="warning",
-                            http=header_timeout_protocol(limits.read_timeout))
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(100):
-        if server.started:
-            break
-        time.sleep(0.1)
-    url = f"http://127.0.0.1:{port}"
-    assert httpx.post(f"{url}/predict", files={"file": ("x.png", png_bytes(), "image/png")}).status_code == 200
-    try:
+    with serve_in_thread(create_app(predictor, limits), http=header_timeout_protocol(limits.read_timeout)) as url:
+        assert httpx.post(f"{url}/predict", files={"file": ("x.png", png_bytes(), "image/png")}).status_code == 200
         yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import shutil
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -18,7 +15,7 @@ from PIL import Image
 
 from datamodules.images import decode, resize
 from serving.app import create_app
-from tests.serving.conftest import encoded, png_bytes, post
+from tests.serving.conftest import encoded, png_bytes, post, serve_in_thread
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -92,28 +89,11 @@ def test_missing_file_and_hostile_file_names(client):
     assert r.status_code == 200 and "passwd" not in r.text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def live_server(predictor):
     """The app on a real uvicorn server in a thread of this process."""
-    import uvicorn
-
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(predictor), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(100):
-        if server.started:
-            break
-        time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(create_app(predictor)) as url:
+        yield url
 
 
 @pytest.mark.slow
