@@ -33,6 +33,7 @@ from datamodules.run_record import AUDIT, AUDIT_CLUSTERS, SKIPPED, SPLIT, SPLIT_
 CONFIG = "config.yaml"
 CHECKPOINTS = "checkpoints"
 BEST = "best"  # ModelCheckpoint filename stem
+LAST = "last"  # the last epoch's checkpoint, continued from (runs.continuation)
 METRICS = "metrics.csv"
 MODEL_INFO = "model.json"
 TIMING = "timing.json"
@@ -82,6 +83,10 @@ class RunFiles:
     @property
     def best_checkpoint(self) -> Path:
         return self.checkpoints / f"{BEST}.ckpt"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / f"{LAST}.ckpt"
 
     @property
     def metrics(self) -> Path:
