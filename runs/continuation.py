@@ -143,6 +143,9 @@ class Continuation(Callback):
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         self.continued_from = int(checkpoint["epoch"])
+        if trainer.is_global_zero:
+            print(f"[run] continuing from the checkpoint of epoch {self.continued_from + 1} of {trainer.max_epochs}",
+                  flush=True)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero:

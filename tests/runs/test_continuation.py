@@ -26,6 +26,7 @@ def weights(run_dir) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
 
 
+@pytest.mark.slow  # three fits: ~15 s on an idle 2-core machine
 def test_stopping_after_epoch_2_and_continuing_to_4_ends_where_an_uninterrupted_run_ends(tmp_path, capsys):
     assert fit(tmp_path, "whole") == 0
     assert fit(tmp_path, "parts", "--run.until_epoch=2") == 0
