@@ -18,6 +18,9 @@ module adds:
   early-stopping patience are exactly those of the full run. Continuing the same run later with a larger
   `run.until_epoch` (or none: to `trainer.max_epochs`) and `ckpt_path=<run>/checkpoints/last.ckpt` ends
   where an uninterrupted run of the same seed would. Successive halving trains its rungs this way.
+- **Why it stopped.** `continuation.json` in the run folder says how many epochs are done and what ended
+  the fit: `until_epoch` (continue it), `max_epochs` or `early_stopping` (finished: continuing an
+  early-stopped run trains nothing more, as an uninterrupted run would not), or `other` (a pruner, a signal).
 - **One metrics.csv.** Lightning's CSV logger deletes an existing metrics.csv when it starts; a continued
   run keeps the rows of the epochs its checkpoint holds (and drops those of an epoch that was cut short), so
   the run's table covers every epoch once, as an uninterrupted run's does.
@@ -37,11 +40,13 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from errors import ConfigError
+from runs import files
 from runs.files import RunFiles
 
 _REQUIRED = ("state_dict", "epoch", "global_step", "loops", "optimizer_states", "callbacks")
@@ -102,6 +107,10 @@ def _plain(numpy_state: tuple) -> tuple:
     return kind, keys.tolist(), int(pos), int(has_gauss), float(cached)
 
 
+def _early_stopped(trainer: Trainer) -> bool:
+    return any(isinstance(c, EarlyStopping) and c.stopped_epoch > 0 for c in trainer.callbacks)
+
+
 def _train_transform(trainer: Trainer) -> Any:
     return getattr(getattr(trainer, "datamodule", None), "train_transform", None)
 
@@ -155,8 +164,25 @@ class Continuation(Callback):
             self._restore = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.continued_from is not None and self.until_epoch is not None and self.continued_from + 1 >= self.until_epoch:
+        if self.continued_from is None:
+            return
+        if self.until_epoch is not None and self.continued_from + 1 >= self.until_epoch:
             trainer.should_stop = True  # continued to an epoch it has already reached: nothing to train
+        if _early_stopped(trainer):  # the checkpoint's EarlyStopping state: an uninterrupted run ended there
+            trainer.should_stop = True
+            print(f"[run] early stopping ended this run after epoch {self.continued_from + 1}; nothing to continue",
+                  flush=True)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        epochs = trainer.current_epoch
+        stopped_by = ("early_stopping" if _early_stopped(trainer) else "max_epochs" if epochs >= trainer.max_epochs
+                      else "until_epoch" if self.until_epoch is not None and epochs >= self.until_epoch else "other")
+        RunFiles(Path(trainer.default_root_dir)).write_json(files.CONTINUATION, {
+            "epochs": epochs, "max_epochs": trainer.max_epochs, "until_epoch": self.until_epoch,
+            "continued_from_epoch": None if self.continued_from is None else self.continued_from + 1,
+            "stopped_by": stopped_by})
 
     @staticmethod
     def _restore_generators(trainer: Trainer, state: dict[str, Any]) -> None:

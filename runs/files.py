@@ -10,6 +10,7 @@
         timing.json              train+validation loop time
         split.json, split_counts.csv, skipped_images.csv   the data the run saw
         pruned.json              present when a sweep's pruner stopped the run
+        continuation.json        epochs done and what stopped the fit: until_epoch, max_epochs, early_stopping
         train_eval.json, val_predictions.parquet   the best checkpoint in eval mode on train/val, after `fit`
         test_metrics.json/.csv, test_confusion_matrix.csv, test_predictions.parquet   after `test`
         evaluation.json, report.{md,html,json}, report_files/                        the evaluation report
@@ -38,6 +39,7 @@ METRICS = "metrics.csv"
 MODEL_INFO = "model.json"
 TIMING = "timing.json"
 PRUNED = "pruned.json"
+CONTINUATION = "continuation.json"  # epochs done and what stopped the fit (runs.continuation)
 TEST_METRICS = "test_metrics.json"
 TEST_METRICS_CSV = "test_metrics.csv"
 TEST_CONFUSION = "test_confusion_matrix.csv"

@@ -3,11 +3,15 @@ an uninterrupted run of the same seed ends; a broken checkpoint is refused with 
 
 from __future__ import annotations
 
+import json
+from types import SimpleNamespace
+
 import polars as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import EarlyStopping
 
-from runs.continuation import check_checkpoint, resumable
+from runs.continuation import Continuation, check_checkpoint, resumable
 from sweeps.trials import epoch_table
 from tests.conftest import cli_in_process, small_fit_args
 
@@ -32,10 +36,13 @@ def test_stopping_after_epoch_2_and_continuing_to_4_ends_where_an_uninterrupted_
     assert fit(tmp_path, "parts", "--run.until_epoch=2") == 0
     parts = tmp_path / "parts"
     assert epoch_table(parts)["epoch"].to_list() == [0, 1]  # it stopped after 2 of its 4 epochs
+    assert json.loads((parts / "continuation.json").read_text())["stopped_by"] == "until_epoch"
     assert torch.load(parts / "checkpoints" / "last.ckpt", weights_only=False)["lr_schedulers"][0]["base_lrs"]
     assert cli_in_process("fit", "--config", str(parts / "config.yaml"), "--run.until_epoch=null",
                           "--ckpt_path", str(parts / "checkpoints" / "last.ckpt")) == 0
 
+    status = json.loads((parts / "continuation.json").read_text())
+    assert (status["epochs"], status["continued_from_epoch"], status["stopped_by"]) == (4, 2, "max_epochs")
     whole, continued = epoch_table(tmp_path / "whole"), epoch_table(parts)
     assert continued["epoch"].to_list() == [0, 1, 2, 3]  # every epoch once in one metrics.csv
     # On CPU with num_workers 0 the continued run replays the same operations on the same numbers in the same
@@ -85,3 +92,16 @@ def test_metrics_of_an_epoch_cut_short_are_dropped_on_continuing(tmp_path):
     assert pl.read_csv(path)["epoch"].to_list() == [0, 0, 1]
     keep_epochs_through(path, None)
     assert not path.exists()
+
+
+def test_continuing_an_early_stopped_run_trains_nothing_more(capsys):
+    stopped = EarlyStopping(monitor="val/loss", patience=2)
+    stopped.stopped_epoch = 5  # restored from the checkpoint: early stopping ended the run after epoch 6
+    trainer = SimpleNamespace(callbacks=[stopped], should_stop=False)
+    continuation = Continuation(until_epoch=None)
+    continuation.continued_from = 5
+    continuation.on_train_start(trainer, None)
+    assert trainer.should_stop and "early stopping ended this run after epoch 6" in capsys.readouterr().out
+    running = SimpleNamespace(callbacks=[EarlyStopping(monitor="val/loss", patience=2)], should_stop=False)
+    continuation.on_train_start(running, None)
+    assert not running.should_stop
