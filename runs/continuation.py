@@ -59,8 +59,8 @@ def check_checkpoint(path: str | Path) -> str | None:
     another file system or a full disk can still leave a broken file; it is read once here rather than fail
     deep inside `trainer.fit`.
     """
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # weights_only, as LightningCLI itself first reads a `--ckpt_path`: these checkpoints hold no code
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- torch raises anything from EOFError to RuntimeError on a bad file
         return f"{type(e).__name__}: {e}".strip()
     missing = [key for key in _REQUIRED if key not in checkpoint] if isinstance(checkpoint, dict) else list(_REQUIRED)

@@ -105,3 +105,24 @@ def test_continuing_an_early_stopped_run_trains_nothing_more(capsys):
     running = SimpleNamespace(callbacks=[EarlyStopping(monitor="val/loss", patience=2)], should_stop=False)
     continuation.on_train_start(running, None)
     assert not running.should_stop
+
+
+@pytest.mark.slow  # two fits
+def test_a_trial_given_a_truncated_checkpoint_trains_from_scratch_with_a_warning(tmp_path, recwarn):
+    import yaml
+
+    from sweeps import jobs
+
+    assert fit(tmp_path, "r", epochs=1) == 0
+    run = tmp_path / "r"
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:4096])  # killed mid-write, on a file system without atomic renames
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["ckpt_path"], config["trainer"]["max_epochs"] = str(last), 2
+    jobs.fit({"config": config})
+    assert any("cannot continue from" in str(w.message) and "training this run from scratch" in str(w.message)
+               for w in recwarn)
+    assert epoch_table(run)["epoch"].to_list() == [0, 1]  # both epochs trained, once
+    status = json.loads((run / "continuation.json").read_text())
+    assert status["continued_from_epoch"] is None and status["stopped_by"] == "max_epochs"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]  # no best-v1
