@@ -56,6 +56,7 @@ def ctnet_calls(fake: FakeTrials) -> list[dict]:
 def interrupted(tmp_path):
     def make(cut: bool = False):
         sweep = tiny_sweep(tmp_path)
+        sweep = replace(sweep, stage1=replace(sweep.stage1, candidates=[{"network": "ctnet10"}]))  # one trial each run
         run_stage1(sweep, KilledAfterAnEpoch(cut))
         (killed,) = [t for t in stage1_trials(sweep) if t.state == TrialState.FAIL]
         return sweep, killed
@@ -75,7 +76,6 @@ def test_the_retry_continues_the_interrupted_run_from_its_last_checkpoint(interr
     (cfg,) = ctnet_calls(fake)
     assert cfg["ckpt_path"] == str(new / "checkpoints" / "last.ckpt")
     assert f"continues trial {killed.number}'s run" in capsys.readouterr().out
-    assert all("ckpt_path" not in c for c in fake.configs if c is not cfg)  # nothing else continues
 
 
 def test_a_checkpoint_cut_short_is_not_continued(interrupted, capsys):
