@@ -116,7 +116,24 @@ def prepare(sweep: SweepConfig) -> Any:
     sweep.out_dir.mkdir(parents=True, exist_ok=True)
     jobs.check_in_child(sweep)  # every trial config through the fit parser
     jobs.weights_in_child(sweep)  # compute nodes run with the hub offline
+    _enqueue_stage1(sweep)  # also proves the storage reachable; workers starting together then enqueue nothing
     return settings
+
+
+def _enqueue_stage1(sweep: SweepConfig) -> None:
+    from sweeps import worker
+
+    configs = trials.TrialConfigs(sweep)
+    stage = grid.stage1(sweep, list(configs.candidates), configs.shared)
+    try:
+        ss = worker._open(sweep, stage)
+    except Exception as e:  # noqa: BLE001 -- any driver's error: one line naming the storage
+        raise ConfigError(f"storage: cannot open '{sweep.storage_url}' from here ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); the login node and the workers must all "
+                          "reach it.") from None
+    worker._check_folds(ss, sweep)
+    added = coord.ensure_grid(ss, sweep.retry_failed)
+    log.info(f"[sweep] {stage.name}: {len(stage.grid)} grid points, {added} newly enqueued")
 
 
 def _refuse_second_launch(sweep: SweepConfig) -> None:
