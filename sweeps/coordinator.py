@@ -372,6 +372,9 @@ class Heartbeat:
         self._stop = threading.Event()
         for key, value in (("host", HOST), ("pid", os.getpid()), ("pid_start", _process_start(os.getpid()))):
             self.storage.set_trial_user_attr(self.trial_id, key, value)
+        if os.environ.get("SLURM_ARRAY_JOB_ID"):  # which array task trains it: `scancel` / `sacct` need its id
+            job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+            self.storage.set_trial_user_attr(self.trial_id, "slurm_job", job)
         self._optuna = has_optuna_heartbeat(self.storage)
         self._own = isinstance(self.storage, optuna.storages.JournalStorage)
         self._record()
@@ -431,6 +434,8 @@ def work(
         trial = claim(ss)
         if trial is None:
             if not live_trials(ss):
+                if retry and retry_interrupted(ss):  # a trial interrupted since the check above
+                    continue
                 return
             time.sleep(poll_seconds)  # other workers' trials are running; they may still fail and return
             continue
