@@ -127,7 +127,8 @@ def _wait(predicate, limit_s: float = 300, what: str = ""):
 
 def test_scancel_of_a_worker_mid_trial_and_the_sweep_still_completes(partition, tmp_path, shared_artifacts):
     url = f"journal://{tmp_path / 'shared' / 't.log'}"
-    cfg = write_sweep(tmp_path, shared_artifacts, epochs=3, storage=url, launcher=slurm(partition))
+    cfg = write_sweep(tmp_path, shared_artifacts, epochs=2, storage=url, launcher=slurm(partition),
+                      stage2={"optimizers": ["adam"], "losses": ["ce"]})
     proc = run_cli("sweep", "--config", str(cfg), "--detach", timeout=300)
     assert proc.returncode == 0 and "detached; follow with `python cli.py sweep" in proc.stdout, proc.stdout[-3000:]
     out = tmp_path / "sweeps" / "t"
@@ -149,7 +150,7 @@ def test_scancel_of_a_worker_mid_trial_and_the_sweep_still_completes(partition, 
     cancelled = study.get_trials()[number]
     assert cancelled.state == TrialState.FAIL and coord.is_interrupted(cancelled), cancelled.user_attrs
     points = finished_points(url)
-    assert len(points["stage1"]) == 2 and len(points["stage2"]) == 2
+    assert len(points["stage1"]) == 2 and len(points["stage2"]) == 1
     assert all(set(c.values()) == {1} for c in points.values()), points
     assert (out / "winner.json").exists() and (out / "report.md").exists()
 
