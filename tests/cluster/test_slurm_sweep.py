@@ -125,7 +125,10 @@ def _wait(predicate, limit_s: float = 300, what: str = ""):
     return value
 
 
-def test_scancel_of_a_worker_mid_trial_and_the_sweep_still_completes(partition, tmp_path, shared_artifacts):
+def test_a_cancelled_and_a_preempted_worker_mid_trial_and_the_sweep_still_completes(partition, tmp_path,
+                                                                                      shared_artifacts):
+    """Both workers mid-trial: one is cancelled (`scancel`), the other gets the signal SLURM sends before the time
+    limit or on preemption (USR2) and requeues itself; the requeued worker retries both interrupted trials."""
     url = f"journal://{tmp_path / 'shared' / 't.log'}"
     cfg = write_sweep(tmp_path, shared_artifacts, epochs=2, storage=url, launcher=slurm(partition),
                       stage2={"optimizers": ["adam"], "losses": ["ce"]})
@@ -133,25 +136,31 @@ def test_scancel_of_a_worker_mid_trial_and_the_sweep_still_completes(partition, 
     assert proc.returncode == 0 and "detached; follow with `python cli.py sweep" in proc.stdout, proc.stdout[-3000:]
     out = tmp_path / "sweeps" / "t"
 
-    def training_trial():  # a trial of an array task that has written its first epoch
+    def training_trials():  # trials of both array tasks that have written their first epoch
         study = optuna.load_study(study_name="t/stage1", storage=storage_of(url))
+        found = {}
         for t in study.get_trials(states=(TrialState.RUNNING,)):
             job, run_dir = t.user_attrs.get("slurm_job"), t.user_attrs.get("run_dir")
             if job and run_dir and (out / run_dir / "progress.jsonl").exists():
-                return t.number, job
-        return None
+                found[job] = t.number
+        return found if len(found) == 2 else None
 
-    number, job = _wait(training_trial, what="a trial's first epoch in a SLURM worker")
-    subprocess.run(["scancel", job], check=True)
+    running = _wait(training_trials, what="a first epoch in each SLURM worker")
+    (cancel, cancelled), (preempt, preempted) = sorted(running.items())
+    subprocess.run(["scancel", cancel], check=True)
+    subprocess.run(["scancel", "--signal=USR2", preempt], check=True)  # submitit requeues the job on it
     follow = subprocess.run([sys.executable, str(REPO / "cli.py"), "sweep", "--config", str(cfg), "--follow"], cwd=REPO,
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
     assert follow.returncode == 0, follow.stdout[-4000:]
     study = optuna.load_study(study_name="t/stage1", storage=storage_of(url))
-    cancelled = study.get_trials()[number]
-    assert cancelled.state == TrialState.FAIL and coord.is_interrupted(cancelled), cancelled.user_attrs
+    for number in (cancelled, preempted):
+        old = study.get_trials()[number]
+        assert old.state == TrialState.FAIL and coord.is_interrupted(old), old.user_attrs
     points = finished_points(url)
     assert len(points["stage1"]) == 2 and len(points["stage2"]) == 1
     assert all(set(c.values()) == {1} for c in points.values()), points
+    retried = {t.user_attrs.get("slurm_job") for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    assert retried == {preempt}, retried  # the requeued worker came back under its id and trained both
     assert (out / "winner.json").exists() and (out / "report.md").exists()
 
 
