@@ -142,3 +142,25 @@ def test_follower_shows_the_local_display_from_the_storage(tmp_path, capsys):
     assert "[sweep] stage1: 2/2 trials" in out
     assert follower.first_epoch_at is not None
     assert optuna.load_study(study_name="c/stage1", storage=ss.storage).trials[0].state == TrialState.COMPLETE
+
+
+def test_ctrl_c_stops_the_follower_only_and_says_how_to_cancel(tmp_path, monkeypatch, capsys):
+    import signal
+
+    from runs.interrupts import Interrupted
+
+    sweep = sweep_config(tmp_path)
+    sweep.out_dir.mkdir(parents=True)
+    (sweep.out_dir / launch.RECORD).write_text(json.dumps({"array": "5", "tasks": ["5_0", "5_1"], "final": "6",
+                                                           "workers": 2}))
+    cancelled = []
+    monkeypatch.setattr("subprocess.run", lambda *a, **k: cancelled.append(a))  # scancel would show up here
+
+    def pressed(self):
+        raise Interrupted(signal.SIGINT)
+
+    monkeypatch.setattr(launch.Follower, "run", pressed)
+    assert launch.main(sweep, detach=False, follow_only=True, command="python cli.py sweep --config s.yaml") == 130
+    out = capsys.readouterr().out
+    assert "the jobs keep running" in out and "`python cli.py sweep --config s.yaml --follow`" in out
+    assert "cancel them with `scancel 5 6`" in out and not cancelled

@@ -164,6 +164,30 @@ def test_a_cancelled_and_a_preempted_worker_mid_trial_and_the_sweep_still_comple
     assert (out / "winner.json").exists() and (out / "report.md").exists()
 
 
+def test_two_process_ddp_trial_inside_one_slurm_worker(partition, tmp_path, shared_artifacts):
+    """A `trainer.devices: 2` trial (gloo on CPU) in a 2-CPU worker: Lightning launches both ranks itself instead
+    of waiting for a second srun task (the trial does not inherit the worker's srun variables)."""
+    cpus = int(subprocess.run(["sinfo", "-h", "-o", "%c", "-p", partition], capture_output=True, text=True).stdout.split()[0])
+    if cpus < 2:
+        pytest.skip(f"partition {partition} has {cpus} CPU per node; a 2-rank trial needs 2")
+    url = f"journal://{tmp_path / 'shared' / 't.log'}"
+    launcher = {**slurm(partition, workers=1), "cpus_per_worker": 2}
+    cfg = write_sweep(tmp_path, shared_artifacts, storage=url, launcher=launcher,
+                      overrides={**FAST, "data": {"num_workers": 0, "artifacts_dir": str(shared_artifacts)},
+                                 "trainer": {"enable_model_summary": False, "accelerator": "cpu", "devices": 2,
+                                             "strategy": "ddp", "limit_train_batches": 2, "limit_val_batches": 2}},
+                      stage1={"candidates": [{"network": "ctnet10"}],
+                              "defaults": {"optimizer": "adam", "loss": "ce", "batch_size": 16, "max_epochs": 1,
+                                           "image_size": 32}},
+                      stage2={"optimizers": ["adam"], "losses": ["ce"]})
+    proc = run_cli("sweep", "--config", str(cfg), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    study = optuna.load_study(study_name="t/stage1", storage=storage_of(url))
+    (trial,) = study.get_trials(states=(TrialState.COMPLETE,))
+    log = (tmp_path / "sweeps" / "t" / trial.user_attrs["run_dir"] / "fit.log").read_text()
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log, log[-3000:]
+
+
 @pytest.mark.parametrize("change, message", [
     ({"launcher.partition": "no-such-gpu"}, "error: launcher.partition: 'no-such-gpu' is not a partition"),
     ({"PATH": "/usr/bin/nonexistent"}, "error: launcher slurm: 'sbatch' is not on PATH"),
