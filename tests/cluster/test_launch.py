@@ -164,3 +164,13 @@ def test_ctrl_c_stops_the_follower_only_and_says_how_to_cancel(tmp_path, monkeyp
     out = capsys.readouterr().out
     assert "the jobs keep running" in out and "`python cli.py sweep --config s.yaml --follow`" in out
     assert "cancel them with `scancel 5 6`" in out and not cancelled
+
+
+def test_worker_pinning_maps_into_the_gpus_slurm_gave_the_job(monkeypatch):
+    from sweeps.worker import gpu_env, visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")  # what SLURM sets for a job given GPUs 4 and 6
+    assert visible_gpus() == ["4", "6"]
+    assert [gpu_env(w, 1, visible_gpus()) for w in (0, 1)] == [{"CUDA_VISIBLE_DEVICES": "4"},
+                                                               {"CUDA_VISIBLE_DEVICES": "6"}]
+    assert gpu_env(0, 2, visible_gpus()) == {"CUDA_VISIBLE_DEVICES": "4,6"}  # a 2-device trial: both, no others
