@@ -62,7 +62,7 @@ def main(argv: list[str]) -> int:
     sweep = SweepConfig.from_args(args, description=__doc__)
     sweep.base_config = _resolve_base_config(sweep.base_config)
     if sweep.launcher.kind == "slurm" or follow or detach:
-        return _launch(sweep, args, detach, follow)
+        return _launch(sweep, [a for a in argv if a not in ("--detach", "--follow")], detach, follow)
     from sweeps import isolation, jobs
 
     # Before the heavy imports below: one W&B service for all trials, and the forkserver importing torch,
@@ -86,7 +86,8 @@ def main(argv: list[str]) -> int:
 
 
 def _launch(sweep: SweepConfig, args: list[str], detach: bool, follow: bool) -> int:
-    """The SLURM path (`sweeps.launch`): this process submits and follows, never trains nor imports torch."""
+    """The SLURM path (`sweeps.launch`): this process submits and follows, never trains nor imports torch.
+    `args`: the command line as given, to print the command that attaches again."""
     import shlex
 
     import optuna

@@ -163,8 +163,8 @@ def main(sweep: SweepConfig, detach: bool, follow_only: bool, command: str) -> i
     if follow_only:
         record = read_record(sweep)
     else:
-        settings = prepare(sweep)
         log.info(f"[sweep] {sweep.name}: storage {sweep.storage_url}")
+        settings = prepare(sweep)
         record = submit(sweep, settings)
         log.info(f"[sweep] submitted {record['workers']} workers as job array {record['array']} "
                  f"(tasks {', '.join(record['tasks'])}) and the final test as job {record['final']} (after them)")
