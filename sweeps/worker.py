@@ -21,7 +21,7 @@ from runs import files, interrupts
 from runs.files import PROGRESS, RunFiles
 from runs.interrupts import Interrupted
 from sweeps import coordinator as coord
-from sweeps import grid, isolation, jobs, selection, trials
+from sweeps import grid, isolation, jobs, resume, selection, trials
 from sweeps.config import SweepConfig, merge
 from sweeps.grid import Stage
 from sweeps.log import log
@@ -77,12 +77,23 @@ class TrialRunner:
         cfg, tags = trial_config(self.configs, self.stage, params, self.base)
         if params.get("fold") is not None:
             cfg = merge(cfg, grid.fold_overrides(self.sweep, params["fold"]))
+        seed = self.sweep.seed + params["repeat"]
+        fit_config = resume.fingerprint(cfg, seed)
+        ss.set_attr(number, resume.FINGERPRINT, fit_config)
+        previous = resume.previous_attempt(ss, self.sweep.out_dir, params, fit_config)
+        if previous is not None:  # an interrupted attempt of this grid point: continue its run from its last epoch
+            resume.take_over(self.sweep.out_dir, previous, run_dir)
+            ss.set_attr(number, resume.CONTINUES, previous.run_dir)
+            log.info(f"[sweep] {self.stage.name} trial {number} continues trial {previous.number}'s run "
+                     f"({previous.run_dir}) from its last epoch checkpoint")
         pruning = None
         if self.sweep.pruner != "none":
             pruning = {"storage": self.sweep.storage_url, "study_name": self.stage.study_name,
                        "trial_id": ss.trial_id(number), "monitor": self.stage.objective, "pruner": self.sweep.pruner,
                        "fold": params.get("fold"), "direction": self.stage.direction}
-        cfg = trials.finalize(cfg, self.sweep, run_dir, self.stage.name, self.sweep.seed + params["repeat"], tags, pruning)
+        cfg = trials.finalize(cfg, self.sweep, run_dir, self.stage.name, seed, tags, pruning)
+        if previous is not None:
+            cfg["ckpt_path"] = str(RunFiles(run_dir).last_checkpoint)  # `cli.py fit`'s key; `jobs.execute` passes it on
         ss.set_attr(number, "run_dir", relative.as_posix())  # relative to the sweep folder
         ss.set_attr(number, "sweep_dir", str(self.sweep.out_dir.resolve()))  # for workers with other folders
         return cfg, run_dir
