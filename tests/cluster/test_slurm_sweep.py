@@ -128,25 +128,26 @@ def _wait(predicate, limit_s: float = 300, what: str = ""):
 def test_a_cancelled_and_a_preempted_worker_mid_trial_and_the_sweep_still_completes(partition, tmp_path,
                                                                                       shared_artifacts):
     """Both workers mid-trial: one is cancelled (`scancel`), the other gets the signal SLURM sends before the time
-    limit or on preemption (USR2) and requeues itself; the requeued worker retries both interrupted trials."""
+    limit or on preemption (USR2) and requeues itself; the requeued worker continues both interrupted trials."""
     url = f"journal://{tmp_path / 'shared' / 't.log'}"
-    cfg = write_sweep(tmp_path, shared_artifacts, epochs=2, storage=url, launcher=slurm(partition),
+    cfg = write_sweep(tmp_path, shared_artifacts, epochs=3, storage=url, launcher=slurm(partition),
                       stage2={"optimizers": ["adam"], "losses": ["ce"]})
     proc = run_cli("sweep", "--config", str(cfg), "--detach", timeout=300)
     assert proc.returncode == 0 and "detached; follow with `python cli.py sweep" in proc.stdout, proc.stdout[-3000:]
     out = tmp_path / "sweeps" / "t"
 
-    def training_trials():  # trials of both array tasks that have written their first epoch
+    def training_trials():  # {array task: (trial number, run folder)} once both tasks train a trial
         study = optuna.load_study(study_name="t/stage1", storage=storage_of(url))
-        found = {}
-        for t in study.get_trials(states=(TrialState.RUNNING,)):
-            job, run_dir = t.user_attrs.get("slurm_job"), t.user_attrs.get("run_dir")
-            if job and run_dir and (out / run_dir / "progress.jsonl").exists():
-                found[job] = t.number
+        found = {t.user_attrs["slurm_job"]: (t.number, t.user_attrs["run_dir"])
+                 for t in study.get_trials(states=(TrialState.RUNNING,))
+                 if t.user_attrs.get("slurm_job") and t.user_attrs.get("run_dir")}
         return found if len(found) == 2 else None
 
-    running = _wait(training_trials, what="a first epoch in each SLURM worker")
-    (cancel, cancelled), (preempt, preempted) = sorted(running.items())
+    running = _wait(training_trials, what="a trial in each SLURM worker")
+    # Mid-trial: wait for the first epoch's checkpoint of one of them, so that its retry has one to continue.
+    _wait(lambda: any((out / run_dir / "checkpoints" / "last.ckpt").exists() for _, run_dir in running.values()),
+          what="a first epoch checkpoint")
+    (cancel, (cancelled, _)), (preempt, (preempted, _)) = sorted(running.items())
     subprocess.run(["scancel", cancel], check=True)
     subprocess.run(["scancel", "--signal=USR2", preempt], check=True)  # submitit requeues the job on it
     follow = subprocess.run([sys.executable, str(REPO / "cli.py"), "sweep", "--config", str(cfg), "--follow"], cwd=REPO,
@@ -159,8 +160,12 @@ def test_a_cancelled_and_a_preempted_worker_mid_trial_and_the_sweep_still_comple
     points = finished_points(url)
     assert len(points["stage1"]) == 2 and len(points["stage2"]) == 1
     assert all(set(c.values()) == {1} for c in points.values()), points
-    retried = {t.user_attrs.get("slurm_job") for t in study.get_trials(states=(TrialState.COMPLETE,))}
-    assert retried == {preempt}, retried  # the requeued worker came back under its id and trained both
+    retries = study.get_trials(states=(TrialState.COMPLETE,))
+    assert {t.user_attrs.get("slurm_job") for t in retries} == {preempt}  # the requeued worker, under its own id
+    # Each retry continues its interrupted attempt's run from its last epoch checkpoint (the `resume` work),
+    # when that attempt had written one (the signal may come between the progress line and the checkpoint).
+    continued = [t.user_attrs.get("continues") for t in retries]
+    assert any(continued), [t.user_attrs for t in retries]
     assert (out / "winner.json").exists() and (out / "report.md").exists()
 
 
