@@ -132,11 +132,17 @@ def test_journal_trial_of_another_host_is_retried_once_its_own_liveness_record_i
     assert not coord.has_optuna_heartbeat(ss.storage)
     coord.ensure_grid(ss)
     trial = coord.claim(ss)
+
+    def alive_at() -> float:
+        return ss.study.get_trials()[trial.number].user_attrs[coord.ALIVE_AT]
+
     with coord.Heartbeat(ss, trial.number, seconds=0.1):
         ss.set_attr(trial.number, "host", "another-node")
-        time.sleep(0.9)  # longer than the grace period, but the record is refreshed
+        first = alive_at()
+        time.sleep(0.35)
+        assert alive_at() > first  # refreshed while the trial runs
         assert coord.recover_stale(ss) == []
-    time.sleep(0.8)
+    ss.set_attr(trial.number, coord.ALIVE_AT, time.time() - 2 * ss.grace_seconds)  # its worker went silent
     assert coord.recover_stale(ss) == [trial.number]
     old = ss.study.get_trials()[trial.number]
     assert old.state == TrialState.FAIL and "silent for" in old.user_attrs["fail_reason"] and coord.is_interrupted(old)
