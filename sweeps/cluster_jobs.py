@@ -24,9 +24,7 @@ from sweeps.log import log
 def _in_job(sweep_dict: dict[str, Any]) -> SweepConfig:
     os.environ["HF_HUB_OFFLINE"] = "1"  # compute nodes often have no internet: weights come from the shared cache
     jobs.start_forkserver()
-    values = dict(sweep_dict)
-    values["launcher"] = {**values.get("launcher", {}), "kind": "local"}
-    return SweepConfig.from_dict(values)
+    return SweepConfig.from_dict(sweep_dict)  # its `launcher` is only read by `cli.py sweep`, not by a job
 
 
 def _work_on(sweep: SweepConfig, stage: Stage, base: str | None, configs: trials.TrialConfigs) -> coord.StageStudy:
