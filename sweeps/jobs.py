@@ -47,9 +47,11 @@ def fit(payload: dict[str, Any]) -> None:
     from runs.continuation import resumable
 
     config = dict(payload["config"])
-    ckpt_path = config.pop("ckpt_path", None)  # a `fit` argument, not part of the instantiated config
+    # `fit`'s own arguments (a run's config.yaml has them too), not part of the instantiated config.
+    ckpt_path, weights_only = config.pop("ckpt_path", None), config.pop("weights_only", None)
     cli = _evaluation_cli()(args=config, run=False)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=resumable(ckpt_path, cli.run_dir))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=resumable(ckpt_path, cli.run_dir),
+                    weights_only=weights_only)
 
 
 def test(payload: dict[str, Any]) -> None:
