@@ -231,6 +231,37 @@ class CrossValidation:
 
 
 @dataclass
+class Launcher:
+    """Where the sweep's workers run: "local" (this machine, `workers` processes) or "slurm" (a job array).
+
+    The SLURM keys are those of `cluster.slurm.SlurmSettings` (checked there, each error naming its key):
+    `workers` array tasks, `partition`, `account`, `qos`, `time`, `gpus_per_worker`, `cpus_per_worker`,
+    `mem_gb`, `array_parallelism`, `setup` (shell lines run before each worker: `module load cuda/12.4`,
+    `source /shared/venv/bin/activate`), `signal_delay_s`, and `sbatch` for any other sbatch option.
+    """
+
+    kind: Literal["local", "slurm"] = "local"
+    workers: int = 2
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = "04:00:00"
+    gpus_per_worker: int = 0
+    cpus_per_worker: int = 4
+    mem_gb: float | None = None
+    array_parallelism: int | None = None
+    setup: list[str] | str = field(default_factory=list)
+    signal_delay_s: int = 120
+    sbatch: dict = field(default_factory=dict)
+
+    def slurm(self):
+        """The checked `SlurmSettings` (ConfigError naming the `launcher.*` key at fault)."""
+        from cluster.slurm import SlurmSettings
+
+        return SlurmSettings.from_dict({f.name: getattr(self, f.name) for f in fields(self) if f.name != "kind"})
+
+
+@dataclass
 class SweepConfig:
     """A two-stage model-selection sweep.
 
@@ -256,6 +287,7 @@ class SweepConfig:
             (from another machine) is considered interrupted and retried.
         test_winner: evaluate the winner once on the untouched test split.
         wandb: W&B mode for every trial (None: $WANDB_MODE, else offline).
+        launcher: where the workers run; `--launcher slurm` submits them as a SLURM job array (docs/clusters.md).
     """
 
     name: str
@@ -276,6 +308,7 @@ class SweepConfig:
     heartbeat_seconds: float = 10.0
     test_winner: bool = True
     wandb: Literal["offline", "online", "disabled"] | None = None
+    launcher: Launcher = field(default_factory=Launcher)
 
     @property
     def out_dir(self) -> Path:
@@ -356,7 +389,7 @@ class SweepConfig:
         try:
             init = parser.instantiate(namespace) if hasattr(parser, "instantiate") else parser.instantiate_classes(namespace)
         except TypeError as e:  # e.g. `cv: 3`: a section given as a plain value reaches its dataclass as **3
-            sections = ", ".join(f.name for f in fields(cls) if f.name in ("stage1", "stage2", "selection", "cv"))
+            sections = ", ".join(f.name for f in fields(cls) if f.name in ("stage1", "stage2", "selection", "cv", "launcher"))
             raise ConfigError(f"sweep config: {e}. The sections {sections} are mappings, e.g. `cv: {{folds: 5}}`, "
                               "`selection: {rule: metric, metric: val/mcc}`.") from None
         return cls(**{f.name: getattr(init, f.name) for f in fields(cls)})

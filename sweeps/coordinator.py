@@ -14,7 +14,16 @@ grace_period)`, `record_heartbeat`). A trial whose process is gone is interrupte
 seen at once (the pid), it is marked FAIL with that reason and enqueued again; on other hosts Optuna's
 `fail_stale_trials` fails it once its heartbeat is older than the grace period and its
 `RetryHeartbeatStaleTrialCallback` enqueues it again. A trial process killed by a signal (SIGKILL, the OOM killer) is interrupted
-too and is retried on the next run. Finished trials are never retrained; trials that failed with an error
+too and is retried on the next run.
+
+On a shared filesystem without a database server the storage is Optuna's `JournalStorage` on a
+`JournalFileBackend` (`journal:///shared/path/study.log`). Claiming holds there too: the journal is an append-only
+log written under a file lock and replayed in order, and a second WAITING -> RUNNING of one trial is rejected on
+replay, so `set_trial_state_values` returns False to all but the first claimer. Optuna's heartbeat exists for
+`RDBStorage` only (`BaseHeartbeat`; `fail_stale_trials` skips other storages), so on the journal the worker's
+`Heartbeat` writes its own liveness record instead: the user attr `alive_at` (epoch seconds), refreshed every
+`heartbeat_seconds`; a RUNNING trial whose record is older than the grace period is failed as interrupted and
+enqueued again, as Optuna's callback does on RDB. Finished trials are never retrained; trials that failed with an error
 are retried only on request (`retry_failed`).
 """
 
@@ -54,6 +63,7 @@ class StageStudy:
     storage: optuna.storages.BaseStorage
     study_id: int
     url: str = ""
+    grace_seconds: float = 60.0  # a trial silent this long (journal storage: its `alive_at`) is stale
 
     def trial_id(self, number: int) -> int:
         return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
@@ -62,9 +72,28 @@ class StageStudy:
         self.storage.set_trial_user_attr(self.trial_id(number), key, value)
 
 
+JOURNAL = "journal://"
+ALIVE_AT = "alive_at"  # the liveness record of a trial on storages without Optuna's heartbeat (journal)
+
+
+def journal_path(url: str) -> str:
+    """The log file of a `journal:///shared/path/study.log` URL (a relative path is taken from here)."""
+    return os.path.abspath(os.path.expanduser(url[len(JOURNAL):]))
+
+
+def make_journal(url: str) -> optuna.storages.JournalStorage:
+    """Optuna's journal storage on a shared file (NFS, Lustre, GPFS): no database server."""
+    from optuna.storages.journal import JournalFileBackend
+
+    path = journal_path(url)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(path))
+
+
 def make_storage(url: str, attempts: int = 8, heartbeat_seconds: float | None = None,
-                 grace_intervals: int = 6) -> optuna.storages.RDBStorage:
-    """An RDB storage; SQLite waits for its write lock instead of failing under several workers.
+                 grace_intervals: int = 6) -> optuna.storages.BaseStorage:
+    """An RDB storage (SQLite waits for its write lock instead of failing under several workers), or a journal
+    file for `journal://` URLs (whose liveness is `Heartbeat`'s own record: see the module docstring).
 
     Machines that start a sweep at the same moment on an empty database race to create Optuna's tables;
     the loser retries and finds them.
@@ -76,6 +105,8 @@ def make_storage(url: str, attempts: int = 8, heartbeat_seconds: float | None = 
             a trial silent for `grace_intervals` intervals is stale, failed and enqueued again.
         grace_intervals: see `heartbeat_seconds`.
     """
+    if url.startswith(JOURNAL):
+        return make_journal(url)
     heartbeat: dict[str, Any] = {}
     if heartbeat_seconds:
         interval = max(1, math.ceil(heartbeat_seconds))
@@ -114,7 +145,7 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def open_study(storage: optuna.storages.RDBStorage, stage: Stage, pruner: optuna.pruners.BasePruner,
+def open_study(storage: optuna.storages.BaseStorage, stage: Stage, pruner: optuna.pruners.BasePruner,
                seed: int = 0) -> StageStudy:
     """Create or load the stage's study. Every trial is enqueued with all its parameters fixed, so the
     sampler never samples; the grid is visible in optuna-dashboard as the enqueued trials."""
@@ -124,6 +155,10 @@ def open_study(storage: optuna.storages.RDBStorage, stage: Stage, pruner: optuna
     )
     url = str(getattr(storage, "url", ""))
     return StageStudy(stage, study, storage, storage.get_study_id_from_name(stage.study_name), url)
+
+
+def has_optuna_heartbeat(storage: optuna.storages.BaseStorage) -> bool:
+    return bool(getattr(storage, "get_heartbeat_interval", lambda: None)())
 
 
 def grid_params(trial: FrozenTrial) -> dict[str, Any]:
@@ -230,25 +265,44 @@ def fail(ss: StageStudy, number: int, reason: str, state: TrialState = TrialStat
     ss.study.tell(number, state=state, skip_if_finished=True)
 
 
+def _stale_reason(ss: StageStudy, trial: FrozenTrial, own_heartbeat: bool, now: float) -> str | None:
+    """Why a RUNNING trial's worker is gone (None: it may be alive). Same host: its pid. Other hosts, on a
+    storage without Optuna's heartbeat: its `alive_at` record (or its start) older than the grace period."""
+    ua = trial.user_attrs
+    if ua.get("host") == HOST:
+        return None if _alive(ua.get("pid"), ua.get("pid_start")) else f"worker {HOST}:{ua.get('pid')} stopped"
+    if not own_heartbeat:
+        return None  # Optuna's fail_stale_trials judges it
+    last = ua.get(ALIVE_AT)
+    if last is None and trial.datetime_start is not None:
+        last = trial.datetime_start.timestamp()
+    if last is None or now - float(last) <= ss.grace_seconds:
+        return None
+    return f"worker {ua.get('host', '?')}:{ua.get('pid', '?')} silent for {now - float(last):.0f}s"
+
+
 def recover_stale(ss: StageStudy) -> list[int]:
     """Fail interrupted RUNNING trials and enqueue each once more; returns their numbers.
 
     Same host: the trial's worker process is gone (seen at once). Other hosts: Optuna's heartbeat is older
-    than the grace period (`fail_stale_trials`, whose `RetryHeartbeatStaleTrialCallback` enqueues the retry).
+    than the grace period (`fail_stale_trials`, whose `RetryHeartbeatStaleTrialCallback` enqueues the retry),
+    or on a journal storage the trial's own `alive_at` record is.
     """
     recovered = []
     running = ss.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    own_heartbeat, now = not has_optuna_heartbeat(ss.storage), time.time()
     for t in running:
-        ua = t.user_attrs
-        if ua.get("host") != HOST or _alive(ua.get("pid"), ua.get("pid_start")):
+        reason = _stale_reason(ss, t, own_heartbeat, now)
+        if reason is None:
             continue
         tid = ss.trial_id(t.number)
         try:
-            ss.storage.set_trial_user_attr(tid, "fail_reason", f"{INTERRUPTED}: worker {ua.get('host')}:{ua.get('pid')} stopped")
+            ss.storage.set_trial_user_attr(tid, "fail_reason", f"{INTERRUPTED}: {reason}")
             ss.storage.set_trial_state_values(tid, TrialState.FAIL)
         except UpdateFinishedTrialError:
             continue  # another worker recovered it first
-        ss.study.enqueue_trial(grid_params(t), user_attrs={"grid_point": ua.get("grid_point"), "retry_of": t.number})
+        ss.study.enqueue_trial(grid_params(t), user_attrs={"grid_point": t.user_attrs.get("grid_point"),
+                                                           "retry_of": t.number})
         recovered.append(t.number)
     with warnings.catch_warnings():  # experimental since Optuna 2.9, unchanged through 5.0
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -310,21 +364,27 @@ def duplicate_of(ss: StageStudy, trial: FrozenTrial) -> int | None:
 
 
 class Heartbeat:
-    """Marks a claimed trial as alive: its host and pid, and Optuna's storage heartbeat every `seconds`
-    (a storage opened without heartbeats records the host and pid only)."""
+    """Marks a claimed trial as alive: its host and pid, and every `seconds` Optuna's storage heartbeat (RDB
+    storages opened with one) or else its own `alive_at` record (journal storage, which Optuna gives no heartbeat)."""
 
     def __init__(self, ss: StageStudy, number: int, seconds: float):
         self.storage, self.trial_id, self.seconds = ss.storage, ss.trial_id(number), seconds
         self._stop = threading.Event()
         for key, value in (("host", HOST), ("pid", os.getpid()), ("pid_start", _process_start(os.getpid()))):
             self.storage.set_trial_user_attr(self.trial_id, key, value)
-        self._enabled = bool(getattr(self.storage, "get_heartbeat_interval", lambda: None)())
+        if os.environ.get("SLURM_ARRAY_JOB_ID"):  # which array task trains it: `scancel` / `sacct` need its id
+            job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+            self.storage.set_trial_user_attr(self.trial_id, "slurm_job", job)
+        self._optuna = has_optuna_heartbeat(self.storage)
+        self._own = isinstance(self.storage, optuna.storages.JournalStorage)
         self._record()
         self._thread = threading.Thread(target=self._beat, daemon=True)
 
     def _record(self) -> None:
-        if self._enabled:
+        if self._optuna:
             self.storage.record_heartbeat(self.trial_id)
+        elif self._own:
+            self.storage.set_trial_user_attr(self.trial_id, ALIVE_AT, time.time())
 
     def _beat(self) -> None:
         while not self._stop.wait(self.seconds):
@@ -346,17 +406,36 @@ def live_trials(ss: StageStudy) -> list[FrozenTrial]:
     return ss.study.get_trials(deepcopy=False, states=LIVE)
 
 
+def retry_interrupted(ss: StageStudy) -> int:
+    """Enqueue again the grid points whose last trial was interrupted (its worker stopped by a signal, as
+    SLURM's scancel or requeue do); returns how many."""
+    added = 0
+    for point in grid_status(ss):
+        if point.state == INTERRUPTED:
+            ss.study.enqueue_trial(point.params, user_attrs={"grid_point": "|".join(map(str, ss.stage.key(point.params)))})
+            added += 1
+    return added
+
+
 def work(
     ss: StageStudy, run_trial: Callable[[StageStudy, FrozenTrial], None],
-    poll_seconds: float = 2.0,
+    poll_seconds: float = 2.0, retry: bool = False,
 ) -> None:
-    """Worker loop: claim grid points until none is waiting or running (others' trials included)."""
+    """Worker loop: claim grid points until none is waiting or running (others' trials included).
+
+    `retry`: trials that other workers recorded as interrupted are enqueued again at once (a cluster's
+    workers: the one that was stopped may never come back), instead of on the sweep's next run.
+    """
     while True:
         for number in recover_stale(ss):
             log.warning(f"[sweep] {ss.stage.name} trial {number} was interrupted; enqueued again")
+        if retry and retry_interrupted(ss):
+            log.warning(f"[sweep] {ss.stage.name}: interrupted trials of stopped workers enqueued again")
         trial = claim(ss)
         if trial is None:
             if not live_trials(ss):
+                if retry and retry_interrupted(ss):  # a trial interrupted since the check above
+                    continue
                 return
             time.sleep(poll_seconds)  # other workers' trials are running; they may still fail and return
             continue

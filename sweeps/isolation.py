@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -55,15 +56,35 @@ def _context() -> mp.context.BaseContext:
     return ctx
 
 
+# The variables of an `srun`-launched task. A sweep worker inside a SLURM job (submitit starts it with srun)
+# has them; a trial it starts must not: Lightning's SLURMEnvironment.detect() is "SLURM_NTASKS is set", and
+# would then take a 2-device trial for a 2-task srun job and wait for a second task that never comes. Without
+# them Lightning picks its own LightningEnvironment and launches the DDP ranks itself, on the job's GPUs
+# (CUDA_VISIBLE_DEVICES is kept). The worker process keeps them: submitit's requeue reads them.
+_SRUN_TASK_VARS = re.compile(r"^SLURM_(NTASKS\w*|NPROCS|PROCID|LOCALID|NODEID|STEP_\w+|TASKS_PER_NODE|SRUN_COMM_\w+|"
+                             r"CPU_BIND\w*|DISTRIBUTION|LAUNCH_NODE_IPADDR|UMASK|PRIO_PROCESS|GTIDS|TASK_PID)$")
+
+
+def trial_environ(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a trial process gets: this one without the srun task variables (see above)."""
+    environ = dict(os.environ if environ is None else environ)
+    return {k: v for k, v in environ.items() if not _SRUN_TASK_VARS.match(k)}
+
+
 def start_forkserver(preload: list[str]) -> None:
     """Start the forkserver now, in the background, importing the modules `preload`: its imports of torch,
     lightning and timm then overlap with whatever this process does before the first child. The modules
-    that hold the functions run later belong in `preload` (a child unpickles a function by its module)."""
+    that hold the functions run later belong in `preload` (a child unpickles a function by its module).
+    Its children inherit its environment: the trial environment (`trial_environ`)."""
     _PRELOAD[:] = preload
     _context()
     from multiprocessing import forkserver
 
-    forkserver.ensure_running()
+    dropped = {k: os.environ.pop(k) for k in set(os.environ) - set(trial_environ())}
+    try:
+        forkserver.ensure_running()
+    finally:
+        os.environ.update(dropped)
 
 
 def share_wandb_service(mode: str | None) -> None:
@@ -206,7 +227,7 @@ def run_command(command: list[str], log: Path, env: dict[str, str] | None = None
     process group, its output appended to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as fh:
-        proc = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        proc = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT, env={**trial_environ(), **(env or {})},
                                 start_new_session=True)
         _CHILDREN.add(proc.pid)
         try:

@@ -67,6 +67,31 @@ def check(payload: dict[str, Any]) -> None:
     check_sweep(SweepConfig.from_dict(payload["sweep"]))
 
 
+def weights(payload: dict[str, Any]) -> None:
+    """Child side: every candidate's pretrained weights found (or fetched) on this (login) node before a cluster
+    launch: `cluster.weights.require_weights` (timm imports torch, which the submitting process never does)."""
+    from dataclasses import fields
+
+    from cluster.weights import require_weights
+    from lightning_modules.networks.factory import NetworkConfig
+    from sweeps.trials import TrialConfigs
+
+    configs = TrialConfigs(SweepConfig.from_dict(payload["sweep"]))
+    known = {f.name for f in fields(NetworkConfig)}
+    networks = {}
+    for name in configs.candidates:
+        network = configs.candidate(name)["model"]["network"]
+        networks[name] = NetworkConfig(**{k: v for k, v in network.items() if k in known})
+    require_weights(networks)
+
+
+def weights_in_child(sweep: SweepConfig) -> None:
+    """`weights` in a forked process; raises its ConfigError listing each candidate without weights."""
+    outcome = _run(weights, {"sweep": sweep.to_dict()}, sweep.out_dir, "weights")
+    if outcome.status != "ok":
+        raise ConfigError(outcome.reason)
+
+
 def devices(config: dict[str, Any]) -> int:
     """How many devices a fit config trains on (`trainer.devices`: a count, a list, or "auto" = 1)."""
     value = (config.get("trainer") or {}).get("devices", 1)

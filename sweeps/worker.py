@@ -156,18 +156,23 @@ class TrialRunner:
 
 def _open(sweep: SweepConfig, stage: Stage) -> coord.StageStudy:
     storage = coord.make_storage(sweep.storage_url, heartbeat_seconds=sweep.heartbeat_seconds)
-    return coord.open_study(storage, stage, coord.make_pruner(sweep.pruner), sweep.seed)
+    ss = coord.open_study(storage, stage, coord.make_pruner(sweep.pruner), sweep.seed)
+    ss.grace_seconds = GRACE_INTERVALS * sweep.heartbeat_seconds
+    return ss
+
+
+GRACE_INTERVALS = 6  # heartbeats a trial may miss before another machine retries it (make_storage's default)
 
 
 def work(sweep: SweepConfig, stage: Stage, base: str | None, configs: trials.TrialConfigs,
-         execute: Execute | None = None, ss: coord.StageStudy | None = None) -> None:
-    """One worker: claim and train the stage's grid points until none is left."""
+         execute: Execute | None = None, ss: coord.StageStudy | None = None, retry: bool = False) -> None:
+    """One worker: claim and train the stage's grid points until none is left (`retry`: see `coord.work`)."""
     ss = ss or _open(sweep, stage)
     # Several workers print plain lines side by side; a live display needs the terminal to itself.
     progress = StageProgress(stage.name, len(stage.grid), points_done(ss), sweep.workers,
                              tty=sys.stdout.isatty() and sweep.workers == 1)
     try:
-        coord.work(ss, TrialRunner(sweep, stage, base, configs, progress, execute))
+        coord.work(ss, TrialRunner(sweep, stage, base, configs, progress, execute), retry=retry)
     finally:
         progress.close()
 

@@ -100,3 +100,51 @@ def test_trial_of_another_host_whose_heartbeat_stopped_is_failed_and_retried(tmp
     assert states["a"] == "live"  # Optuna's RetryHeartbeatStaleTrialCallback enqueued it again
     retry = ss.study.get_trials(states=(TrialState.WAITING,))[-1]
     assert coord.grid_params(retry) == coord.grid_params(old)
+
+
+def open_journal(tmp_path, stage=STAGE) -> coord.StageStudy:
+    ss = coord.open_study(coord.make_storage(f"journal://{tmp_path / 'shared' / 'study.log'}"), stage,
+                          coord.make_pruner("none"))
+    ss.grace_seconds = 0.6
+    return ss
+
+
+def _claim_all(tmp_path) -> list[int]:
+    mine, numbers = open_journal(tmp_path), []  # its own storage object, as each worker process has
+    while (trial := coord.claim(mine)) is not None:
+        numbers.append(trial.number)
+    return numbers
+
+
+def test_claim_is_exactly_once_on_a_journal_file_across_processes(tmp_path):
+    """The journal's replay rejects a second WAITING -> RUNNING: every trial claimed once by 3 processes."""
+    ss = open_journal(tmp_path)
+    assert coord.ensure_grid(ss) == 8
+    with mp.get_context("fork").Pool(3) as pool:
+        claimed = pool.map(_claim_all, [tmp_path] * 3)
+    assert sorted(n for c in claimed for n in c) == list(range(8))
+    assert len(ss.study.get_trials()) == 8 and coord.claim(ss) is None
+
+
+def test_journal_trial_of_another_host_is_retried_once_its_own_liveness_record_is_stale(tmp_path):
+    """Optuna has no heartbeat for the journal: `Heartbeat` refreshes `alive_at`, stale after the grace period."""
+    ss = open_journal(tmp_path)
+    assert not coord.has_optuna_heartbeat(ss.storage)
+    coord.ensure_grid(ss)
+    trial = coord.claim(ss)
+
+    def alive_at() -> float:
+        return ss.study.get_trials()[trial.number].user_attrs[coord.ALIVE_AT]
+
+    with coord.Heartbeat(ss, trial.number, seconds=0.1):
+        ss.set_attr(trial.number, "host", "another-node")
+        first = alive_at()
+        time.sleep(0.35)
+        assert alive_at() > first  # refreshed while the trial runs
+        assert coord.recover_stale(ss) == []
+    ss.set_attr(trial.number, coord.ALIVE_AT, time.time() - 2 * ss.grace_seconds)  # its worker went silent
+    assert coord.recover_stale(ss) == [trial.number]
+    old = ss.study.get_trials()[trial.number]
+    assert old.state == TrialState.FAIL and "silent for" in old.user_attrs["fail_reason"] and coord.is_interrupted(old)
+    assert {p.params["candidate"]: p.state for p in coord.grid_status(ss)}["a"] == "live"  # enqueued again
+    assert coord.recover_stale(open_journal(tmp_path)) == []  # another worker does not retry it twice
