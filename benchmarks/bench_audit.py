@@ -38,6 +38,7 @@ import _baseline_duplicates as today  # noqa: E402
 
 from audit import copies  # noqa: E402
 from datamodules import phantoms  # noqa: E402
+from datamodules.duplicate_check import FINE_SIZE  # noqa: E402
 from datamodules.duplicates import (  # noqa: E402
     candidate_pairs,
     cluster_images,
@@ -64,14 +65,23 @@ def audit_image(image: np.ndarray) -> np.ndarray:
     return resize(image[..., None], SIZE)
 
 
-def run_new(images: np.ndarray, sides: np.ndarray) -> tuple[np.ndarray, dict]:
+def fine_image(image: np.ndarray) -> np.ndarray:
+    """What `duplicate_audit.fine_loader` reads from a stored file: grayscale, squashed to FINE_SIZE, float32."""
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    return resize(image[..., None], (FINE_SIZE, FINE_SIZE))[..., 0].astype(np.float32)
+
+
+def run_new(images: np.ndarray, sides: np.ndarray, originals: list[np.ndarray]) -> tuple[np.ndarray, dict]:
     """The whole audit as `duplicate_audit.find_clusters` runs it: digests, hashes, then the clusters.
-    `sides`: the smaller side of each image as stored (what `duplicate_audit.stored_sides` reads)."""
+    `sides`: the smaller side of each image as stored (what `duplicate_audit.stored_sides` reads);
+    `originals`: the images as stored, which the fine check reads again for the pairs it decides."""
     uniq = {}
     for k, im in enumerate(images):
         uniq.setdefault(pixel_digest(im), k)
     first = np.array(list(uniq.values()))
-    labels, stats = cluster_images(images[first], variant_hashes(images[first]), 10, 0.9, sides=sides[first])
+    labels, stats = cluster_images(images[first], variant_hashes(images[first]), 10, 0.9, sides=sides[first],
+                                   fine=lambda k: fine_image(originals[first[k]]))
     of_digest = dict(zip(uniq, labels, strict=True))
     return np.array([of_digest[pixel_digest(im)] for im in images]), stats
 
@@ -149,7 +159,7 @@ def transform_suite(sources: list[np.ndarray], names: list[str], allowed: set, s
         sides = np.array([min(im.shape[:2]) for im in sources + made])
         source = np.concatenate([np.arange(n), np.arange(n)])
         t0 = time.perf_counter()
-        new, _ = run_new(pool, sides)
+        new, _ = run_new(pool, sides, sources + made)
         t_new = time.perf_counter() - t0
         t0 = time.perf_counter()
         old = run_today(pool)
@@ -186,7 +196,7 @@ def look_alikes(covid_images: list[np.ndarray], covid_names: list[str], allowed:
         grades = rng.integers(0, 3, len(pool))  # a grade per image, as a fundus set has
         ok = allowed if name.startswith("COVID") else set()
         row = []
-        new, stats = run_new(pool, np.array([min(im.shape[:2]) for im in images]))
+        new, stats = run_new(pool, np.array([min(im.shape[:2]) for im in images]), images)
         for labels in (new, run_today(pool)):
             bad = false_links(labels, np.arange(len(pool)), ok)
             stops = sum(len(set(grades[labels == lab])) > 1 for lab in np.unique(labels) if (labels == lab).sum() > 1)

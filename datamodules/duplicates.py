@@ -16,12 +16,21 @@ so that look-alikes cannot chain; what and how well is in docs/duplicates.md.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import cv2
 import numpy as np
 from scipy import sparse
 
-from datamodules.duplicate_check import confirm, detail, gray, highpass, shifted_scores
+from datamodules.duplicate_check import (
+    FINE_MIN_SIDE,
+    confirm,
+    confirm_fine,
+    detail,
+    gray,
+    highpass,
+    shifted_scores,
+)
 
 HASH_BITS = 64
 _N = 32  # side of the thumbnail the DCT is taken on
@@ -220,9 +229,42 @@ def _worth_registering(i: np.ndarray, j: np.ndarray, scores: np.ndarray, linked:
     return chosen
 
 
+# With the stored files at hand (`fine`), a registered pair of images stored at >= FINE_MIN_SIDE px that misses
+# `min_confirmed` at 64 px but reaches FINE_GATE there (copies cropped and marked score down to ~0.86; so do
+# the closest adjacent CT slices, up to 0.90) is decided by `duplicate_check.confirm_fine` at 256 px: linked
+# at FINE_MIN, where the copies of real scans keep >= 0.85 (98%) and the closest slices reach 0.82 with more
+# of their pixels masked (docs/duplicates.md has the measurements). Pairs at or above `min_confirmed` at 64 px
+# stay linked as before: on generated noise-textured images the 256 px detail of a resampled crop decorrelates.
+FINE_GATE = 0.85
+FINE_MIN = 0.84
+
+
+def _register_pairs(images: np.ndarray, i: np.ndarray, j: np.ndarray, chosen: list[int], min_confirmed: float,
+                    fine: Callable[[int], np.ndarray | None] | None, sides: np.ndarray | None) -> dict[int, bool]:
+    """Registration check of the chosen candidate pairs: {pair index: linked}. A pair reaching `min_confirmed`
+    at 64 px is linked; a near miss (>= FINE_GATE) of images stored large enough gets the fine check."""
+    loaded: dict[int, np.ndarray] = {}
+
+    def load(k: int) -> np.ndarray | None:
+        if k not in loaded:
+            loaded[k] = fine(k)
+        return loaded[k]
+
+    out = {}
+    for k in chosen:
+        a, b = int(i[k]), int(j[k])
+        score, warp = confirm(images[a], images[b])
+        large = fine is not None and sides is not None and min(sides[a], sides[b]) >= FINE_MIN_SIDE
+        out[k] = score >= min_confirmed
+        if not out[k] and large and warp is not None and score >= FINE_GATE:
+            pair = load(a), load(b)  # None: a file that cannot be read again (the 64 px decision stands)
+            out[k] = pair[0] is not None and pair[1] is not None and confirm_fine(*pair, warp) >= FINE_MIN
+    return out
+
+
 def cluster_images(
     images: np.ndarray, hashes: np.ndarray, max_distance: int, min_similarity: float | None,
-    min_confirmed: float = 0.9, sides: np.ndarray | None = None,
+    min_confirmed: float = 0.9, sides: np.ndarray | None = None, fine: Callable[[int], np.ndarray | None] | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Near-duplicate clusters: candidate pairs from the hashes, confirmed on the pixels, star-clustered.
 
@@ -233,8 +275,12 @@ def cluster_images(
         min_similarity: fine-detail correlation under integer shifts that links a pair at once (copies with
             the source's geometry); None links every candidate (hash only, no pixel check).
         min_confirmed: masked correlation after registration (`duplicate_check.confirm`) that links the
-            remaining candidates (crops, rescales, marks).
-        sides: (N,) smaller side of each stored image (for `low_detail`; None: judged on the pixels only).
+            remaining candidates (crops, rescales, marks) where the fine check does not decide.
+        sides: (N,) smaller side of each stored image (for `low_detail` and the fine check; None: judged on
+            the 64 px pixels only).
+        fine: k -> image k's stored file as (FINE_SIZE, FINE_SIZE) float32 grayscale (squashed like
+            `images`; None if unreadable), for the fine check of registered pairs; None: every pair is
+            decided at 64 px.
 
     Returns:
         (labels, stats): cluster label per image; stats counts `candidates`, `rejected` pairs and the
@@ -250,8 +296,9 @@ def cluster_images(
         # Equal hashes are checked too: distinct look-alikes (the phantoms) can share all 64 bits.
         scores = shifted_scores(detail(images), i, j)
         keep = scores >= min_similarity
-        for k in _worth_registering(i, j, scores, keep):
-            keep[k] = confirm(images[i[k]], images[j[k]]) >= min_confirmed
+        decided = _register_pairs(images, i, j, _worth_registering(i, j, scores, keep), min_confirmed, fine, sides)
+        for k, linked in decided.items():
+            keep[k] = linked
         i, j = i[keep], j[keep]
     stats["rejected"] = stats["candidates"] - len(i)
     return star_clusters(len(images), i, j), stats

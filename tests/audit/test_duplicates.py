@@ -10,6 +10,7 @@ import pytest
 from audit import copies
 from datamodules import phantoms
 from datamodules.duplicate_audit import AUDIT_GEOMETRY
+from datamodules.duplicate_check import FINE_SIZE
 from datamodules.duplicates import (
     candidate_pairs,
     cluster_images,
@@ -32,10 +33,17 @@ def cached(a: np.ndarray) -> np.ndarray:
     return resize(a[..., None], SIZE)
 
 
+def fine(a: np.ndarray) -> np.ndarray:
+    """What the fine check reads from the stored file (`duplicate_audit.fine_loader`)."""
+    if a.ndim == 3:
+        a = cv2.cvtColor(a, cv2.COLOR_BGR2GRAY)
+    return resize(a[..., None], (FINE_SIZE, FINE_SIZE))[..., 0].astype(np.float32)
+
+
 def audit(arrays: list[np.ndarray]) -> tuple[np.ndarray, dict]:
     images = np.stack([cached(a) for a in arrays])
     return cluster_images(images, variant_hashes(images), max_distance=10, min_similarity=0.9,
-                          sides=np.array([min(a.shape[:2]) for a in arrays]))
+                          sides=np.array([min(a.shape[:2]) for a in arrays]), fine=lambda k: fine(arrays[k]))
 
 
 GEOMETRIC = ["crop", "rescale", "jpeg_q70", "crop+rescale", "rescale+jpeg"]
