@@ -50,8 +50,10 @@ from datamodules.images import resize  # noqa: E402
 
 SIZE = (64, 64)
 # Copies in COVID-CT beyond today's 7 clusters, each checked by eye (docs/duplicates.md shows them): one
-# with arrows burnt in, one re-exported at another crop and scale on the next page of the same paper.
+# with arrows burnt in, two figures re-exported at another crop and scale on the next page of the same paper,
+# and one slice shown twice in one figure (p18-67-2/-3: aligned, the same vessels and opacities).
 KNOWN = [
+    ("CT_COVID/2020.03.21.20040691-p18-67-2.png", "CT_COVID/2020.03.21.20040691-p18-67-3.png"),
     ("CT_NonCOVID/1330.png", "CT_NonCOVID/1331.png", "CT_NonCOVID/1332.png"),
     ("CT_COVID/2020.03.22.20040782-p24-1533-6.png", "CT_COVID/2020.03.22.20040782-p25-1543.png"),
     ("CT_COVID/2020.03.22.20040782-p24-1533-7.png", "CT_COVID/2020.03.22.20040782-p25-1546.png"),
