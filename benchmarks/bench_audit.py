@@ -11,7 +11,8 @@ Everything runs on one thread (`OMP/OPENBLAS/MKL_NUM_THREADS=1`, `cv2.setNumThre
   2. false links: pairs of different sources in one cluster (COVID-CT's 7 clusters that today's audit finds,
      and the copies found by eye listed in KNOWN, excepted), overall and per look-alike set: the phantoms,
      COVID-CT's own images (adjacent CT slices of one series), 28 px fundus-like discs upsampled to 64 px
-     (with the label-conflict stops they would cause under 3 random grades);
+     (with the label-conflict stops they would cause under 3 random grades), generated scans each with a
+     twin deformed smoothly by ~4 px (`copies.deformed`, a stand-in for the next slice);
   3. images/s of the whole audit (hashes, digests, candidates, pixel check, clusters) on the same images,
      new and today's, and their ratio; and the candidate search alone for `--hashes` images.
 """
@@ -186,9 +187,11 @@ def transform_suite(sources: list[np.ndarray], names: list[str], allowed: set, s
 def look_alikes(covid_images: list[np.ndarray], covid_names: list[str], allowed: set, smoke: bool) -> list[str]:
     """False links among distinct images of the same anatomy, new and today's."""
     rng = np.random.default_rng(0)
-    n_phantoms, n_discs = (40, 60) if smoke else (240, 1000)
+    n_phantoms, n_discs, n_scans = (40, 60, 6) if smoke else (240, 1000, 60)
+    scans = [copies.textured(500 + s, 480, 600) for s in range(n_scans)]
     sets = {"phantoms": [phantoms.render(c, i, 128)[0] for c in phantoms.CLASSES for i in range(n_phantoms // 4)],
-            "28 px discs upsampled": copies.smooth_discs(n_discs, seed=1)}
+            "28 px discs upsampled": copies.smooth_discs(n_discs, seed=1),
+            "scans + deformed twins": scans + [copies.deformed(a, s) for s, a in enumerate(scans)]}
     if covid_images:
         sets["COVID-CT (adjacent slices)"] = covid_images
     lines = [f"{'look-alike set':<28} {'images':>6} {'false links new':>16} {'today':>6} {'conflict stops new':>19} "

@@ -207,17 +207,20 @@ def confirm(a: np.ndarray, b: np.ndarray, give_up: float = 0.4, sure: float = 0.
 
 
 # The fine check: at 64 px, copies cropped by a few % and burnt-in marks lose part of the detail the check
-# compares, and the closest adjacent CT slices keep as much (COVID-CT: copies down to 0.86, slices up to 0.90
+# compares, and the closest adjacent CT slices keep as much (COVID-CT: copies down to 0.83, slices up to 0.90
 # at 64 px), so no threshold there separates them. At 256 px the vessels and texture that differ between two
-# slices are resolved: there, under the 64 px map refined by ECC, copies (crop, rescale, marks, JPEG, and the
-# COVID-CT copies checked by eye) keep a correlation of their detail (sigma 1.5 px) >= 0.85 on 98% of them and
-# the closest slices reach 0.82 (measured in docs/duplicates.md), and differ beyond the noise over more pixels. It reads the stored files, so it runs only on the few
-# pairs that pass the 64 px gate, and only for images stored at >= FINE_MIN_SIDE px (upsampled at most 1.33x).
+# slices are resolved. Under the 64 px map refined by ECC there, a copy differs from its source only by
+# resampling noise and where marks were burnt in: its detail (sigma 1.5 px) correlates at >= 0.85 (98% of
+# COVID-CT's cropped and marked copies) with <= 12% of the pixels masked (marks over 2% of the pixels, grown
+# by the mask; 18% for the thickest strokes of a 1,400 px image). Adjacent slices differ in their anatomy:
+# the closest (COVID-CT, all 746 images) either correlate at <= 0.80 or differ beyond the noise over 14-32%
+# of the pixels. The rule: linked at >= FINE_MIN with <= FINE_MAX_MASKED masked (docs/duplicates.md).
+# It reads the stored files again, so it runs only on 64 px near misses, and only for images stored at
+# >= FINE_MIN_SIDE px (upsampled at most 2x into the 256 px image).
 FINE_SIZE = 256
 FINE_SIGMA = 1.5
-FINE_MIN_SIDE = 192
-# Burnt-in marks over 2% of the pixels, grown by the mask, cover at most ~12% of the 256 px image (measured:
-# 11.7% on COVID-CT copies); two distinct slices differ beyond the noise over 11-31% of it.
+FINE_MIN_SIDE = 128
+FINE_GROW = 5  # side of the square the 256 px outliers are grown by (3 leaves the marks' halo: copies 0.81)
 FINE_MAX_MASKED = 0.15
 
 
@@ -227,27 +230,29 @@ def _upscaled(warp: np.ndarray, factor: float) -> np.ndarray:
     return (to_big @ np.vstack([warp, [0, 0, 1]]) @ np.linalg.inv(to_big))[:2].astype(np.float32)
 
 
-def confirm_fine(a: np.ndarray, b: np.ndarray, warp: np.ndarray) -> float:
+def confirm_fine(a: np.ndarray, b: np.ndarray, warp: np.ndarray, with_masked: bool = False):
     """The fine check of a pair already registered at 64 px: masked detail correlation at `FINE_SIZE` px.
 
     Args:
         a, b: (FINE_SIZE, FINE_SIZE) float32 grayscale images (the stored files squashed, as the audit's 64 px).
         warp: `confirm`'s map of a's 64 px image onto b's.
+        with_masked: return (score, share of pixels masked) instead of the score, 0 when over `FINE_MAX_MASKED`
+            (for measuring the rule).
     """
     size = a.shape[0]
     warp = _upscaled(warp, size / _SIZE)
     smooth_a, smooth_b = (cv2.GaussianBlur(cv2.medianBlur(g, 3), (0, 0), 1.0) for g in (a, b))
-    score, keep = masked_score(a, b, warp, sigma=FINE_SIGMA, grow=5)
+    score, keep = masked_score(a, b, warp, sigma=FINE_SIGMA, grow=FINE_GROW)
     for _ in range(2):  # ECC without the masked pixels (marks pull it), then again with the new mask
         refined = _ecc(smooth_a, smooth_b, warp, keep.astype(np.uint8), iterations=50, eps=1e-4, blur=5)
         if not _plausible(refined):
             break
-        score2, keep2 = masked_score(a, b, refined, sigma=FINE_SIGMA, grow=5)
+        score2, keep2 = masked_score(a, b, refined, sigma=FINE_SIGMA, grow=FINE_GROW)
         if score2 <= score:
             break
         score, keep, warp = score2, keep2, refined
     masked = 1 - keep.sum() / np.count_nonzero(_interior(size))
-    return score if masked <= FINE_MAX_MASKED else 0.0
+    return (score, masked) if with_masked else (score if masked <= FINE_MAX_MASKED else 0.0)
 
 
 def _interior(size: int = _SIZE) -> np.ndarray:

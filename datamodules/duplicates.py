@@ -229,20 +229,25 @@ def _worth_registering(i: np.ndarray, j: np.ndarray, scores: np.ndarray, linked:
     return chosen
 
 
-# With the stored files at hand (`fine`), a registered pair of images stored at >= FINE_MIN_SIDE px that misses
-# `min_confirmed` at 64 px but reaches FINE_GATE there (copies cropped and marked score down to ~0.86; so do
-# the closest adjacent CT slices, up to 0.90) is decided by `duplicate_check.confirm_fine` at 256 px: linked
-# at FINE_MIN, where the copies of real scans keep >= 0.85 (98%) and the closest slices reach 0.82 with more
-# of their pixels masked (docs/duplicates.md has the measurements). Pairs at or above `min_confirmed` at 64 px
-# stay linked as before: on generated noise-textured images the 256 px detail of a resampled crop decorrelates.
-FINE_GATE = 0.85
+# With the stored files at hand (`fine`), registered pairs of images stored at >= FINE_MIN_SIDE px are checked
+# again at 256 px (`duplicate_check.confirm_fine`, whose rule is stated there):
+# - a near miss at 64 px (FINE_GATE up to `min_confirmed`: cropped and marked copies score down to ~0.83 there,
+#   and so do adjacent CT slices, up to 0.90) is linked at FINE_MIN;
+# - a pair at or above `min_confirmed` at 64 px is linked unless its 256 px detail falls below FINE_FLOOR: a
+#   look-alike can agree at 64 px and not at 256 px (a generated scan deformed smoothly by 4 px: 0.92 at 64 px,
+#   <= 0.55 at 256 px), while copies keep >= 0.75 (COVID-CT, all four transforms combined) and >= 0.63 on
+#   generated noise-textured scans, whose detail resampling decorrelates most.
+FINE_GATE = 0.8
 FINE_MIN = 0.84
+FINE_FLOOR = 0.6
 
 
 def _register_pairs(images: np.ndarray, i: np.ndarray, j: np.ndarray, chosen: list[int], min_confirmed: float,
-                    fine: Callable[[int], np.ndarray | None] | None, sides: np.ndarray | None) -> dict[int, bool]:
-    """Registration check of the chosen candidate pairs: {pair index: linked}. A pair reaching `min_confirmed`
-    at 64 px is linked; a near miss (>= FINE_GATE) of images stored large enough gets the fine check."""
+                    fine: Callable[[int], np.ndarray | None] | None, sides: np.ndarray | None,
+                    linked: np.ndarray) -> dict[int, bool]:
+    """Registration check of the chosen candidate pairs: {pair index: linked}: at 64 px (`min_confirmed`; a pair
+    the shift check `linked` already passes), and for images stored large enough (and a 64 px score >=
+    FINE_GATE) by the fine check too."""
     loaded: dict[int, np.ndarray] = {}
 
     def load(k: int) -> np.ndarray | None:
@@ -255,10 +260,11 @@ def _register_pairs(images: np.ndarray, i: np.ndarray, j: np.ndarray, chosen: li
         a, b = int(i[k]), int(j[k])
         score, warp = confirm(images[a], images[b])
         large = fine is not None and sides is not None and min(sides[a], sides[b]) >= FINE_MIN_SIDE
-        out[k] = score >= min_confirmed
-        if not out[k] and large and warp is not None and score >= FINE_GATE:
-            pair = load(a), load(b)  # None: a file that cannot be read again (the 64 px decision stands)
-            out[k] = pair[0] is not None and pair[1] is not None and confirm_fine(*pair, warp) >= FINE_MIN
+        out[k] = bool(linked[k]) or score >= min_confirmed
+        if large and warp is not None and (linked[k] or score >= FINE_GATE):
+            pair = load(a), load(b)
+            if pair[0] is not None and pair[1] is not None:  # else a file that cannot be read: the 64 px decision
+                out[k] = confirm_fine(*pair, warp) >= (FINE_FLOOR if out[k] else FINE_MIN)
     return out
 
 
@@ -296,7 +302,10 @@ def cluster_images(
         # Equal hashes are checked too: distinct look-alikes (the phantoms) can share all 64 bits.
         scores = shifted_scores(detail(images), i, j)
         keep = scores >= min_similarity
-        decided = _register_pairs(images, i, j, _worth_registering(i, j, scores, keep), min_confirmed, fine, sides)
+        chosen = _worth_registering(i, j, scores, keep)
+        if fine is not None and sides is not None:  # the shift check's links of large images: the fine check too
+            chosen += np.flatnonzero(keep & (np.minimum(sides[i], sides[j]) >= FINE_MIN_SIDE)).tolist()
+        decided = _register_pairs(images, i, j, chosen, min_confirmed, fine, sides, keep)
         for k, linked in decided.items():
             keep[k] = linked
         i, j = i[keep], j[keep]

@@ -114,6 +114,32 @@ def test_burnt_in_marks_on_one_copy_only():
     assert_pairs_linked(originals, marked, "marks on one copy")
 
 
+def test_look_alikes_that_agree_at_64_px_are_refused_at_256_px():
+    """The same scan deformed smoothly by ~4 px (a stand-in for the next slice) scores up to 0.92 at 64 px; the
+    fine check, reading the stored images again at 256 px, refuses every one."""
+    originals = [copies.textured(300 + s, 480, 600) for s in range(4)]
+    looks = [copies.deformed(a, s) for s, a in enumerate(originals)]
+    images = np.stack([cached(a) for a in originals + looks])
+    sides = np.full(len(images), 480)
+    labels_64, _ = cluster_images(images, variant_hashes(images), 10, 0.9, sides=sides)
+    assert len(set(labels_64.tolist())) < len(images)  # without the fine check, at least one is linked
+    labels, _ = audit(originals + looks)
+    assert len(set(labels.tolist())) == len(images)
+
+
+def test_fine_check_links_marked_copies_that_miss_at_64_px():
+    """Ultrasound-sized frames trimmed by 8 px with marks burnt in: some score under 0.9 at 64 px (the 64 px
+    check alone misses them); the fine check links every one of those (256 px: 0.88-0.91)."""
+    originals = [copies.textured(300 + s, 480, 600) for s in range(6)]
+    marked = [copies.marks(copies.trim(a, 8), np.random.default_rng(s)) for s, a in enumerate(originals)]
+    images = np.stack([cached(a) for a in originals + marked])
+    labels_64, _ = cluster_images(images, variant_hashes(images), 10, 0.9, sides=np.full(len(images), 464))
+    labels, _ = audit(originals + marked)
+    n = len(originals)
+    assert (labels[:n] == labels[n:]).sum() > (labels_64[:n] == labels_64[n:]).sum()
+    assert len(set(labels[:n].tolist())) == n
+
+
 def test_distinct_phantoms_are_never_linked():
     """The embedded phantoms share their anatomy (many have near-equal hashes): 0 links expected."""
     images = np.stack([cached(phantoms.render(c, i, 128)[0]) for c in phantoms.CLASSES for i in range(15)])
