@@ -17,6 +17,8 @@ offers a "copy or not" decision for a pair of small images.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 
@@ -209,19 +211,41 @@ def confirm(a: np.ndarray, b: np.ndarray, give_up: float = 0.4, sure: float = 0.
 # The fine check: at 64 px, copies cropped by a few % and burnt-in marks lose part of the detail the check
 # compares, and the closest adjacent CT slices keep as much (COVID-CT: copies down to 0.83, slices up to 0.90
 # at 64 px), so no threshold there separates them. At 256 px the vessels and texture that differ between two
-# slices are resolved. Under the 64 px map refined by ECC there, a copy differs from its source only by
-# resampling noise and where marks were burnt in: its detail (sigma 1.5 px) correlates at >= 0.85 (98% of
-# COVID-CT's cropped and marked copies) with <= 12% of the pixels masked (marks over 2% of the pixels, grown
-# by the mask; 18% for the thickest strokes of a 1,400 px image). Adjacent slices differ in their anatomy:
-# the closest (COVID-CT, all 746 images) either correlate at <= 0.80 or differ beyond the noise over 14-32%
-# of the pixels. The rule: linked at >= FINE_MIN with <= FINE_MAX_MASKED masked (docs/duplicates.md).
-# It reads the stored files again, so it runs only on 64 px near misses, and only for images stored at
-# >= FINE_MIN_SIDE px (upsampled at most 2x into the 256 px image).
+# slices are resolved. The rule, from what a copy is: one affine map (crop, rescale) away from its source
+# everywhere, differing only by resampling noise and where marks were burnt in. Under the 64 px map refined by
+# ECC at 256 px, a copy
+# - is rigid: 6x6 overlapping 64 px tiles, registered again on their own, stay put (median shift <=
+#   FINE_MAX_SHIFT px; COVID-CT's copies found by eye: <= 0.18, generated copies of its images under every
+#   transform: <= 0.47 but for one of 150 at 0.82), where adjacent slices move non-rigidly (the 50 closest
+#   pairs of COVID-CT's 746 images that are not copies: 0.58-2.8 px; a scan deformed smoothly by ~4 px,
+#   `audit.copies.deformed`: >= 0.74);
+# - differs beyond the noise over <= FINE_MAX_MASKED of the pixels (marks over 2% of the pixels, grown by the
+#   mask: <= 12%, 18% for the thickest strokes of a 1,400 px image; the closest slices: 14-32%);
+# - keeps its detail (sigma 1.5 px): correlation >= `min_score` (COVID-CT copies: 1st percentile 0.78).
+# On all 746 COVID-CT images, exactly the 14 copy pairs found by eye pass, of the 64 registered pairs >= 0.78.
+# It reads the stored files again, so it runs only on pairs already registered at 64 px, and only for images
+# stored at >= FINE_MIN_SIDE px (upsampled at most 2x into the 256 px image); docs/duplicates.md has the figures.
 FINE_SIZE = 256
 FINE_SIGMA = 1.5
 FINE_MIN_SIDE = 128
 FINE_GROW = 5  # side of the square the 256 px outliers are grown by (3 leaves the marks' halo: copies 0.81)
 FINE_MAX_MASKED = 0.15
+FINE_MAX_SHIFT = 0.5
+_TILE = 64
+_TILE_WINDOW = cv2.createHanningWindow((_TILE, _TILE), cv2.CV_32F)
+
+
+@dataclass(frozen=True)
+class FineCheck:
+    """What the fine check measured for a pair: masked detail correlation, share of pixels masked, median
+    shift (px at 256) of its tiles registered on their own."""
+
+    score: float
+    masked: float
+    shift: float
+
+    def is_copy(self, min_score: float) -> bool:
+        return self.score >= min_score and self.masked <= FINE_MAX_MASKED and self.shift <= FINE_MAX_SHIFT
 
 
 def _upscaled(warp: np.ndarray, factor: float) -> np.ndarray:
@@ -230,14 +254,29 @@ def _upscaled(warp: np.ndarray, factor: float) -> np.ndarray:
     return (to_big @ np.vstack([warp, [0, 0, 1]]) @ np.linalg.inv(to_big))[:2].astype(np.float32)
 
 
-def confirm_fine(a: np.ndarray, b: np.ndarray, warp: np.ndarray, with_masked: bool = False):
-    """The fine check of a pair already registered at 64 px: masked detail correlation at `FINE_SIZE` px.
+def local_shift(a: np.ndarray, b: np.ndarray, warp: np.ndarray) -> float:
+    """Median shift (px) that phase correlation finds between overlapping tiles of a and of b aligned onto a
+    (median-filtered against marks); tiles without detail are left out, and 0 when none has any."""
+    size = a.shape[0]
+    moved = cv2.warpAffine(b, warp, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                           borderMode=cv2.BORDER_REFLECT)
+    ma, mb = cv2.medianBlur(a, 3), cv2.medianBlur(moved, 3)
+    shifts = []
+    for y in range(_TILE // 2, size - 3 * _TILE // 2 + 1, _TILE // 2):
+        for x in range(_TILE // 2, size - 3 * _TILE // 2 + 1, _TILE // 2):
+            ta, tb = ma[y : y + _TILE, x : x + _TILE].copy(), mb[y : y + _TILE, x : x + _TILE].copy()
+            if ta.std() >= 3:
+                (dx, dy), _ = cv2.phaseCorrelate(ta, tb, _TILE_WINDOW)
+                shifts.append(np.hypot(dx, dy))
+    return float(np.median(shifts)) if shifts else 0.0
+
+
+def confirm_fine(a: np.ndarray, b: np.ndarray, warp: np.ndarray) -> FineCheck:
+    """The fine check of a pair already registered at 64 px, at `FINE_SIZE` px (the rule is stated above).
 
     Args:
         a, b: (FINE_SIZE, FINE_SIZE) float32 grayscale images (the stored files squashed, as the audit's 64 px).
         warp: `confirm`'s map of a's 64 px image onto b's.
-        with_masked: return (score, share of pixels masked) instead of the score, 0 when over `FINE_MAX_MASKED`
-            (for measuring the rule).
     """
     size = a.shape[0]
     warp = _upscaled(warp, size / _SIZE)
@@ -251,8 +290,7 @@ def confirm_fine(a: np.ndarray, b: np.ndarray, warp: np.ndarray, with_masked: bo
         if score2 <= score:
             break
         score, keep, warp = score2, keep2, refined
-    masked = 1 - keep.sum() / np.count_nonzero(_interior(size))
-    return (score, masked) if with_masked else (score if masked <= FINE_MAX_MASKED else 0.0)
+    return FineCheck(score, 1 - keep.sum() / np.count_nonzero(_interior(size)), local_shift(a, b, warp))
 
 
 def _interior(size: int = _SIZE) -> np.ndarray:

@@ -24,6 +24,7 @@ from scipy import sparse
 
 from datamodules.duplicate_check import (
     FINE_MIN_SIDE,
+    FINE_SIZE,
     confirm,
     confirm_fine,
     detail,
@@ -232,13 +233,15 @@ def _worth_registering(i: np.ndarray, j: np.ndarray, scores: np.ndarray, linked:
 # With the stored files at hand (`fine`), registered pairs of images stored at >= FINE_MIN_SIDE px are checked
 # again at 256 px (`duplicate_check.confirm_fine`, whose rule is stated there):
 # - a near miss at 64 px (FINE_GATE up to `min_confirmed`: cropped and marked copies score down to ~0.83 there,
-#   and so do adjacent CT slices, up to 0.90) is linked at FINE_MIN;
-# - a pair at or above `min_confirmed` at 64 px is linked unless its 256 px detail falls below FINE_FLOOR: a
-#   look-alike can agree at 64 px and not at 256 px (a generated scan deformed smoothly by 4 px: 0.92 at 64 px,
-#   <= 0.55 at 256 px), while copies keep >= 0.75 (COVID-CT, all four transforms combined) and >= 0.63 on
-#   generated noise-textured scans, whose detail resampling decorrelates most.
+#   and so do adjacent CT slices, up to 0.90) is linked when the fine check finds a copy (detail >= FINE_MIN,
+#   rigid, few pixels differing);
+# - a pair at or above `min_confirmed` at 64 px, of images stored at >= FINE_SIZE px (not upsampled for the
+#   check), is linked unless its 256 px detail falls below FINE_FLOOR: a look-alike can agree at 64 px and
+#   not at 256 px (a generated scan deformed smoothly by ~4 px: up to 0.92 at 64 px, 0.39-0.65 at 256 px),
+#   while copies keep >= 0.75 (COVID-CT, all four transforms combined) and >= 0.63 on generated
+#   noise-textured scans, whose detail resampling decorrelates most (so the floor cannot be higher).
 FINE_GATE = 0.8
-FINE_MIN = 0.84
+FINE_MIN = 0.78
 FINE_FLOOR = 0.6
 
 
@@ -259,12 +262,14 @@ def _register_pairs(images: np.ndarray, i: np.ndarray, j: np.ndarray, chosen: li
     for k in chosen:
         a, b = int(i[k]), int(j[k])
         score, warp = confirm(images[a], images[b])
-        large = fine is not None and sides is not None and min(sides[a], sides[b]) >= FINE_MIN_SIDE
+        side = min(sides[a], sides[b]) if fine is not None and sides is not None else 0
         out[k] = bool(linked[k]) or score >= min_confirmed
-        if large and warp is not None and (linked[k] or score >= FINE_GATE):
+        check = side >= FINE_SIZE if out[k] else side >= FINE_MIN_SIDE and score >= FINE_GATE
+        if check and warp is not None:
             pair = load(a), load(b)
             if pair[0] is not None and pair[1] is not None:  # else a file that cannot be read: the 64 px decision
-                out[k] = confirm_fine(*pair, warp) >= (FINE_FLOOR if out[k] else FINE_MIN)
+                found = confirm_fine(*pair, warp)
+                out[k] = found.score >= FINE_FLOOR if out[k] else found.is_copy(FINE_MIN)
     return out
 
 
@@ -304,7 +309,7 @@ def cluster_images(
         keep = scores >= min_similarity
         chosen = _worth_registering(i, j, scores, keep)
         if fine is not None and sides is not None:  # the shift check's links of large images: the fine check too
-            chosen += np.flatnonzero(keep & (np.minimum(sides[i], sides[j]) >= FINE_MIN_SIDE)).tolist()
+            chosen += np.flatnonzero(keep & (np.minimum(sides[i], sides[j]) >= FINE_SIZE)).tolist()
         decided = _register_pairs(images, i, j, chosen, min_confirmed, fine, sides, keep)
         for k, linked in decided.items():
             keep[k] = linked
