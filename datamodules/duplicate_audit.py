@@ -25,7 +25,8 @@ from datamodules.duplicates import LOW_DETAIL_SIDE, cluster_images, pixel_digest
 from datamodules.images import ImageDecodeError, load_image
 
 CATEGORIES = ("label_conflict", "leakage", "cross_patient", "redundant")
-AUDIT_VERSION = 3  # 2: hashes of centred crops, registration check, star clusters, low-detail images; 3: fine check
+AUDIT_VERSION = 4  # 2: hashes of centred crops, registration check, star clusters, low-detail images; 3: fine
+# check at 256 px; 4: 16 one-sided crops, each image's whole-image hash looked up among the others' crops
 # The audit decodes its own 64x64 grayscale copy of every image (one more entry of the decode cache, shared
 # by every training size): `duplicates.similarity` compares detail at a fixed fraction of the image, and at
 # 32 px distinct phantoms become indistinguishable while at 128 px JPEG and resampling wash the detail out.
@@ -68,7 +69,7 @@ def _write(frame: pl.DataFrame, path: Path) -> None:
 def slot_hashes(view: CachedImages, slots: np.ndarray, store: Path, batch: int = 512) -> pl.DataFrame:
     """(slot, digest, phash, variants) for the given cache slots, computing only slots not in `store` yet.
 
-    `phash` is the whole image's hash, `variants` the hashes of it and its centred crops (`TRIMS`)."""
+    `phash` is the whole image's hash, `variants` the hashes of it and its crops (`TRIMS`)."""
     known = pl.read_parquet(store) if store.exists() else pl.DataFrame(
         schema={"slot": pl.Int64, "digest": pl.String, "phash": pl.UInt64, "variants": pl.List(pl.UInt64)})
     todo = np.setdiff1d(np.unique(slots), known["slot"].to_numpy())

@@ -195,13 +195,26 @@ def test_multi_index_search_equals_brute_force():
         assert sorted(zip(i.tolist(), j.tolist(), strict=True)) == sorted(zip(bi.tolist(), bj.tolist(), strict=True)), d
 
 
-def test_candidate_pairs_match_any_variant_against_any_variant():
+def test_candidate_pairs_match_each_whole_image_hash_against_every_crop_of_the_others():
     rng = np.random.default_rng(1)
     hashes = rng.integers(0, 2**63, (200, 3), dtype=np.int64).astype(np.uint64)
-    hashes[7, 2] = hashes[3, 0] ^ np.uint64(0b1011)  # 3 bits from image 3's first variant
-    hashes[9, 1] = hashes[8, 1]  # an equal hash
+    hashes[7, 2] = hashes[3, 0] ^ np.uint64(0b1011)  # a crop of 7 within 3 bits of image 3's whole hash
+    hashes[9, 0] = hashes[8, 1]  # 9's whole hash equals a crop of 8
+    hashes[11, 1] = hashes[10, 2]  # two crops alike: not a candidate (neither is the whole image)
     i, j = candidate_pairs(hashes, 4)
-    dist = popcount(hashes[:, None, :, None] ^ hashes[None, :, None, :]).reshape(200, 200, -1).min(-1)
-    bi, bj = np.nonzero(np.triu(dist <= 4, 1))
+    whole_vs_any = popcount(hashes[:, None, :1] ^ hashes[None, :, :]).min(-1) <= 4  # (a, b): a's whole near b's
+    bi, bj = np.nonzero(np.triu(whole_vs_any | whole_vs_any.T, 1))
     assert sorted(zip(i.tolist(), j.tolist(), strict=True)) == sorted(zip(bi.tolist(), bj.tolist(), strict=True))
     assert {(3, 7), (8, 9)} <= set(zip(i.tolist(), j.tolist(), strict=True))
+    assert (10, 11) not in set(zip(i.tolist(), j.tolist(), strict=True))
+
+
+def test_near_pairs_of_queries_against_hashes_equal_brute_force():
+    rng = np.random.default_rng(2)
+    hashes = rng.integers(0, 2**63, 400, dtype=np.uint64)
+    queries = np.concatenate([hashes[:40] ^ (np.uint64(1) << rng.integers(0, 64, 40).astype(np.uint64)),
+                              rng.integers(0, 2**63, 40, dtype=np.uint64)])
+    for d in (0, 3, 6):
+        i, j = near_pairs(hashes, d, queries=queries)
+        bi, bj = np.nonzero(popcount(queries[:, None] ^ hashes[None, :]) <= d)
+        assert sorted(zip(i.tolist(), j.tolist(), strict=True)) == sorted(zip(bi.tolist(), bj.tolist(), strict=True)), d
