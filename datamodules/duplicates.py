@@ -283,7 +283,7 @@ def _register_pairs(images: np.ndarray, i: np.ndarray, j: np.ndarray, chosen: li
     """Registration check of the chosen candidate pairs: {pair index: linked}: at 64 px (`min_confirmed`; a pair
     the shift check `linked` already passes), and for images stored large enough (and a 64 px score >=
     FINE_GATE) by the fine check too."""
-    loaded: dict[int, np.ndarray] = {}
+    loaded: dict[int, np.ndarray | None] = {}
 
     def load(k: int) -> np.ndarray | None:
         if k not in loaded:
