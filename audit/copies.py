@@ -5,7 +5,7 @@ A copy is its source re-exported: cropped (the device frame or UI trimmed differ
 each side independently), rescaled (0.8-1.25x, aspect changed by up to 3%), annotated (calipers, text,
 arrows burnt in over up to 2% of the pixels) and/or re-encoded as JPEG q=70. Look-alikes are distinct
 images of the same anatomy: `smooth_discs` makes the hardest kind, tiny fundus-like photographs stored at
-28 px that differ only in colour and vessels.
+28 px that differ only in colour and vessels; `deformed` the same scan moved a little, like the next slice.
 """
 
 from __future__ import annotations
@@ -102,6 +102,18 @@ def textured(seed: int, height: int = 256, width: int | None = None) -> np.ndarr
         cv2.ellipse(field, centre, axes, rng.uniform(0, 180), 0, 360, float(rng.normal(0, 0.8)), -1)
     field = (field - field.min()) / (field.max() - field.min())
     return np.clip(field * 170 + 40 + rng.normal(0, 6, (height, width)), 0, 255).astype(np.uint8)
+
+
+def deformed(image: np.ndarray, seed: int, amplitude: float = 4.0) -> np.ndarray:
+    """A look-alike of `image`: the same anatomy moved smoothly by up to about `amplitude` px (a random
+    displacement field on a 6x6 grid, cubic-interpolated), as the next slice of a series moves it. Squashed to
+    64 px it agrees with `image` almost everywhere; its fine detail is displaced."""
+    rng = np.random.default_rng(seed)
+    h, w = image.shape[:2]
+    dx, dy = (cv2.resize(rng.normal(0, amplitude, (6, 6)).astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
+              for _ in range(2))
+    x, y = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    return cv2.remap(image, x + dx, y + dy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
 
 
 def smooth_discs(n: int, seed: int = 0, size: int = 28) -> list[np.ndarray]:

@@ -20,10 +20,13 @@ import polars as pl
 from PIL import Image
 
 from datamodules.cache import CachedImages
+from datamodules.duplicate_check import FINE_SIZE
 from datamodules.duplicates import LOW_DETAIL_SIDE, cluster_images, pixel_digest, variant_hashes
+from datamodules.images import ImageDecodeError, load_image
 
 CATEGORIES = ("label_conflict", "leakage", "cross_patient", "redundant")
-AUDIT_VERSION = 2  # 2: hashes of centred crops, registration check, star clusters, low-detail images
+AUDIT_VERSION = 4  # 2: hashes of centred crops, registration check, star clusters, low-detail images; 3: fine
+# check at 256 px; 4: 16 one-sided crops, each image's whole-image hash looked up among the others' crops
 # The audit decodes its own 64x64 grayscale copy of every image (one more entry of the decode cache, shared
 # by every training size): `duplicates.similarity` compares detail at a fixed fraction of the image, and at
 # 32 px distinct phantoms become indistinguishable while at 128 px JPEG and resampling wash the detail out.
@@ -66,7 +69,7 @@ def _write(frame: pl.DataFrame, path: Path) -> None:
 def slot_hashes(view: CachedImages, slots: np.ndarray, store: Path, batch: int = 512) -> pl.DataFrame:
     """(slot, digest, phash, variants) for the given cache slots, computing only slots not in `store` yet.
 
-    `phash` is the whole image's hash, `variants` the hashes of it and its centred crops (`TRIMS`)."""
+    `phash` is the whole image's hash, `variants` the hashes of it and its crops (`TRIMS`)."""
     known = pl.read_parquet(store) if store.exists() else pl.DataFrame(
         schema={"slot": pl.Int64, "digest": pl.String, "phash": pl.UInt64, "variants": pl.List(pl.UInt64)})
     todo = np.setdiff1d(np.unique(slots), known["slot"].to_numpy())
@@ -98,6 +101,17 @@ def stored_sides(paths: list[str]) -> np.ndarray:
     return out
 
 
+def fine_loader(paths: list[str]):
+    """k -> the file `paths[k]` as the fine check reads it ((FINE_SIZE, FINE_SIZE) float32 grayscale, squashed
+    like the audit's 64 px copy), or None if it cannot be read (DICOM without its settings, a moved file)."""
+    def load(k: int) -> np.ndarray | None:
+        try:
+            return load_image(paths[k], (FINE_SIZE, FINE_SIZE), channels=1)[..., 0].astype(np.float32)
+        except (ImageDecodeError, OSError, ValueError):
+            return None
+    return load
+
+
 def find_clusters(
     frame: pl.DataFrame, view: CachedImages, slots: np.ndarray, cfg: AuditConfig, audit_dir: Path
 ) -> pl.DataFrame:
@@ -124,7 +138,8 @@ def find_clusters(
         images = view.open()
         hashes = np.stack(uniq["variants"].to_list()) if uniq.height else np.zeros((0, 1), np.uint64)
         labels, stats = cluster_images(images[uniq["audit_slot"].to_numpy()], hashes, cfg.max_distance,
-                                       cfg.min_similarity, cfg.min_confirmed, stored_sides(uniq["path"].to_list()))
+                                       cfg.min_similarity, cfg.min_confirmed, stored_sides(uniq["path"].to_list()),
+                                       fine=fine_loader(uniq["path"].to_list()))
         by_digest = pl.DataFrame({"digest": uniq["digest"], "component": labels, "low_detail": stats["flat"]})
         _write(by_digest, stored)
     frame = frame.join(by_digest, on="digest", how="left")

@@ -8,7 +8,7 @@ compared to their median), computed here on whole batches of the decode cache's 
 works one PIL image at a time and would re-decode every file. (The thumbnail is resized with OpenCV's area
 filter instead of PIL's Lanczos, so single bits can differ from imagehash's.)
 
-Candidates come from hashes of the image and of centred crops (`variant_hashes`, `candidate_pairs`), are
+Candidates come from hashes of the image and of its crops (`variant_hashes`, `candidate_pairs`), are
 confirmed on the pixels by `datamodules.duplicate_check`, and grouped into star clusters (`star_clusters`)
 so that look-alikes cannot chain; what and how well is in docs/duplicates.md.
 """
@@ -16,12 +16,23 @@ so that look-alikes cannot chain; what and how well is in docs/duplicates.md.
 from __future__ import annotations
 
 import hashlib
+import itertools
+from collections.abc import Callable
 
 import cv2
 import numpy as np
 from scipy import sparse
 
-from datamodules.duplicate_check import confirm, detail, gray, highpass, shifted_scores
+from datamodules.duplicate_check import (
+    FINE_MIN_SIDE,
+    FINE_SIZE,
+    confirm,
+    confirm_fine,
+    detail,
+    gray,
+    highpass,
+    shifted_scores,
+)
 
 HASH_BITS = 64
 _N = 32  # side of the thumbnail the DCT is taken on
@@ -76,64 +87,78 @@ def _masks(radius: int) -> np.ndarray:
     return all_masks[popcount(all_masks) <= radius]
 
 
-def near_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
-    """All index pairs (i < j) whose hashes differ in at most `max_distance` bits.
+def near_pairs(hashes: np.ndarray, max_distance: int, queries: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """All index pairs whose hashes differ in at most `max_distance` bits: (i < j) within `hashes`, or, with
+    `queries`, (query index, hash index) of every query against every hash.
 
     Multi-index hashing (Norouzi et al., 2012): split the 64 bits into 4 blocks of 16; by pigeonhole two
     hashes within `d` bits differ by at most floor(d / 4) bits in at least one block. For each block, the
     hashes are sorted by the block's value and every value within that radius is looked up at once
-    (a bucket table of all 65,536 block values, probed for all hashes per XOR mask); the candidates are checked with a vectorised popcount.
+    (a bucket table of all 65,536 block values, probed for all queries per XOR mask); the candidates are
+    checked with a vectorised popcount.
     No library offers this for 64-bit Hamming space on the CPU, hence the hand-written search.
 
     Args:
-        hashes: (N,) uint64 (repeats allowed; `cluster` removes them first).
+        hashes: (N,) uint64 (repeats allowed; `candidate_pairs` removes them first).
         max_distance: largest Hamming distance that still links two images (0..63).
+        queries: (Q,) uint64 looked up against `hashes`; None: `hashes` against themselves.
 
     Returns:
-        (i, j): int64 arrays of pair indices into `hashes`.
+        (i, j): int64 arrays of pair indices (into `hashes`, or into `queries` and `hashes`).
     """
     hashes = np.asarray(hashes, dtype=np.uint64)
-    n = len(hashes)
+    self_join = queries is None
+    queries = hashes if self_join else np.asarray(queries, dtype=np.uint64)
     masks = _masks(max_distance // _BLOCKS)
     found: list[np.ndarray] = []
     for b in range(_BLOCKS):
         key = ((hashes >> np.uint64(16 * b)) & np.uint64(0xFFFF)).astype(np.int64)
+        query_key = ((queries >> np.uint64(16 * b)) & np.uint64(0xFFFF)).astype(np.int64)
         order = np.argsort(key, kind="stable")
+        by_key = hashes[order]
         starts = np.concatenate([[0], np.cumsum(np.bincount(key, minlength=1 << 16))])  # bucket v: order[starts[v]:starts[v+1]]
         for mask in masks.astype(np.int64):
-            probe = key ^ mask
+            probe = query_key ^ mask
             left = starts[probe]
             count = starts[probe + 1] - left
             total = int(count.sum())
             if not total:
                 continue
-            i = np.repeat(np.arange(n), count)
-            within = np.arange(total) - np.repeat(np.cumsum(count) - count, count)
-            j = order[np.repeat(left, count) + within]
-            keep = (i < j) & (popcount(hashes[i] ^ hashes[j]) <= max_distance)
-            if keep.any():
-                found.append(np.stack([i[keep], j[keep]], axis=1))
+            i = np.repeat(np.arange(len(queries)), count)
+            at = np.repeat(left - (np.cumsum(count) - count), count) + np.arange(total)  # positions in by_key
+            keep = popcount(queries[i] ^ by_key[at]) <= max_distance
+            j = order[at[keep]]
+            i = i[keep]
+            if self_join:
+                i, j = i[i < j], j[i < j]
+            if len(i):
+                found.append(np.stack([i, j], axis=1))
     if not found:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     pairs = np.unique(np.concatenate(found), axis=0)  # a pair found through several blocks counts once
     return pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
 
 
-# Centred crops hashed besides the whole image (pixels per side of the 64 px audit image). A copy trimmed by
-# up to 5% per side matches its source on some pair of these within the Hamming threshold (one whole-image
-# hash misses ~30% of such copies); the 5x5 median first takes thin burnt-in strokes out of the hash.
-TRIMS = (0, 2, 4, 6)
+# Crops hashed besides the whole image: each side trimmed by 0 or 3 px of the 64 px audit image (~0 or ~5%),
+# all 16 combinations. A copy cropped by up to 5% per side, each side independently, is its source's crop on
+# one of these within the Hamming threshold: the search looks up each image's whole-image hash among the
+# crops of every other (either way round), which finds 98.5-100% of COVID-CT's cropped, marked, rescaled and
+# re-encoded copies at the candidate stage, against 96.5-99% for centred crops matched all against all
+# (docs/duplicates.md). The 5x5 median first takes thin burnt-in strokes out of the hash.
+TRIMS = tuple(itertools.product((0, 3), repeat=4))  # (top, bottom, left, right); the first is the whole image
 
 
 def variant_hashes(images: np.ndarray) -> np.ndarray:
-    """(N, H, W, C) uint8 -> (N, len(TRIMS)) uint64 perceptual hashes of the whole image and centred crops."""
+    """(N, H, W, C) uint8 -> (N, len(TRIMS)) uint64 perceptual hashes of the whole image and its crops."""
     smooth = np.stack([cv2.medianBlur(np.ascontiguousarray(gray(im).astype(np.uint8)), 5) for im in images])[..., None]
     h, w = smooth.shape[1:3]
-    return np.stack([phash_batch(smooth[:, t : h - t, t : w - t]) for t in TRIMS], axis=1)
+    return np.stack([phash_batch(smooth[:, top : h - bottom, left : w - right]) for top, bottom, left, right in TRIMS],
+                    axis=1)
 
 
 def candidate_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
-    """Image pairs (i < j) with any hash of i within `max_distance` bits of any hash of j.
+    """Image pairs (i < j) where the first hash (the whole image) of one is within `max_distance` bits of any
+    hash of the other.
 
     Args:
         hashes: (N, V) uint64, e.g. `variant_hashes`.
@@ -142,11 +167,14 @@ def candidate_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, 
     n, v = hashes.shape
     uniq, inverse = np.unique(hashes.reshape(-1), return_inverse=True)
     owner = sparse.csr_matrix((np.ones(n * v, np.float32), (inverse.reshape(-1), np.repeat(np.arange(n), v))),
-                              shape=(len(uniq), n))  # (unique hash, image)
-    i, j = near_pairs(uniq, max_distance) if max_distance > 0 else (np.zeros(0, np.int64),) * 2
-    near = sparse.coo_matrix((np.ones(len(i), np.float32), (i, j)), shape=(len(uniq), len(uniq)))
-    near = (near + near.T + sparse.identity(len(uniq), np.float32, format="csr")).tocsr()
-    linked = sparse.triu(owner.T @ near @ owner, k=1).tocoo()  # (image, image): shared or near hashes
+                              shape=(len(uniq), n))  # (unique hash, image owning it)
+    whole, whole_inverse = np.unique(hashes[:, 0], return_inverse=True)
+    whole_owner = sparse.csr_matrix((np.ones(n, np.float32), (whole_inverse.reshape(-1), np.arange(n))),
+                                    shape=(len(whole), n))  # (unique whole-image hash, image)
+    q, h = near_pairs(uniq, max_distance, queries=whole)
+    near = sparse.coo_matrix((np.ones(len(q), np.float32), (q, h)), shape=(len(whole), len(uniq))).tocsr()
+    linked = whole_owner.T @ near @ owner  # (image, image): a's whole-image hash near a hash of b
+    linked = sparse.triu(linked + linked.T, k=1).tocoo()
     return linked.row.astype(np.int64), linked.col.astype(np.int64)
 
 
@@ -207,22 +235,79 @@ def star_clusters(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
 REGISTER_PER_IMAGE = 4
 
 
-def _worth_registering(i: np.ndarray, j: np.ndarray, scores: np.ndarray, linked: np.ndarray) -> list[int]:
-    """Indices of the unlinked candidate pairs to register: each pair among the `REGISTER_PER_IMAGE` best
-    (by shift-check score) of either of its images."""
-    tried: dict[int, int] = {}
-    chosen = []
-    for k in np.flatnonzero(~linked)[np.argsort(-scores[~linked], kind="stable")]:
+def hash_distances(hashes: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """(P,) smallest Hamming distance between the whole-image hash of one image of each pair and any hash of
+    the other (either way round): what made the pair a candidate."""
+    one = popcount(hashes[i, :1] ^ hashes[j]).min(axis=1)
+    other = popcount(hashes[j, :1] ^ hashes[i]).min(axis=1)
+    return np.minimum(one, other)
+
+
+def _worth_registering(i: np.ndarray, j: np.ndarray, scores: np.ndarray, linked: np.ndarray,
+                       distances: np.ndarray) -> list[int]:
+    """Indices of the unlinked candidate pairs to register: for each image, its `REGISTER_PER_IMAGE` // 2
+    best pairs by shift-check score and as many by hash distance. Each ranking finds copies the other misses:
+    a marked copy of a phantom scores high but its hash is no closer than its look-alikes' (by distance
+    alone: 48% of them found), a cropped copy of a CT slice has the closer hash but scores no higher than the
+    neighbouring slices (by score alone: 98.5% of COVID-CT's crops found; by both: 100%)."""
+    chosen: set[int] = set()
+    open_pairs = np.flatnonzero(~linked)
+    for order in (np.argsort(-scores[open_pairs], kind="stable"), np.lexsort((-scores[open_pairs], distances[open_pairs]))):
+        tried: dict[int, int] = {}
+        for k in open_pairs[order]:
+            a, b = int(i[k]), int(j[k])
+            if tried.get(a, 0) < REGISTER_PER_IMAGE // 2 or tried.get(b, 0) < REGISTER_PER_IMAGE // 2:
+                chosen.add(int(k))
+                tried[a], tried[b] = tried.get(a, 0) + 1, tried.get(b, 0) + 1
+    return sorted(chosen)
+
+
+# With the stored files at hand (`fine`), registered pairs of images stored at >= FINE_MIN_SIDE px are checked
+# again at 256 px (`duplicate_check.confirm_fine`, whose rule is stated there):
+# - a near miss at 64 px (FINE_GATE up to `min_confirmed`: cropped and marked copies score down to ~0.83 there,
+#   and so do adjacent CT slices, up to 0.90) is linked when the fine check finds a copy (detail >= FINE_MIN,
+#   rigid, few pixels differing);
+# - a pair at or above `min_confirmed` at 64 px, of images stored at >= FINE_SIZE px (not upsampled for the
+#   check), is linked unless its 256 px detail falls below FINE_FLOOR: a look-alike can agree at 64 px and
+#   not at 256 px (a generated scan deformed smoothly by ~4 px: up to 0.92 at 64 px, 0.39-0.65 at 256 px),
+#   while copies keep >= 0.75 (COVID-CT, all four transforms combined) and >= 0.63 on generated
+#   noise-textured scans, whose detail resampling decorrelates most (so the floor cannot be higher).
+FINE_GATE = 0.8
+FINE_MIN = 0.78
+FINE_FLOOR = 0.6
+
+
+def _register_pairs(images: np.ndarray, i: np.ndarray, j: np.ndarray, chosen: list[int], min_confirmed: float,
+                    fine: Callable[[int], np.ndarray | None] | None, sides: np.ndarray | None,
+                    linked: np.ndarray) -> dict[int, bool]:
+    """Registration check of the chosen candidate pairs: {pair index: linked}: at 64 px (`min_confirmed`; a pair
+    the shift check `linked` already passes), and for images stored large enough (and a 64 px score >=
+    FINE_GATE) by the fine check too."""
+    loaded: dict[int, np.ndarray | None] = {}
+
+    def load(k: int) -> np.ndarray | None:
+        if k not in loaded:
+            loaded[k] = fine(k)
+        return loaded[k]
+
+    out = {}
+    for k in chosen:
         a, b = int(i[k]), int(j[k])
-        if tried.get(a, 0) < REGISTER_PER_IMAGE or tried.get(b, 0) < REGISTER_PER_IMAGE:
-            chosen.append(int(k))
-            tried[a], tried[b] = tried.get(a, 0) + 1, tried.get(b, 0) + 1
-    return chosen
+        score, warp = confirm(images[a], images[b])
+        side = min(sides[a], sides[b]) if fine is not None and sides is not None else 0
+        out[k] = bool(linked[k]) or score >= min_confirmed
+        check = side >= FINE_SIZE if out[k] else side >= FINE_MIN_SIDE and score >= FINE_GATE
+        if check and warp is not None:
+            pair = load(a), load(b)
+            if pair[0] is not None and pair[1] is not None:  # else a file that cannot be read: the 64 px decision
+                found = confirm_fine(*pair, warp)
+                out[k] = found.score >= FINE_FLOOR if out[k] else found.is_copy(FINE_MIN)
+    return out
 
 
 def cluster_images(
     images: np.ndarray, hashes: np.ndarray, max_distance: int, min_similarity: float | None,
-    min_confirmed: float = 0.9, sides: np.ndarray | None = None,
+    min_confirmed: float = 0.9, sides: np.ndarray | None = None, fine: Callable[[int], np.ndarray | None] | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Near-duplicate clusters: candidate pairs from the hashes, confirmed on the pixels, star-clustered.
 
@@ -233,8 +318,12 @@ def cluster_images(
         min_similarity: fine-detail correlation under integer shifts that links a pair at once (copies with
             the source's geometry); None links every candidate (hash only, no pixel check).
         min_confirmed: masked correlation after registration (`duplicate_check.confirm`) that links the
-            remaining candidates (crops, rescales, marks).
-        sides: (N,) smaller side of each stored image (for `low_detail`; None: judged on the pixels only).
+            remaining candidates (crops, rescales, marks) where the fine check does not decide.
+        sides: (N,) smaller side of each stored image (for `low_detail` and the fine check; None: judged on
+            the 64 px pixels only).
+        fine: k -> image k's stored file as (FINE_SIZE, FINE_SIZE) float32 grayscale (squashed like
+            `images`; None if unreadable), for the fine check of registered pairs; None: every pair is
+            decided at 64 px.
 
     Returns:
         (labels, stats): cluster label per image; stats counts `candidates`, `rejected` pairs and the
@@ -250,8 +339,12 @@ def cluster_images(
         # Equal hashes are checked too: distinct look-alikes (the phantoms) can share all 64 bits.
         scores = shifted_scores(detail(images), i, j)
         keep = scores >= min_similarity
-        for k in _worth_registering(i, j, scores, keep):
-            keep[k] = confirm(images[i[k]], images[j[k]]) >= min_confirmed
+        chosen = _worth_registering(i, j, scores, keep, hash_distances(hashes, i, j))
+        if fine is not None and sides is not None:  # the shift check's links of large images: the fine check too
+            chosen += np.flatnonzero(keep & (np.minimum(sides[i], sides[j]) >= FINE_SIZE)).tolist()
+        decided = _register_pairs(images, i, j, chosen, min_confirmed, fine, sides, keep)
+        for k, linked in decided.items():
+            keep[k] = linked
         i, j = i[keep], j[keep]
     stats["rejected"] = stats["candidates"] - len(i)
     return star_clusters(len(images), i, j), stats

@@ -20,9 +20,9 @@ def test_covid_ct_cross_class_copies_are_found_and_stop_a_default_run(covid_ct, 
     assert "CT_COVID/kjr-21-e24-p5-29.png (COVID)" in msg and "CT_NonCOVID/71%0.jpg (NonCOVID)" in msg
     data = ImageDataModule(**args, on_conflict="keep", split={"use_manifest_split": True}).resolve()
     assert data.audit["label_conflict"] == 2 and data.audit["exact_clusters"] == 0
-    # The official split puts each copy of the 2 conflicts on another side, and a re-export of one figure
-    # (p24-1533-6, p25-1543: another crop and scale) in val and test.
-    assert data.audit["leakage"] == 3
+    # The official split puts each copy of the 2 conflicts on another side, and the two figures of one
+    # re-export (p24-1533-6 and p25-1543, p24-1533-7 and p25-1546: another crop and scale) in val and test.
+    assert data.audit["leakage"] == 4
     grouped = ImageDataModule(**args, on_conflict="keep", split={"ratios": "80/10/10"}).resolve()
     spans = grouped.frame.filter(pl.col("cluster_id").is_not_null()).group_by("cluster_id").agg(pl.col("split").n_unique())
     assert (spans["split"] == 1).all()
@@ -46,4 +46,8 @@ def test_covid_ct_audit_keeps_every_known_cluster_and_finds_the_marked_and_resca
     assert data.audit["label_conflict"] == 2
     assert {"CT_NonCOVID/1330.png", "CT_NonCOVID/1332.png"} <= next(c for c in clusters if "CT_NonCOVID/1330.png" in c)
     assert {"CT_COVID/2020.03.22.20040782-p24-1533-6.png", "CT_COVID/2020.03.22.20040782-p25-1543.png"} in clusters
+    # the second figure of that re-export: 0.895 at 64 px, linked by the fine check at 256 px (0.869)
+    assert {"CT_COVID/2020.03.22.20040782-p24-1533-7.png", "CT_COVID/2020.03.22.20040782-p25-1546.png"} in clusters
+    # the adjacent slices stay apart
+    assert not any({"CT_COVID/2020.02.22.20024927-p19-68%1.png", "CT_NonCOVID/30%1.jpg"} <= c for c in clusters)
     assert max(len(c) for c in clusters) <= 3  # no chains

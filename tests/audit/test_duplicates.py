@@ -10,6 +10,7 @@ import pytest
 from audit import copies
 from datamodules import phantoms
 from datamodules.duplicate_audit import AUDIT_GEOMETRY
+from datamodules.duplicate_check import FINE_SIZE
 from datamodules.duplicates import (
     candidate_pairs,
     cluster_images,
@@ -32,10 +33,17 @@ def cached(a: np.ndarray) -> np.ndarray:
     return resize(a[..., None], SIZE)
 
 
+def fine(a: np.ndarray) -> np.ndarray:
+    """What the fine check reads from the stored file (`duplicate_audit.fine_loader`)."""
+    if a.ndim == 3:
+        a = cv2.cvtColor(a, cv2.COLOR_BGR2GRAY)
+    return resize(a[..., None], (FINE_SIZE, FINE_SIZE))[..., 0].astype(np.float32)
+
+
 def audit(arrays: list[np.ndarray]) -> tuple[np.ndarray, dict]:
     images = np.stack([cached(a) for a in arrays])
     return cluster_images(images, variant_hashes(images), max_distance=10, min_similarity=0.9,
-                          sides=np.array([min(a.shape[:2]) for a in arrays]))
+                          sides=np.array([min(a.shape[:2]) for a in arrays]), fine=lambda k: fine(arrays[k]))
 
 
 GEOMETRIC = ["crop", "rescale", "jpeg_q70", "crop+rescale", "rescale+jpeg"]
@@ -106,6 +114,32 @@ def test_burnt_in_marks_on_one_copy_only():
     assert_pairs_linked(originals, marked, "marks on one copy")
 
 
+def test_look_alikes_that_agree_at_64_px_are_refused_at_256_px():
+    """The same scan deformed smoothly by ~4 px (a stand-in for the next slice) scores up to 0.92 at 64 px; the
+    fine check, reading the stored images again at 256 px, refuses every one."""
+    originals = [copies.textured(300 + s, 480, 600) for s in range(4)]
+    looks = [copies.deformed(a, s) for s, a in enumerate(originals)]
+    images = np.stack([cached(a) for a in originals + looks])
+    sides = np.full(len(images), 480)
+    labels_64, _ = cluster_images(images, variant_hashes(images), 10, 0.9, sides=sides)
+    assert len(set(labels_64.tolist())) < len(images)  # without the fine check, at least one is linked
+    labels, _ = audit(originals + looks)
+    assert len(set(labels.tolist())) == len(images)
+
+
+def test_fine_check_links_marked_copies_that_miss_at_64_px():
+    """Ultrasound-sized frames trimmed by 8 px with marks burnt in: some score under 0.9 at 64 px (the 64 px
+    check alone misses them); the fine check links every one of those (256 px: 0.88-0.91)."""
+    originals = [copies.textured(300 + s, 480, 600) for s in range(6)]
+    marked = [copies.marks(copies.trim(a, 8), np.random.default_rng(s)) for s, a in enumerate(originals)]
+    images = np.stack([cached(a) for a in originals + marked])
+    labels_64, _ = cluster_images(images, variant_hashes(images), 10, 0.9, sides=np.full(len(images), 464))
+    labels, _ = audit(originals + marked)
+    n = len(originals)
+    assert (labels[:n] == labels[n:]).sum() > (labels_64[:n] == labels_64[n:]).sum()
+    assert len(set(labels[:n].tolist())) == n
+
+
 def test_distinct_phantoms_are_never_linked():
     """The embedded phantoms share their anatomy (many have near-equal hashes): 0 links expected."""
     images = np.stack([cached(phantoms.render(c, i, 128)[0]) for c in phantoms.CLASSES for i in range(15)])
@@ -161,13 +195,26 @@ def test_multi_index_search_equals_brute_force():
         assert sorted(zip(i.tolist(), j.tolist(), strict=True)) == sorted(zip(bi.tolist(), bj.tolist(), strict=True)), d
 
 
-def test_candidate_pairs_match_any_variant_against_any_variant():
+def test_candidate_pairs_match_each_whole_image_hash_against_every_crop_of_the_others():
     rng = np.random.default_rng(1)
     hashes = rng.integers(0, 2**63, (200, 3), dtype=np.int64).astype(np.uint64)
-    hashes[7, 2] = hashes[3, 0] ^ np.uint64(0b1011)  # 3 bits from image 3's first variant
-    hashes[9, 1] = hashes[8, 1]  # an equal hash
+    hashes[7, 2] = hashes[3, 0] ^ np.uint64(0b1011)  # a crop of 7 within 3 bits of image 3's whole hash
+    hashes[9, 0] = hashes[8, 1]  # 9's whole hash equals a crop of 8
+    hashes[11, 1] = hashes[10, 2]  # two crops alike: not a candidate (neither is the whole image)
     i, j = candidate_pairs(hashes, 4)
-    dist = popcount(hashes[:, None, :, None] ^ hashes[None, :, None, :]).reshape(200, 200, -1).min(-1)
-    bi, bj = np.nonzero(np.triu(dist <= 4, 1))
+    whole_vs_any = popcount(hashes[:, None, :1] ^ hashes[None, :, :]).min(-1) <= 4  # (a, b): a's whole near b's
+    bi, bj = np.nonzero(np.triu(whole_vs_any | whole_vs_any.T, 1))
     assert sorted(zip(i.tolist(), j.tolist(), strict=True)) == sorted(zip(bi.tolist(), bj.tolist(), strict=True))
     assert {(3, 7), (8, 9)} <= set(zip(i.tolist(), j.tolist(), strict=True))
+    assert (10, 11) not in set(zip(i.tolist(), j.tolist(), strict=True))
+
+
+def test_near_pairs_of_queries_against_hashes_equal_brute_force():
+    rng = np.random.default_rng(2)
+    hashes = rng.integers(0, 2**63, 400, dtype=np.uint64)
+    queries = np.concatenate([hashes[:40] ^ (np.uint64(1) << rng.integers(0, 64, 40).astype(np.uint64)),
+                              rng.integers(0, 2**63, 40, dtype=np.uint64)])
+    for d in (0, 3, 6):
+        i, j = near_pairs(hashes, d, queries=queries)
+        bi, bj = np.nonzero(popcount(queries[:, None] ^ hashes[None, :]) <= d)
+        assert sorted(zip(i.tolist(), j.tolist(), strict=True)) == sorted(zip(bi.tolist(), bj.tolist(), strict=True)), d
