@@ -115,9 +115,11 @@ def objective(sweep: SweepConfig, run_cfg: dict[str, Any]) -> tuple[str, str]:
 
 
 def runs(sweep: SweepConfig, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every run of the grid: each point once per repeat, and once per fold under cross-validation."""
+    """Every run of the grid: each point once per repeat, and once per fold under cross-validation, in the
+    order they are trained: breadth-first, fold 0 of every point, then fold 1, ..., so that every point's
+    first folds finish early and can be compared (`sweeps.fold_stopping`)."""
     folds = [{"fold": f} for f in range(sweep.cv.k)] if sweep.cv.enabled else [{}]
-    return [{**p, "repeat": r, **f} for r in range(sweep.repeats) for p in points for f in folds]
+    return [{**p, "repeat": r, **f} for r in range(sweep.repeats) for f in folds for p in points]
 
 
 def stage1(sweep: SweepConfig, candidates: list[str], shared: dict[str, Any]) -> Stage:

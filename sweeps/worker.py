@@ -20,8 +20,8 @@ from errors import ConfigError
 from runs import files, interrupts
 from runs.files import PROGRESS, RunFiles
 from runs.interrupts import Interrupted
+from sweeps import budget, fold_stopping, grid, isolation, jobs, reuse, selection, trials
 from sweeps import coordinator as coord
-from sweeps import grid, isolation, jobs, selection, trials
 from sweeps.config import SweepConfig, merge
 from sweeps.grid import Stage
 from sweeps.log import log
@@ -92,8 +92,12 @@ class TrialRunner:
         trial = optuna.trial.Trial(ss.study, ss.trial_id(number))
         for name, values in self.stage.search_space().items():  # records the fixed grid point as its params
             trial.suggest_categorical(name, values)
-        cfg, run_dir = self._prepare(ss, number, params)
         label = f"trial {number} {self.stage.run_label(params)}"
+        if self._skipped(ss, number, params, label):
+            return
+        cfg, run_dir = self._prepare(ss, number, params)
+        if self._reused(ss, number, cfg, label) or self._over_budget(ss, number, cfg, label):
+            return
         log.info(f"[sweep] {self.stage.name} {label} -> {run_dir} (log: fit.log)")
         self.progress.trial_started(label)
         started = time.perf_counter()
@@ -107,6 +111,38 @@ class TrialRunner:
         seconds = time.perf_counter() - started
         self._record(ss, number, run_dir, cfg, outcome, seconds)
         self.progress.trial_finished(seconds, points_done(ss), selection.leader(self.sweep, ss))
+
+    def _skipped(self, ss: coord.StageStudy, number: int, params: dict[str, Any], label: str) -> bool:
+        """Finish the trial untrained when its point has stopped early across folds (`sweeps.fold_stopping`)."""
+        reason = fold_stopping.verdict(self.sweep, ss, params)
+        if reason is None:
+            return False
+        fold_stopping.stop(ss, number, reason)
+        log.info(f"[sweep] {self.stage.name} {label}: not trained, {self.stage.label(params)} {reason}")
+        self.progress.trial_finished(0.0, points_done(ss), selection.leader(self.sweep, ss))
+        return True
+
+    def _over_budget(self, ss: coord.StageStudy, number: int, cfg: dict, label: str) -> bool:
+        """Finish the trial untrained when what is left of the budget cannot cover it (`sweeps.budget`)."""
+        reason = budget.over_budget(self.sweep, ss.storage, int((cfg.get("trainer") or {}).get("max_epochs") or 1))
+        if reason is None:
+            return False
+        budget.limit(ss, number, reason)
+        log.warning(f"[sweep] {self.stage.name} {label}: not trained, {reason}")
+        self.progress.trial_finished(0.0, points_done(ss), selection.leader(self.sweep, ss))
+        return True
+
+    def _reused(self, ss: coord.StageStudy, number: int, cfg: dict, label: str) -> bool:
+        """Record the config's fingerprint; finish the trial from an identical finished one if there is one."""
+        sha = reuse.fingerprint(cfg)
+        ss.set_attr(number, reuse.CONFIG_SHA, sha)
+        found = reuse.find(ss, self.sweep.name, sha, number)
+        if found is None:
+            return False
+        origin = reuse.adopt(ss, number, *found)
+        log.info(f"[sweep] {self.stage.name} {label}: reused from {origin} (identical config: same seed and fold), not trained")
+        self.progress.trial_finished(0.0, points_done(ss), selection.leader(self.sweep, ss))
+        return True
 
     def _record(self, ss: coord.StageStudy, number: int, run_dir: Path, cfg: dict, outcome: isolation.Outcome,
                 seconds: float) -> None:
