@@ -269,3 +269,13 @@ def limit(ss: Any, number: int, reason: str) -> None:
     ss.set_attr(number, BUDGET_LIMITED, reason)
     ss.set_attr(number, "seconds", 0.0)
     ss.study.tell(number, state=TrialState.PRUNED)
+
+
+def first_epoch_line(stage: str, point: str, seconds: float, epochs: int, point_runs: int, remaining_runs: int,
+                     workers: int) -> str:
+    """The estimate printed after a grid point's first epoch: its cost per run and the stage's ETA (the first
+    epoch's time includes the run's start, so this errs high)."""
+    per_run = seconds * epochs
+    return (f"[plan] {stage} {point}: first epoch after {seconds:.0f} s -> ~{per_run:.0f} s per run of {epochs} epochs, "
+            f"~{hours(per_run * point_runs)} for its {point_runs} run{'s' * (point_runs != 1)}; stage ETA "
+            f"~{hours(per_run * remaining_runs / max(1, workers))} for {remaining_runs} runs left")

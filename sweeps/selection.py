@@ -98,7 +98,7 @@ def _reachable_run_dir(out: Path, trial: FrozenTrial) -> str | None:
     return str(Path(elsewhere) / relative)
 
 
-def trial_frame(study: optuna.Study, stage: Stage, out: Path = Path(".")) -> pl.DataFrame:
+def trial_frame(study: optuna.Study, stage: Stage, out: Path = Path("."), rung: int | None = None) -> pl.DataFrame:
     """One row per finished (COMPLETE) trial: grid keys, repeat, fold, metrics, params, run dir (relative to
     the sweep folder `out`, or absolute for a trial trained in another folder, see `_reachable_run_dir`)."""
     rows = []
@@ -107,10 +107,29 @@ def trial_frame(study: optuna.Study, stage: Stage, out: Path = Path(".")) -> pl.
         p = coord.grid_params(t)
         if stage.key(p) not in grid:  # a trial of an earlier grid of this study (e.g. other repeats)
             continue
-        rows.append({**{k: p[k] for k in stage.keys}, "repeat": p["repeat"], "fold": p.get("fold"),
+        rows.append({**{k: p[k] for k in stage.keys}, "repeat": p["repeat"], "fold": p.get("fold"), **_rung(p),
                      "trial": t.number, "params": t.user_attrs.get("params", 0), "run_dir": _reachable_run_dir(out, t),
                      "epoch": t.user_attrs.get("epoch"), **t.user_attrs.get("metrics", {})})
-    return pl.DataFrame(rows) if rows else pl.DataFrame()
+    frame = pl.DataFrame(rows) if rows else pl.DataFrame()
+    if rung is not None and not frame.is_empty():
+        return frame.filter(pl.col("rung") == rung).drop("rung")
+    if "rung" in frame.columns:  # successive halving: each point judged by its highest rung's runs
+        frame = frame.filter(pl.col("rung") == pl.col("rung").max().over(list(stage.keys))).drop("rung")
+    return frame
+
+
+def _rung(params: dict[str, Any]) -> dict[str, int]:
+    return {"rung": int(params["rung"])} if params.get("rung") is not None else {}
+
+
+def rung_board(sweep: SweepConfig, ss: coord.StageStudy, rung: int) -> pl.DataFrame:
+    """The leaderboard of one successive-halving rung's runs (by the selection rule; fold means under CV),
+    with the fold-stopping notes: what promotion ranks."""
+    frame = trial_frame(ss.study, ss.stage, sweep.out_dir, rung=rung)
+    if frame.is_empty():
+        return frame
+    _, board = _leaderboard(sweep, ss.stage, frame, check_repeats=True)
+    return annotate.annotate(board, ss.study, ss.stage)
 
 
 def _leaderboard(sweep: SweepConfig, stage: Stage, frame: pl.DataFrame, check_repeats: bool = True
@@ -137,7 +156,7 @@ def stage_result(sweep: SweepConfig, ss: coord.StageStudy) -> StageResult:
     if limited:  # the budget ran out mid-stage: the best point so far, ranked on the runs it finished
         sweep = replace(sweep, selection=replace(sweep.selection, allow_incomplete=True))
     samples, board = _leaderboard(sweep, stage, frame)
-    board = annotate.annotate(board, ss.study, stage)
+    board = annotate.annotate(board, ss.study, stage, stage.rungs or None)
     keys = list(stage.keys)
     oof = crossval.out_of_fold(frame, board, keys, stage.name, sweep.out_dir) if sweep.cv.enabled else None
     board = compare.compare_stage(samples, board, keys, sweep.selection.rule, sweep.selection.metric, sweep.out_dir,

@@ -20,7 +20,7 @@ from errors import ConfigError
 from runs import files, interrupts
 from runs.files import PROGRESS, RunFiles
 from runs.interrupts import Interrupted
-from sweeps import budget, fold_stopping, grid, isolation, jobs, reuse, selection, trials
+from sweeps import budget, fold_stopping, grid, isolation, jobs, reuse, schedule, selection, trials
 from sweeps import coordinator as coord
 from sweeps.config import SweepConfig, merge
 from sweeps.grid import Stage
@@ -68,6 +68,7 @@ class TrialRunner:
                  progress: StageProgress, execute: Execute | None = None):
         self.sweep, self.stage, self.base, self.configs = sweep, stage, base, configs
         self.progress, self.execute = progress, execute or jobs.execute
+        self._estimated: set[str] = set()  # grid points whose cost was estimated after their first epoch
 
     def _prepare(self, ss: coord.StageStudy, number: int, params: dict[str, Any]) -> tuple[dict, Path]:
         relative = Path("trials") / self.stage.name / f"{number:03d}-{grid.slug(self.stage.run_label(params))}"
@@ -75,6 +76,9 @@ class TrialRunner:
         if run_dir.exists():  # a retried trial number never reuses a directory, but be safe on manual edits
             shutil.rmtree(run_dir)
         cfg, tags = trial_config(self.configs, self.stage, params, self.base)
+        epochs = schedule.rung_epochs(self.stage, params, int((cfg.get("trainer") or {}).get("max_epochs") or 1))
+        if epochs is not None:  # successive halving: this rung's epochs, from epoch 0 (`sweeps.schedule`)
+            cfg = merge(cfg, {"trainer": {"max_epochs": epochs}})
         if params.get("fold") is not None:
             cfg = merge(cfg, grid.fold_overrides(self.sweep, params["fold"]))
         pruning = None
@@ -103,7 +107,7 @@ class TrialRunner:
         started = time.perf_counter()
         try:
             with coord.Heartbeat(ss, number, self.sweep.heartbeat_seconds), \
-                    follow(RunFiles(run_dir) / PROGRESS, self.progress.epoch_done):
+                    follow(RunFiles(run_dir) / PROGRESS, self._on_epoch(ss, params, cfg, started)):
                 outcome = self.execute(cfg, run_dir)
         except Interrupted as e:  # its process is stopped; its files (last-epoch checkpoint) stay for the rerun
             coord.fail(ss, number, f"{coord.INTERRUPTED}: {STOPPED_BY}{e.name}")
@@ -111,6 +115,22 @@ class TrialRunner:
         seconds = time.perf_counter() - started
         self._record(ss, number, run_dir, cfg, outcome, seconds)
         self.progress.trial_finished(seconds, points_done(ss), selection.leader(self.sweep, ss))
+
+    def _on_epoch(self, ss: coord.StageStudy, params: dict[str, Any], cfg: dict, started: float):
+        """The progress display's epoch callback; after a grid point's first epoch, its cost and the stage's ETA."""
+        point = self.stage.label(params)
+
+        def on_epoch(record: dict[str, Any]) -> None:
+            self.progress.epoch_done(record)
+            if point in self._estimated:
+                return
+            self._estimated.add(point)
+            left = sum(p.state in ("live", "missing") for p in coord.grid_status(ss))
+            runs = max(1, self.sweep.cv.k) * self.sweep.repeats
+            epochs = int(record.get("max_epochs") or (cfg.get("trainer") or {}).get("max_epochs") or 1)
+            log.info(budget.first_epoch_line(self.stage.name, point, time.perf_counter() - started, epochs, runs, left,
+                                             self.sweep.workers))
+        return on_epoch
 
     def _skipped(self, ss: coord.StageStudy, number: int, params: dict[str, Any], label: str) -> bool:
         """Finish the trial untrained when its point has stopped early across folds (`sweeps.fold_stopping`)."""
@@ -187,7 +207,8 @@ def _open(sweep: SweepConfig, stage: Stage) -> coord.StageStudy:
 def work(sweep: SweepConfig, stage: Stage, base: str | None, configs: trials.TrialConfigs,
          execute: Execute | None = None, ss: coord.StageStudy | None = None) -> None:
     """One worker: claim and train the stage's grid points until none is left."""
-    ss = ss or _open(sweep, stage)
+    ss = ss or _open(sweep, schedule.set_rungs(sweep, stage, configs))
+    schedule.restore(ss)
     # Several workers print plain lines side by side; a live display needs the terminal to itself.
     progress = StageProgress(stage.name, len(stage.grid), points_done(ss), sweep.workers,
                              tty=sys.stdout.isatty() and sweep.workers == 1)
@@ -257,10 +278,23 @@ def _check_folds(ss: coord.StageStudy, sweep: SweepConfig) -> None:
 def run_stage(sweep: SweepConfig, stage: Stage, base: str | None, configs: trials.TrialConfigs,
               execute: Execute | None = None) -> coord.StageStudy:
     """Make sure the stage's grid is enqueued, then work on it with `sweep.workers` processes."""
-    ss = _open(sweep, stage)
+    ss = _open(sweep, schedule.set_rungs(sweep, stage, configs))
     _check_folds(ss, sweep)
     if base is not None:
         _check_base(ss, base)
+    schedule.restore(ss)
+    for rung in range(max(1, len(stage.rungs))):
+        _run_rung(sweep, ss, base, configs, execute)
+        if rung + 1 < len(stage.rungs):
+            promoted = schedule.promote(sweep, ss, rung)
+            log.info(schedule.promotion_line(stage, rung, promoted))
+    return ss
+
+
+def _run_rung(sweep: SweepConfig, ss: coord.StageStudy, base: str | None, configs: trials.TrialConfigs,
+              execute: Execute | None) -> None:
+    """Enqueue what the stage's grid (up to its current rung) lacks and work on it until it is done."""
+    stage = ss.stage
     before = {coord.INTERRUPTED: 0, "failed": 0}
     for point in coord.grid_status(ss):
         before[point.state] = before.get(point.state, 0) + 1
@@ -278,7 +312,6 @@ def run_stage(sweep: SweepConfig, stage: Stage, base: str | None, configs: trial
             _run_workers(sweep, stage, base, configs)
     except Interrupted as e:
         raise StageInterrupted(e.signum, stopped_trials(ss, since)) from None
-    return ss
 
 
 class StageInterrupted(Interrupted):  # noqa: N818 -- a stop request

@@ -59,12 +59,14 @@ class FakeTrials:
     """Callable like `jobs.execute`: records each config and writes a finished run.
 
     Args:
-        outcomes: network name -> a list of outcomes to return instead of training, one per call
-            ("interrupted" runs a child killed by SIGKILL; "failed" an error), then it trains normally.
+        outcomes: network name -> a list of outcomes, one per call ("ok" trains; "interrupted" runs a child
+            killed by SIGKILL; "failed" an error), then it trains normally.
+        fold_loss: (network, fold) -> an amount added to its validation loss on that fold.
     """
 
-    def __init__(self, outcomes: dict[str, list[str]] | None = None):
+    def __init__(self, outcomes: dict[str, list[str]] | None = None, fold_loss: dict[tuple[str, int], float] | None = None):
         self.outcomes = {k: list(v) for k, v in (outcomes or {}).items()}
+        self.fold_loss = fold_loss or {}  # (network, fold) -> added to its validation loss on that fold
         self.calls: list[tuple[str, str, str]] = []
         self.configs: list[dict] = []
 
@@ -75,13 +77,14 @@ class FakeTrials:
         self.configs.append(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         pending = self.outcomes.get(name) or []
-        if pending:
-            kind = pending.pop(0)
-            if kind == "interrupted":
-                return killed_by_sigkill(run_dir)
+        kind = pending.pop(0) if pending else "ok"  # "ok": this call trains normally
+        if kind == "interrupted":
+            return killed_by_sigkill(run_dir)
+        if kind != "ok":
             return isolation.Outcome("failed", "ValueError: this network always fails")
         epochs = cfg["trainer"]["max_epochs"]
-        val_loss = LOSS[name] + OPT[opt] + CRITERION[loss]
+        fold = ((cfg.get("data") or {}).get("split") or {}).get("fold")
+        val_loss = LOSS[name] + OPT[opt] + CRITERION[loss] + self.fold_loss.get((name, fold), 0.0)
         rows = [{"epoch": e, "step": e, "val/loss": val_loss + 0.1 * (epochs - 1 - e), "val/acc": 1 - val_loss,
                  "val/sensitivity": 0.5, "val/specificity": 0.5, "train/acc": 1 - val_loss, "val/overfit": 0.0} for e in range(epochs)]
         run = RunFiles(run_dir)

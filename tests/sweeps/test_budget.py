@@ -13,6 +13,7 @@ import pytest
 
 from errors import ConfigError
 from sweeps import annotate, budget, fold_stopping, grid, selection, trials, worker
+from sweeps import coordinator as coord
 from sweeps.config import Budget, CrossValidation, FoldStopping, Schedule, Stage1
 from tests.sweeps.fakes import FakeTrials, tiny_sweep
 
@@ -27,12 +28,12 @@ def run_stage1(sweep, fake):
 
 def test_a_clearly_worse_candidate_stops_after_min_folds_and_never_wins(tmp_path, no_plots):
     stop = FoldStopping(enabled=True, min_folds=2, alpha=0.05)
-    sweep = tiny_sweep(tmp_path, cv=CrossValidation(folds=4, early_stop=stop))
+    sweep = tiny_sweep(tmp_path, cv=CrossValidation(folds=3, early_stop=stop))
     fake = FakeTrials()
     ss, result = run_stage1(sweep, fake)
     # breadth-first: fold 0 of both, fold 1 of both; then ctnet10 (val/loss 0.6 against 0.3 on both folds) stops
     folds = [(call[0], cfg["data"]["split"]["fold"]) for call, cfg in zip(fake.calls, fake.configs, strict=True)]
-    assert folds == [("resnet10t", 0), ("ctnet10", 0), ("resnet10t", 1), ("ctnet10", 1), ("resnet10t", 2), ("resnet10t", 3)]
+    assert folds == [("resnet10t", 0), ("ctnet10", 0), ("resnet10t", 1), ("ctnet10", 1), ("resnet10t", 2)]
     board = result.board
     assert board["candidate"].to_list() == ["resnet10t", "ctnet10"] and board["complete"].to_list() == [True, False]
     note = board.row(1, named=True)["note"]
@@ -56,7 +57,7 @@ def configs_of(candidates: int, epochs: int):
                            candidate=lambda name: {"trainer": {"max_epochs": epochs}})
 
 
-def test_the_plan_counts_epochs_per_rung_and_the_budget_chooses_min_epochs(tmp_path):
+def test_the_plan_counts_epochs_per_rung_and_the_budget_chooses_min_epochs(tmp_path, capsys):
     halving = Schedule(kind="successive_halving", min_epochs=None, eta=3)
     sweep = tiny_sweep(tmp_path, cv=CrossValidation(folds=5), budget=Budget(hours=1.0, epoch_seconds=10.0),
                        stage1=Stage1(candidates=[{"network": "resnet10t"}], schedule=halving))
@@ -72,6 +73,10 @@ def test_the_plan_counts_epochs_per_rung_and_the_budget_chooses_min_epochs(tmp_p
     assert cost.of(plans) <= 3600 and chosen.stage1.schedule.min_epochs is not None
     assert cost.of(budget.plan(replace(chosen, stage1=replace(chosen.stage1, schedule=replace(
         chosen.stage1.schedule, min_epochs=chosen.stage1.schedule.min_epochs + 1))), configs, True)) > 3600
+    announced = budget.announce(sweep, configs, coord.make_storage(f"sqlite:///{tmp_path / 'plan.db'}"), True)
+    lines = capsys.readouterr().out
+    assert announced.stage1.schedule == chosen.stage1.schedule and "[plan] stage1: 6 grid points x 5 runs" in lines
+    assert "[plan] expected cost" in lines and "budget 3600 s (1.00 h)" in lines
     with pytest.raises(ConfigError) as refused:  # not even 1 epoch per first rung fits in 0.05 h
         budget.fit_budget(replace(sweep, budget=Budget(hours=0.05, epoch_seconds=10.0)), configs, cost, continues=True)
     assert "budget.hours 0.05 = 180 s (0.05 h) cannot fit" in str(refused.value) and "epochs x 10.0 s" in str(refused.value)
@@ -110,3 +115,27 @@ def test_a_budget_that_runs_out_mid_stage_finishes_with_the_best_so_far(tmp_path
     winner = selection.Winner("t", [], "resnet10t", "adam", "ce", 0, "x", 1, "metric", {}, budget_limited=True)
     assert winner.to_json()["budget_limited"] is True
     assert math.isclose(sweep.budget.hours * 3600, 900.0)
+
+
+def test_successive_halving_promotes_by_fold_means_and_resumes_a_killed_rung(tmp_path, no_plots):
+    # ctnet10 is best on fold 0 alone (0.2 against 0.3) but worse on the mean of both folds (0.55)
+    halving = Stage1(candidates=[{"network": "resnet10t"}, {"network": "ctnet10"}],
+                     defaults={"optimizer": "adam", "loss": "ce", "max_epochs": 2, "image_size": 32},
+                     schedule=Schedule(kind="successive_halving", min_epochs=1, eta=2))
+    sweep = tiny_sweep(tmp_path, cv=CrossValidation(folds=2), stage1=halving)
+    offsets = {("ctnet10", 0): -0.4, ("ctnet10", 1): 0.3}
+    fake = FakeTrials({"resnet10t": ["ok", "ok", "interrupted"]}, fold_loss=offsets)  # its first rung-2 run: kill -9
+    ss, _ = run_stage1(sweep, fake)
+    epochs = [(call[0], cfg["trainer"]["max_epochs"]) for call, cfg in zip(fake.calls, fake.configs, strict=True)]
+    assert epochs[:4] == [("resnet10t", 1), ("ctnet10", 1)] * 2
+    assert epochs[4:] == [("resnet10t", 2), ("resnet10t", 2)] and ss.study.user_attrs["rung1_promoted"] == [["resnet10t"]]
+    # the rerun retrains the killed rung-2 run alone, from the recorded promotion
+    again = FakeTrials(fold_loss=offsets)
+    configs = trials.TrialConfigs(sweep)
+    ss = worker.run_stage(sweep, grid.stage1(sweep, list(configs.candidates), configs.shared), None, configs, again)
+    assert [(c[0], cfg["trainer"]["max_epochs"], cfg["data"]["split"]["fold"]) for c, cfg in zip(again.calls, again.configs, strict=True)] \
+        == [("resnet10t", 2, 0)]
+    board = selection.stage_result(sweep, ss).board
+    assert board["candidate"].to_list()[0] == "resnet10t" and board["rung"].to_list() == [2, 1]
+    assert board["note"].to_list()[0] == "rung 2/2 (2 epochs)" and board["complete"].to_list() == [True, False]
+    assert all(n == "rung 1/2 (1 epochs): not promoted" for n in board["note"].to_list()[1:])
