@@ -20,13 +20,14 @@ from typing import Any, Literal
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers import Logger
 
 from datamodules import ImageDataModule
 from errors import ConfigError
 from lightning_modules.classifier import ImageClassifier
 from runs import files
 from runs.callbacks import FitTimer, ModelInfoWriter, PredictionWriter, TestResultsWriter
+from runs.continuation import ContinuableCSVLogger, Continuation, check_checkpoint, check_until_epoch
 from runs.files import RunFiles
 from runs.train_eval import TrainEvalWriter
 from runs.wandb_mode import wandb_mode
@@ -48,6 +49,9 @@ class RunConfig:
             the last epoch (set automatically when there is no validation split, `data.split.fold: all`).
         mode: "min" or "max" for `monitor`.
         early_stopping_patience: stop after this many epochs without improvement of `monitor` (None: off).
+        until_epoch: stop once this many epochs are done, with the LR schedule and early-stopping patience still
+            defined over `trainer.max_epochs` (None: train to `max_epochs`). Continue the run later with
+            `--ckpt_path <run>/checkpoints/last.ckpt` and a larger `until_epoch` (`runs.continuation`).
         wandb: "offline" (sync later with `wandb sync`), "online", or "disabled". Default: $WANDB_MODE if set,
             else offline — a run never asks for a W&B login.
         wandb_project: W&B project.
@@ -64,6 +68,7 @@ class RunConfig:
     monitor: str | None = "val/loss"
     mode: Literal["min", "max"] = "min"
     early_stopping_patience: int | None = None
+    until_epoch: int | None = None
     wandb: Literal["offline", "online", "disabled"] | None = None
     wandb_project: str = "medsel"
     wandb_group: str | None = None
@@ -151,9 +156,9 @@ def wandb_run_id(run_dir: Path) -> str:
 
 
 def build_loggers(run: RunConfig, run_dir: Path, stage: str) -> list[Logger]:
-    """CSV metrics for `fit` (later stages must not overwrite metrics.csv; they write their own files)
-    and W&B unless disabled."""
-    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="")] if stage == "fit" else []
+    """CSV metrics for `fit` (later stages must not overwrite metrics.csv; they write their own files; a
+    continued fit appends to it) and W&B unless disabled."""
+    loggers: list[Logger] = [ContinuableCSVLogger(save_dir=str(run_dir), name="", version="")] if stage == "fit" else []
     mode = wandb_mode(run.wandb)
     if mode != "disabled":
         from lightning.pytorch.loggers import WandbLogger
@@ -170,16 +175,25 @@ def build_loggers(run: RunConfig, run_dir: Path, stage: str) -> list[Logger]:
 
 
 def build_callbacks(run: RunConfig, run_dir: Path) -> list[Callback]:
+    checkpoints = str(RunFiles(run_dir).checkpoints)
     callbacks: list[Callback] = [
         ModelCheckpoint(
-            dirpath=str(RunFiles(run_dir).checkpoints), filename=files.BEST, monitor=run.monitor, mode=run.mode,
-            save_top_k=1, save_last=True, auto_insert_metric_name=False,
+            dirpath=checkpoints, filename=files.BEST, monitor=run.monitor, mode=run.mode,
+            save_top_k=1, save_last=run.monitor is None, auto_insert_metric_name=False,
         ),
+    ]
+    if run.monitor is not None:
+        # last.ckpt after every epoch, for continuing (`runs.continuation`). Not `save_last` of the one above:
+        # since Lightning 2.6 that writes last.ckpt only when the monitored best also improved.
+        callbacks.append(ModelCheckpoint(dirpath=checkpoints, filename=files.LAST, monitor=None, save_top_k=1,
+                                         enable_version_counter=False))
+    callbacks += [
         ModelInfoWriter(),
         FitTimer(),
         TestResultsWriter(),
         PredictionWriter(),
         TrainEvalWriter(),
+        Continuation(run.until_epoch),
     ]
     if run.early_stopping_patience is not None and run.monitor is not None:
         callbacks.append(EarlyStopping(monitor=run.monitor, mode=run.mode, patience=run.early_stopping_patience))
@@ -274,12 +288,24 @@ class MedselCLI(LightningCLI):
         parser.link_arguments("data.resize", "model.resize")
         parser.link_arguments("data", "model.classes", compute_fn=lambda dm: dm.classes, apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters here, first of all; a broken file would end in
+        # a torch traceback.
+        path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") == "fit" else None
+        if path not in (None, "last", "best", "hpc", "registry"):
+            reason = "no such file" if not Path(path).is_file() else check_checkpoint(path)
+            if reason is not None:
+                raise ConfigError(f"--ckpt_path {path}: cannot continue from it ({reason}); pass a run's "
+                                  "checkpoints/last.ckpt, or leave --ckpt_path unset to train from scratch")
+        super()._parse_ckpt_path()
+
     def _cfg(self):
         return self.config[self.subcommand] if self.subcommand else self.config
 
     def before_instantiate_classes(self) -> None:
         cfg = self._cfg()
         check_trainer(cfg.trainer)
+        check_until_epoch(cfg.run.until_epoch, cfg.trainer.get("max_epochs") if hasattr(cfg.trainer, "get") else None)
         run = RunConfig(**{k: v for k, v in vars(cfg.run).items() if not k.startswith("__")})
         self.run_dir = resolve_run_dir(run)
         cfg.run.dir = str(self.run_dir)

@@ -10,6 +10,7 @@
         timing.json              train+validation loop time
         split.json, split_counts.csv, skipped_images.csv   the data the run saw
         pruned.json              present when a sweep's pruner stopped the run
+        continuation.json        epochs done and what stopped the fit: until_epoch, max_epochs, early_stopping
         train_eval.json, val_predictions.parquet   the best checkpoint in eval mode on train/val, after `fit`
         test_metrics.json/.csv, test_confusion_matrix.csv, test_predictions.parquet   after `test`
         evaluation.json, report.{md,html,json}, report_files/                        the evaluation report
@@ -33,10 +34,12 @@ from datamodules.run_record import AUDIT, AUDIT_CLUSTERS, SKIPPED, SPLIT, SPLIT_
 CONFIG = "config.yaml"
 CHECKPOINTS = "checkpoints"
 BEST = "best"  # ModelCheckpoint filename stem
+LAST = "last"  # the last epoch's checkpoint, continued from (runs.continuation)
 METRICS = "metrics.csv"
 MODEL_INFO = "model.json"
 TIMING = "timing.json"
 PRUNED = "pruned.json"
+CONTINUATION = "continuation.json"  # epochs done and what stopped the fit (runs.continuation)
 TEST_METRICS = "test_metrics.json"
 TEST_METRICS_CSV = "test_metrics.csv"
 TEST_CONFUSION = "test_confusion_matrix.csv"
@@ -82,6 +85,10 @@ class RunFiles:
     @property
     def best_checkpoint(self) -> Path:
         return self.checkpoints / f"{BEST}.ckpt"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / f"{LAST}.ckpt"
 
     @property
     def metrics(self) -> Path:

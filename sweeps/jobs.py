@@ -41,9 +41,15 @@ def _evaluation_cli():
 
 
 def fit(payload: dict[str, Any]) -> None:
-    """Child side: train one trial config, exactly as `cli.py fit --config` does."""
-    cli = _evaluation_cli()(args=payload["config"], run=False)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    """Child side: train one trial config, exactly as `cli.py fit --config` does; with the config's `ckpt_path`
+    (an interrupted attempt's `checkpoints/last.ckpt`) the fit continues from it, or trains from scratch with a
+    warning if it cannot be read (`runs.continuation`)."""
+    from runs.continuation import resumable
+
+    config = dict(payload["config"])
+    ckpt_path = config.pop("ckpt_path", None)  # a `fit` argument, not part of the instantiated config
+    cli = _evaluation_cli()(args=config, run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=resumable(ckpt_path, cli.run_dir))
 
 
 def test(payload: dict[str, Any]) -> None:
@@ -67,7 +73,11 @@ def devices(config: dict[str, Any]) -> int:
 
 def execute(config: dict[str, Any], run_dir: Path) -> isolation.Outcome:
     """Train one trial config in its own process: forked for one device, `cli.py fit` for several (Lightning's
-    DDP launcher re-executes that command per rank)."""
+    DDP launcher re-executes that command per rank).
+
+    The config is a `cli.py fit` config: `ckpt_path` continues a run from a checkpoint, `run.until_epoch`
+    stops it after that many epochs (the schedule stays defined over `trainer.max_epochs`); a later call
+    with `ckpt_path: <run_dir>/checkpoints/last.ckpt` and a larger `run.until_epoch` continues it."""
     if devices(config) > 1:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg_path = run_dir / "trial_config.yaml"

@@ -33,7 +33,7 @@ RESULT_ATTRS = ("metrics", "params", "epoch", "epochs_run", "run_dir", "sweep_di
 
 def fingerprint(cfg: dict[str, Any]) -> str:
     """A hash of what a fit config trains: everything but the run's names, files and pruning trial."""
-    trains = dict(cfg)
+    trains = {k: v for k, v in cfg.items() if k != "ckpt_path"}  # a continued run ends where an uninterrupted one does
     trains["run"] = {k: v for k, v in (cfg.get("run") or {}).items() if k not in NAMING_RUN_KEYS}
     trainer = dict(cfg.get("trainer") or {})
     callbacks = trainer.get("callbacks") or []

@@ -7,10 +7,13 @@ grid parameters carry its `rung`, so the coordinator claims, retries and resumes
 with workers and after kill -9. Which points a rung promoted is recorded on the stage's study
 (`rung<r>_promoted`), once: a rerun, another worker or another machine rebuilds the same grid from it.
 
-A promoted run trains its rung's epochs from epoch 0 with the same seed and fold (`CONTINUES` False): the
-learning-rate schedule is defined by the scheduler's own settings, not by `trainer.max_epochs`, so a run to
-epoch e is the first e epochs of the full run and the last rung is the uninterrupted run itself; the cost is
-that earlier rungs' epochs are trained again (the plan counts them).
+A promoted run continues from its previous rung's run (`CONTINUES`): that run's folder is copied to the new
+trial's and the fit goes on from its `checkpoints/last.ckpt` (`runs.continuation`, the same continuation an
+interrupted trial uses). Every rung but the last stops at its epochs with `run.until_epoch`, so the learning-
+rate schedule, warm-up and early-stopping patience stay defined over `trainer.max_epochs`: a candidate
+trained rung by rung ends where an uninterrupted run of the same seed would, and the last rung's config is
+the exhaustive run's (so stage 2's default pair can reuse stage 1's winner, `sweeps.reuse`). A promoted run
+whose previous rung left no checkpoint (another machine's disk) trains from epoch 0, and says so.
 
 The leaderboard keeps each point's highest rung; points left at a lower rung show the rung they reached and
 are ranked after the last rung's points (`sweeps.annotate`), so they never win.
@@ -18,16 +21,23 @@ are ranked after the last rung's points (`sweeps.annotate`), so they never win.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
+from runs import files
+from runs.files import RunFiles
 from sweeps import coordinator as coord
 from sweeps import selection
 from sweeps.budget import max_epochs_of, rungs, survivors
 from sweeps.config import Schedule, SweepConfig
 from sweeps.grid import Stage
 
-# Whether a promoted run continues from its previous rung's checkpoint (else it retrains from epoch 0).
-CONTINUES = False
+# A promoted run continues from its previous rung's checkpoint (the plan counts each epoch once).
+CONTINUES = True
+# What a continued rung does not inherit from the previous rung's folder: its process's files and results.
+NOT_COPIED = (files.PROGRESS, files.PRUNED, files.TRAIN_EVAL, files.VAL_PREDICTIONS, files.TIMING, files.CONTINUATION,
+              "*.log", ".*")  # the job's log and its outcome file (`sweeps.isolation`)
 PROMOTED = "rung{}_promoted"  # study user attr: the grid points (their keys) promoted to rung r
 
 
@@ -49,10 +59,35 @@ def set_rungs(sweep: SweepConfig, stage: Stage, configs: Any) -> Stage:
 
 
 def rung_epochs(stage: Stage, params: dict[str, Any], max_epochs: int) -> int | None:
-    """The epochs a rung run trains (None: not a rung run): its rung's, at most its own max_epochs."""
+    """The epochs a rung run has done when it ends (None: not a rung run): its rung's, at most max_epochs."""
     if params.get("rung") is None or not stage.rungs:
         return None
     return min(stage.rungs[int(params["rung"])], max_epochs)
+
+
+def rung_overrides(stage: Stage, params: dict[str, Any], max_epochs: int) -> dict[str, Any]:
+    """The fit overrides of a rung run: stop after its rung's epochs (`run.until_epoch`), except at the end."""
+    epochs = rung_epochs(stage, params, max_epochs)
+    return {} if epochs is None or epochs >= max_epochs else {"run": {"until_epoch": epochs}}
+
+
+def previous_rung(ss: coord.StageStudy, sweep_dir: Path, params: dict[str, Any]) -> Path | None:
+    """The finished run of the same point, repeat and fold at the previous rung, if its checkpoint is here."""
+    rung = params.get("rung")
+    if not rung:
+        return None
+    key = ss.stage.key({**params, "rung": int(rung) - 1})
+    for t in coord.finished(ss.study):
+        if ss.stage.key(coord.grid_params(t)) == key and t.user_attrs.get("run_dir"):
+            run = Path(sweep_dir) / t.user_attrs["run_dir"]
+            return run if RunFiles(run).last_checkpoint.is_file() else None
+    return None
+
+
+def start_from(previous: Path, run_dir: Path) -> None:
+    """Copy the previous rung's run (checkpoints, metrics) to `run_dir`, to continue it there; the previous
+    rung's trial keeps its own folder as it was."""
+    shutil.copytree(previous, run_dir, ignore=shutil.ignore_patterns(*NOT_COPIED))
 
 
 def _point(stage: Stage, params: dict[str, Any]) -> tuple:

@@ -20,7 +20,7 @@ from errors import ConfigError
 from runs import files, interrupts
 from runs.files import PROGRESS, RunFiles
 from runs.interrupts import Interrupted
-from sweeps import budget, fold_stopping, grid, isolation, jobs, reuse, schedule, selection, trials
+from sweeps import budget, fold_stopping, grid, isolation, jobs, resume, reuse, schedule, selection, trials
 from sweeps import coordinator as coord
 from sweeps.config import SweepConfig, merge
 from sweeps.grid import Stage
@@ -69,6 +69,7 @@ class TrialRunner:
         self.sweep, self.stage, self.base, self.configs = sweep, stage, base, configs
         self.progress, self.execute = progress, execute or jobs.execute
         self._estimated: set[str] = set()  # grid points whose cost was estimated after their first epoch
+        self._trained: dict[int, int] = {}  # trial number -> the epochs it trains (a promoted rung: its share)
 
     def _prepare(self, ss: coord.StageStudy, number: int, params: dict[str, Any]) -> tuple[dict, Path]:
         relative = Path("trials") / self.stage.name / f"{number:03d}-{grid.slug(self.stage.run_label(params))}"
@@ -76,17 +77,27 @@ class TrialRunner:
         if run_dir.exists():  # a retried trial number never reuses a directory, but be safe on manual edits
             shutil.rmtree(run_dir)
         cfg, tags = trial_config(self.configs, self.stage, params, self.base)
-        epochs = schedule.rung_epochs(self.stage, params, int((cfg.get("trainer") or {}).get("max_epochs") or 1))
-        if epochs is not None:  # successive halving: this rung's epochs, from epoch 0 (`sweeps.schedule`)
-            cfg = merge(cfg, {"trainer": {"max_epochs": epochs}})
+        cfg = merge(cfg, schedule.rung_overrides(self.stage, params, _max_epochs(cfg)))  # successive halving
         if params.get("fold") is not None:
             cfg = merge(cfg, grid.fold_overrides(self.sweep, params["fold"]))
+        seed = self.sweep.seed + params["repeat"]
+        fit_config = resume.fingerprint(cfg, seed)
+        ss.set_attr(number, resume.FINGERPRINT, fit_config)
+        previous = resume.previous_attempt(ss, self.sweep.out_dir, params, fit_config)
+        if previous is not None:  # an interrupted attempt of this grid point: continue its run from its last epoch
+            resume.take_over(self.sweep.out_dir, previous, run_dir)
+            ss.set_attr(number, resume.CONTINUES, previous.run_dir)
+            log.info(f"[sweep] {self.stage.name} trial {number} continues trial {previous.number}'s run "
+                     f"({previous.run_dir}) from its last epoch checkpoint")
+        continued = self._continue_rung(ss, number, params, cfg, run_dir) if previous is None else None
         pruning = None
         if self.sweep.pruner != "none":
             pruning = {"storage": self.sweep.storage_url, "study_name": self.stage.study_name,
                        "trial_id": ss.trial_id(number), "monitor": self.stage.objective, "pruner": self.sweep.pruner,
                        "fold": params.get("fold"), "direction": self.stage.direction}
-        cfg = trials.finalize(cfg, self.sweep, run_dir, self.stage.name, self.sweep.seed + params["repeat"], tags, pruning)
+        cfg = trials.finalize(cfg, self.sweep, run_dir, self.stage.name, seed, tags, pruning)
+        if previous is not None or continued:
+            cfg["ckpt_path"] = str(RunFiles(run_dir).last_checkpoint)  # `cli.py fit`'s key; `jobs.execute` passes it on
         ss.set_attr(number, "run_dir", relative.as_posix())  # relative to the sweep folder
         ss.set_attr(number, "sweep_dir", str(self.sweep.out_dir.resolve()))  # for workers with other folders
         return cfg, run_dir
@@ -116,6 +127,25 @@ class TrialRunner:
         self._record(ss, number, run_dir, cfg, outcome, seconds)
         self.progress.trial_finished(seconds, points_done(ss), selection.leader(self.sweep, ss))
 
+    def _continue_rung(self, ss: coord.StageStudy, number: int, params: dict[str, Any], cfg: dict, run_dir: Path) -> bool:
+        """A promoted rung run: start from the previous rung's run (`sweeps.schedule`); records the epochs it
+        trains. Returns whether it continues a checkpoint."""
+        done = schedule.rung_epochs(self.stage, params, _max_epochs(cfg))
+        if done is None:
+            return False
+        before = schedule.previous_rung(ss, self.sweep.out_dir, params)
+        start = self.stage.rungs[int(params["rung"]) - 1] if before is not None else 0
+        ss.set_attr(number, "trained_epochs", done - start)
+        self._trained[number] = done - start
+        if before is None:
+            if params["rung"]:
+                log.info(f"[sweep] {self.stage.name} trial {number}: the previous rung's checkpoint is not here; "
+                         f"training {done} epochs from epoch 0")
+            return False
+        schedule.start_from(before, run_dir)
+        log.info(f"[sweep] {self.stage.name} trial {number} continues {before.name} from epoch {start} to {done}")
+        return True
+
     def _on_epoch(self, ss: coord.StageStudy, params: dict[str, Any], cfg: dict, started: float):
         """The progress display's epoch callback; after a grid point's first epoch, its cost and the stage's ETA."""
         point = self.stage.label(params)
@@ -144,7 +174,8 @@ class TrialRunner:
 
     def _over_budget(self, ss: coord.StageStudy, number: int, cfg: dict, label: str) -> bool:
         """Finish the trial untrained when what is left of the budget cannot cover it (`sweeps.budget`)."""
-        reason = budget.over_budget(self.sweep, ss.storage, int((cfg.get("trainer") or {}).get("max_epochs") or 1))
+        trained = self._trained.get(number) or _max_epochs(cfg)  # the epochs this run trains: a rung's share, else all
+        reason = budget.over_budget(self.sweep, ss.storage, trained)
         if reason is None:
             return False
         budget.limit(ss, number, reason)
@@ -197,6 +228,10 @@ class TrialRunner:
             return
         ss.study.tell(number, value)
         log.info(f"{name} done in {seconds:.0f}s: {self.stage.objective}={value:.4f}")
+
+
+def _max_epochs(cfg: dict[str, Any]) -> int:
+    return int((cfg.get("trainer") or {}).get("max_epochs") or 1)
 
 
 def _open(sweep: SweepConfig, stage: Stage) -> coord.StageStudy:

@@ -82,7 +82,7 @@ class FakeTrials:
             return killed_by_sigkill(run_dir)
         if kind != "ok":
             return isolation.Outcome("failed", "ValueError: this network always fails")
-        epochs = cfg["trainer"]["max_epochs"]
+        epochs = (cfg.get("run") or {}).get("until_epoch") or cfg["trainer"]["max_epochs"]
         fold = ((cfg.get("data") or {}).get("split") or {}).get("fold")
         val_loss = LOSS[name] + OPT[opt] + CRITERION[loss] + self.fold_loss.get((name, fold), 0.0)
         rows = [{"epoch": e, "step": e, "val/loss": val_loss + 0.1 * (epochs - 1 - e), "val/acc": 1 - val_loss,
@@ -91,6 +91,8 @@ class FakeTrials:
         pl.DataFrame(rows).write_csv(run.metrics)
         run.write_json(run.model_info.name, {"num_parameters": 1000})
         run.config.write_text(yaml.safe_dump(cfg))
+        run.checkpoints.mkdir(exist_ok=True)
+        run.last_checkpoint.write_bytes(b"")  # continued from by a promoted rung (`sweeps.schedule`)
         with open(run / PROGRESS, "a") as fh:
             for r in rows:
                 fh.write(json.dumps({"epoch": r["epoch"], "max_epochs": epochs, "metrics": {"val/loss": r["val/loss"]}}) + "\n")

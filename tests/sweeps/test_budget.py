@@ -126,15 +126,19 @@ def test_successive_halving_promotes_by_fold_means_and_resumes_a_killed_rung(tmp
     offsets = {("ctnet10", 0): -0.4, ("ctnet10", 1): 0.3}
     fake = FakeTrials({"resnet10t": ["ok", "ok", "interrupted"]}, fold_loss=offsets)  # its first rung-2 run: kill -9
     ss, _ = run_stage1(sweep, fake)
-    epochs = [(call[0], cfg["trainer"]["max_epochs"]) for call, cfg in zip(fake.calls, fake.configs, strict=True)]
-    assert epochs[:4] == [("resnet10t", 1), ("ctnet10", 1)] * 2
-    assert epochs[4:] == [("resnet10t", 2), ("resnet10t", 2)] and ss.study.user_attrs["rung1_promoted"] == [["resnet10t"]]
+    def epochs(cfg):  # (until_epoch: where it stops, None at the last rung; whether it continues a checkpoint)
+        return cfg["run"].get("until_epoch"), "ckpt_path" in cfg
+
+    runs = [(call[0], *epochs(cfg)) for call, cfg in zip(fake.calls, fake.configs, strict=True)]
+    assert runs[:4] == [("resnet10t", 1, False), ("ctnet10", 1, False)] * 2
+    assert runs[4:] == [("resnet10t", None, True)] * 2 and ss.study.user_attrs["rung1_promoted"] == [["resnet10t"]]
+    assert all(c["trainer"]["max_epochs"] == 2 for c in fake.configs)  # the schedule is defined over max_epochs
     # the rerun retrains the killed rung-2 run alone, from the recorded promotion
     again = FakeTrials(fold_loss=offsets)
     configs = trials.TrialConfigs(sweep)
     ss = worker.run_stage(sweep, grid.stage1(sweep, list(configs.candidates), configs.shared), None, configs, again)
-    assert [(c[0], cfg["trainer"]["max_epochs"], cfg["data"]["split"]["fold"]) for c, cfg in zip(again.calls, again.configs, strict=True)] \
-        == [("resnet10t", 2, 0)]
+    assert [(c[0], *epochs(cfg), cfg["data"]["split"]["fold"]) for c, cfg in zip(again.calls, again.configs, strict=True)] \
+        == [("resnet10t", None, True, 0)]
     board = selection.stage_result(sweep, ss).board
     assert board["candidate"].to_list()[0] == "resnet10t" and board["rung"].to_list() == [2, 1]
     assert board["note"].to_list()[0] == "rung 2/2 (2 epochs)" and board["complete"].to_list() == [True, False]
