@@ -149,6 +149,9 @@ def stage_result(sweep: SweepConfig, ss: coord.StageStudy) -> StageResult:
     """
     stage = ss.stage
     frame = trial_frame(ss.study, stage, sweep.out_dir)
+    if frame.is_empty() and budget.stage_limited(ss.study):
+        raise SweepError(f"{stage.name}: the budget ran out before any run of this stage was trained, so there is no "
+                         "winner; raise budget.hours (the plan printed at the start says what the sweep needs)")
     if frame.is_empty():
         failed = [f"trial {t.number}: {t.user_attrs.get('fail_reason')}" for t in ss.study.get_trials(states=(TrialState.FAIL,))]
         raise SweepError(f"{stage.name}: no trial finished, so there is no winner. Failures:\n  " + "\n  ".join(failed[:20]))

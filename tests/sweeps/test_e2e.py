@@ -362,3 +362,36 @@ def test_cross_validated_sweep_on_covid_ct(tmp_path, covid_ct, shared_artifacts)
     assert winner["test"]["n_images"] == refit_counts["test"]
     assert "5-fold cross-validation" in report and "Evaluation of the winner" in report
     assert_verdicts(out, report)
+
+
+def test_halving_and_fold_stopping_with_two_workers_on_covid_ct(tmp_path, covid_ct, shared_artifacts):
+    """Issue 20 on real data with 2 workers: 3 candidates x 3 folds breadth-first at rung 1 (1 epoch), the best
+    by fold means continued from its checkpoints to 3 epochs; fold early stopping on; stage 2's adam + ce is the
+    stage-1 winner's own config and is reused, not trained."""
+    path = covid_sweep(tmp_path, covid_ct, shared_artifacts, "covid_sh", epochs=3, size=32, data={"num_workers": 0},
+                       stage2={"optimizers": ["adam"], "losses": ["ce"]}, cv={"folds": 3, "final": "ensemble",
+                       "early_stop": {"enabled": True, "min_folds": 2, "alpha": 0.05}}, workers=2, test_winner=False,
+                       selection={"rule": "metric", "metric": "val/loss", "direction": "minimize"})
+    cfg = yaml.safe_load(path.read_text())
+    cfg["stage1"]["schedule"] = {"kind": "successive_halving", "min_epochs": 1, "eta": 3}
+    path.write_text(yaml.safe_dump(cfg))
+    proc = run_cli("sweep", "--config", str(path), timeout=2400)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "[plan] stage1: 3 grid points x 3 runs; successive halving (eta 3): 9 runs to epoch 1, 3 runs to epoch 3" in proc.stdout
+    s1, s2 = studies(tmp_path, "covid_sh")
+    done = [t for t in s1.get_trials() if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.user_attrs.get("duplicate_of") is None]
+    assert Counter(grid_key(t) for t in done).most_common(1)[0][1] == 1  # every (point, fold, rung) once
+    promoted = s1.user_attrs["rung1_promoted"]
+    assert len(promoted) == 1
+    last = [t for t in s1.get_trials(states=(TrialState.COMPLETE,)) if t.params["rung"] == 1]
+    assert len(last) == 3 and {t.params["candidate"] for t in last} == {promoted[0][0]}
+    for t in last:  # continued from the rung-1 checkpoint: 2 new epochs, metrics.csv covering all 3
+        assert t.user_attrs["trained_epochs"] == 2 and t.user_attrs["epochs_run"] == 3
+        log = (tmp_path / "sweeps" / "covid_sh" / t.user_attrs["run_dir"] / "fit.log").read_text()
+        assert "continuing from the checkpoint of epoch" in log
+    assert len({t.user_attrs["pid"] for t in s1.get_trials() if t.user_attrs.get("pid")}) == 2  # both workers trained
+    board = pl.read_parquet(tmp_path / "sweeps" / "covid_sh" / "stage1_leaderboard.parquet")
+    assert board["candidate"][0] == promoted[0][0] and board["rung"].to_list()[0] == 2
+    assert all(n.startswith(("rung 1/2", "stopped")) or "rung 1/2" in n for n in board["note"].to_list()[1:])
+    assert [t.user_attrs.get("reused_from") for t in s2.get_trials(states=(TrialState.COMPLETE,))] == \
+        [f"stage1/{promoted[0][0]}-r0-f{k}" for k in range(3)]
