@@ -320,6 +320,8 @@ def run_stage(sweep: SweepConfig, stage: Stage, base: str | None, configs: trial
     schedule.restore(ss)
     for rung in range(max(1, len(stage.rungs))):
         _run_rung(sweep, ss, base, configs, execute)
+        if budget.stage_limited(ss.study):  # the budget ran out: the stage ends with its best so far
+            break
         if rung + 1 < len(stage.rungs):
             promoted = schedule.promote(sweep, ss, rung)
             log.info(schedule.promotion_line(stage, rung, promoted))
