@@ -50,8 +50,9 @@ def note_text(note: dict[str, Any], rungs: list[int] | None) -> str:
     parts = []
     if note["rung"] is not None and rungs:
         last = len(rungs) - 1
-        reached = f"rung {note['rung'] + 1}/{len(rungs)} ({rungs[note['rung']]} epochs)"
-        parts.append(reached if note["rung"] == last else f"{reached}: not promoted")
+        epochs = rungs[note["rung"]]
+        reached = f"rung {note['rung'] + 1}/{len(rungs)} ({epochs} epoch{'s' * (epochs != 1)})"
+        parts.append(reached if note["rung"] == last else f"{reached}: not promoted (only the best of its rung went on)")
     if note["stopped"]:
         parts.append(note["stopped"])
     if note["budget"]:

@@ -7,8 +7,8 @@ grid parameters carry its `rung`, so the coordinator claims, retries and resumes
 with workers and after kill -9. Which points a rung promoted is recorded on the stage's study
 (`rung<r>_promoted`), once: a rerun, another worker or another machine rebuilds the same grid from it.
 
-A promoted run continues from its previous rung's run (`CONTINUES`): that run's folder is copied to the new
-trial's and the fit goes on from its `checkpoints/last.ckpt` (`runs.continuation`, the same continuation an
+A promoted run continues from its previous rung's run (`CONTINUES`), in that run's folder (shared by the
+rung trials of one point, repeat and fold): the fit goes on from its `checkpoints/last.ckpt` (`runs.continuation`, the same continuation an
 interrupted trial uses). Every rung but the last stops at its epochs with `run.until_epoch`, so the learning-
 rate schedule, warm-up and early-stopping patience stay defined over `trainer.max_epochs`: a candidate
 trained rung by rung ends where an uninterrupted run of the same seed would, and the last rung's config is
@@ -21,7 +21,6 @@ are ranked after the last rung's points (`sweeps.annotate`), so they never win.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +34,9 @@ from sweeps.grid import Stage
 
 # A promoted run continues from its previous rung's checkpoint (the plan counts each epoch once).
 CONTINUES = True
-# What a continued rung does not inherit from the previous rung's folder: its process's files and results.
-NOT_COPIED = (files.PROGRESS, files.PRUNED, files.TRAIN_EVAL, files.VAL_PREDICTIONS, files.TIMING, files.CONTINUATION,
-              "*.log", ".*")  # the job's log and its outcome file (`sweeps.isolation`)
+# The previous rung's results that a continued run rewrites when it ends; removed when it takes the folder
+# on, so that nothing stale is read if it stops early (its progress lines would be shown again, too).
+STALE = (files.PROGRESS, files.PRUNED, files.TRAIN_EVAL, files.VAL_PREDICTIONS, files.TIMING)
 PROMOTED = "rung{}_promoted"  # study user attr: the grid points (their keys) promoted to rung r
 
 
@@ -71,23 +70,29 @@ def rung_overrides(stage: Stage, params: dict[str, Any], max_epochs: int) -> dic
     return {} if epochs is None or epochs >= max_epochs else {"run": {"until_epoch": epochs}}
 
 
-def previous_rung(ss: coord.StageStudy, sweep_dir: Path, params: dict[str, Any]) -> Path | None:
-    """The finished run of the same point, repeat and fold at the previous rung, if its checkpoint is here."""
+def previous_rung(ss: coord.StageStudy, sweep_dir: Path, params: dict[str, Any]) -> str | None:
+    """The run folder (relative to the sweep folder) of the same point, repeat and fold at the previous rung,
+    if it finished and its checkpoint is here."""
     rung = params.get("rung")
     if not rung:
         return None
     key = ss.stage.key({**params, "rung": int(rung) - 1})
     for t in coord.finished(ss.study):
         if ss.stage.key(coord.grid_params(t)) == key and t.user_attrs.get("run_dir"):
-            run = Path(sweep_dir) / t.user_attrs["run_dir"]
-            return run if RunFiles(run).last_checkpoint.is_file() else None
+            relative = t.user_attrs["run_dir"]
+            return relative if RunFiles(Path(sweep_dir) / relative).last_checkpoint.is_file() else None
     return None
 
 
-def start_from(previous: Path, run_dir: Path) -> None:
-    """Copy the previous rung's run (checkpoints, metrics) to `run_dir`, to continue it there; the previous
-    rung's trial keeps its own folder as it was."""
-    shutil.copytree(previous, run_dir, ignore=shutil.ignore_patterns(*NOT_COPIED))
+def start_from(run_dir: Path) -> None:
+    """Prepare the previous rung's run folder to be continued in place.
+
+    In place, neither copied nor moved: Lightning's `ModelCheckpoint` restores its best score only when its
+    folder is the one it saved from, so a continued run elsewhere would forget which epoch was best. The
+    previous rung's trial keeps its recorded results (the promotion has used them) and shares the folder.
+    """
+    for name in STALE:
+        (run_dir / name).unlink(missing_ok=True)
 
 
 def _point(stage: Stage, params: dict[str, Any]) -> tuple:

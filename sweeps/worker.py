@@ -89,14 +89,16 @@ class TrialRunner:
             ss.set_attr(number, resume.CONTINUES, previous.run_dir)
             log.info(f"[sweep] {self.stage.name} trial {number} continues trial {previous.number}'s run "
                      f"({previous.run_dir}) from its last epoch checkpoint")
-        continued = self._continue_rung(ss, number, params, cfg, run_dir) if previous is None else None
+        continued = self._continue_rung(ss, number, params, cfg) if previous is None else None
+        if continued is not None:  # successive halving: in the previous rung's folder (`sweeps.schedule`)
+            relative, run_dir = Path(continued), self.sweep.out_dir / continued
         pruning = None
         if self.sweep.pruner != "none":
             pruning = {"storage": self.sweep.storage_url, "study_name": self.stage.study_name,
                        "trial_id": ss.trial_id(number), "monitor": self.stage.objective, "pruner": self.sweep.pruner,
                        "fold": params.get("fold"), "direction": self.stage.direction}
         cfg = trials.finalize(cfg, self.sweep, run_dir, self.stage.name, seed, tags, pruning)
-        if previous is not None or continued:
+        if previous is not None or continued is not None:
             cfg["ckpt_path"] = str(RunFiles(run_dir).last_checkpoint)  # `cli.py fit`'s key; `jobs.execute` passes it on
         ss.set_attr(number, "run_dir", relative.as_posix())  # relative to the sweep folder
         ss.set_attr(number, "sweep_dir", str(self.sweep.out_dir.resolve()))  # for workers with other folders
@@ -127,12 +129,13 @@ class TrialRunner:
         self._record(ss, number, run_dir, cfg, outcome, seconds)
         self.progress.trial_finished(seconds, points_done(ss), selection.leader(self.sweep, ss))
 
-    def _continue_rung(self, ss: coord.StageStudy, number: int, params: dict[str, Any], cfg: dict, run_dir: Path) -> bool:
-        """A promoted rung run: start from the previous rung's run (`sweeps.schedule`); records the epochs it
-        trains. Returns whether it continues a checkpoint."""
+    def _continue_rung(self, ss: coord.StageStudy, number: int, params: dict[str, Any], cfg: dict) -> str | None:
+        """A promoted rung run: the previous rung's run folder to continue in (relative to the sweep folder),
+        or None (not a promoted run, or its checkpoint is not here: it trains from epoch 0). Records the
+        epochs it trains."""
         done = schedule.rung_epochs(self.stage, params, _max_epochs(cfg))
         if done is None:
-            return False
+            return None
         before = schedule.previous_rung(ss, self.sweep.out_dir, params)
         start = self.stage.rungs[int(params["rung"]) - 1] if before is not None else 0
         ss.set_attr(number, "trained_epochs", done - start)
@@ -141,10 +144,10 @@ class TrialRunner:
             if params["rung"]:
                 log.info(f"[sweep] {self.stage.name} trial {number}: the previous rung's checkpoint is not here; "
                          f"training {done} epochs from epoch 0")
-            return False
-        schedule.start_from(before, run_dir)
-        log.info(f"[sweep] {self.stage.name} trial {number} continues {before.name} from epoch {start} to {done}")
-        return True
+            return None
+        schedule.start_from(self.sweep.out_dir / before)
+        log.info(f"[sweep] {self.stage.name} trial {number} continues {before} from epoch {start} to {done}")
+        return before
 
     def _on_epoch(self, ss: coord.StageStudy, params: dict[str, Any], cfg: dict, started: float):
         """The progress display's epoch callback; after a grid point's first epoch, its cost and the stage's ETA."""
