@@ -70,6 +70,7 @@ class TrialRunner:
         self.progress, self.execute = progress, execute or jobs.execute
         self._estimated: set[str] = set()  # grid points whose cost was estimated after their first epoch
         self._trained: dict[int, int] = {}  # trial number -> the epochs it trains (a promoted rung: its share)
+        self._in_place: set[int] = set()  # trials that continue their previous rung's run in its folder
 
     def _prepare(self, ss: coord.StageStudy, number: int, params: dict[str, Any]) -> tuple[dict, Path]:
         relative = Path("trials") / self.stage.name / f"{number:03d}-{grid.slug(self.stage.run_label(params))}"
@@ -115,6 +116,8 @@ class TrialRunner:
         cfg, run_dir = self._prepare(ss, number, params)
         if self._reused(ss, number, cfg, label) or self._over_budget(ss, number, cfg, label):
             return
+        if number in self._in_place:  # a promoted rung continues in its previous rung's folder
+            schedule.start_from(run_dir)
         log.info(f"[sweep] {self.stage.name} {label} -> {run_dir} (log: fit.log)")
         self.progress.trial_started(label)
         started = time.perf_counter()
@@ -145,7 +148,7 @@ class TrialRunner:
                 log.info(f"[sweep] {self.stage.name} trial {number}: the previous rung's checkpoint is not here; "
                          f"training {done} epochs from epoch 0")
             return None
-        schedule.start_from(self.sweep.out_dir / before)
+        self._in_place.add(number)  # its folder is prepared once the trial is sure to train (`__call__`)
         log.info(f"[sweep] {self.stage.name} trial {number} continues {before} from epoch {start} to {done}")
         return before
 
