@@ -368,10 +368,12 @@ def test_cross_validated_sweep_on_covid_ct(tmp_path, covid_ct, shared_artifacts)
 
 def test_halving_and_fold_stopping_with_two_workers_on_covid_ct(tmp_path, covid_ct, shared_artifacts):
     """Issue 20 on real data with 2 workers: 3 candidates x 3 folds breadth-first at rung 1 (1 epoch), the best
-    by fold means continued from its checkpoints to 3 epochs; fold early stopping on; stage 2's adam + ce is the
-    stage-1 winner's own config and is reused, not trained."""
+    by fold means continued from its checkpoints to 3 epochs; fold early stopping on; stage 2's adam + ce (with
+    stage 1's lr: the `adam` preset alone would reset it to 1e-3, another config) is the stage-1 winner's own
+    config and is reused, not trained."""
     path = covid_sweep(tmp_path, covid_ct, shared_artifacts, "covid_sh", epochs=3, size=32, data={"num_workers": 0},
-                       stage2={"optimizers": ["adam"], "losses": ["ce"]}, cv={"folds": 3, "final": "ensemble",
+                       stage2={"optimizers": ["adam"], "losses": ["ce"], "overrides": {"lr": 0.002}},  # = stage 1's
+                       cv={"folds": 3, "final": "ensemble",
                        "early_stop": {"enabled": True, "min_folds": 2, "alpha": 0.05}}, workers=2, test_winner=False,
                        selection={"rule": "metric", "metric": "val/loss", "direction": "minimize"})
     cfg = yaml.safe_load(path.read_text())
