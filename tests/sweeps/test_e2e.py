@@ -393,7 +393,8 @@ def test_halving_and_fold_stopping_with_two_workers_on_covid_ct(tmp_path, covid_
         assert t.user_attrs["trained_epochs"] == 2 and t.user_attrs["epochs_run"] == 3
         log = (tmp_path / "sweeps" / "covid_sh" / t.user_attrs["run_dir"] / "fit.log").read_text()
         assert "continuing from the checkpoint of epoch" in log
-    assert len({t.user_attrs["pid"] for t in s1.get_trials() if t.user_attrs.get("pid")}) == 2  # both workers trained
+    pids = {r: {t.user_attrs["pid"] for t in s1.get_trials() if t.user_attrs.get("pid") and t.params["rung"] == r} for r in (0, 1)}
+    assert [len(p) for p in pids.values()] == [2, 2]  # each rung's 2 workers (started per rung) both trained
     board = pl.read_parquet(tmp_path / "sweeps" / "covid_sh" / "stage1_leaderboard.parquet")
     assert board["candidate"][0] == promoted[0][0] and board["rung"].to_list()[0] == 2
     assert all(n.startswith(("rung 1/2", "stopped")) or "rung 1/2" in n for n in board["note"].to_list()[1:])
