@@ -32,6 +32,7 @@ with its reason: `cli.py fit --ckpt_path` stops with that error; a sweep trial r
 from __future__ import annotations
 
 import csv
+import os
 import random
 import warnings
 from pathlib import Path
@@ -52,6 +53,15 @@ from runs.files import RunFiles
 _REQUIRED = ("state_dict", "epoch", "global_step", "loops", "optimizer_states", "callbacks")
 
 
+def _load(path: str | Path) -> tuple[dict | None, str | None]:
+    try:  # weights_only, as LightningCLI itself first reads a `--ckpt_path`: these checkpoints hold no code
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- torch raises anything from EOFError to RuntimeError on a bad file
+        return None, f"{type(e).__name__}: {e}".strip()
+    missing = [key for key in _REQUIRED if key not in checkpoint] if isinstance(checkpoint, dict) else list(_REQUIRED)
+    return (None, f"not a training checkpoint (no {', '.join(missing)})") if missing else (checkpoint, None)
+
+
 def check_checkpoint(path: str | Path) -> str | None:
     """Why `path` cannot be continued from (unreadable, truncated, not a training checkpoint), or None.
 
@@ -59,24 +69,50 @@ def check_checkpoint(path: str | Path) -> str | None:
     another file system or a full disk can still leave a broken file; it is read once here rather than fail
     deep inside `trainer.fit`.
     """
-    try:  # weights_only, as LightningCLI itself first reads a `--ckpt_path`: these checkpoints hold no code
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- torch raises anything from EOFError to RuntimeError on a bad file
-        return f"{type(e).__name__}: {e}".strip()
-    missing = [key for key in _REQUIRED if key not in checkpoint] if isinstance(checkpoint, dict) else list(_REQUIRED)
-    return f"not a training checkpoint (no {', '.join(missing)})" if missing else None
+    return _load(path)[1]
+
+
+_PATHS = ("best_model_path", "kth_best_model_path", "last_model_path")
+
+
+def _follow_move(checkpoint: dict, path: Path, checkpoints: Path) -> None:
+    """Point the checkpoint callbacks' saved paths at `checkpoints` when the run folder was moved (a sweep's
+    retry takes over the interrupted attempt's folder, `sweeps.resume`), and rewrite `path` if anything changed.
+
+    `ModelCheckpoint.load_state_dict` restores its best score only when the saved `dirpath` equals its own;
+    otherwise it warns and forgets it, and the first epoch after continuing would replace a better best.ckpt.
+    """
+    new = os.path.realpath(checkpoints)
+    changed = False
+    for state in checkpoint["callbacks"].values():
+        old = state.get("dirpath") if isinstance(state, dict) else None
+        if not isinstance(old, str) or old == new:
+            continue
+        for key in _PATHS:
+            if isinstance(state.get(key), str) and state[key].startswith(old):
+                state[key] = new + state[key][len(old):]
+        if isinstance(state.get("best_k_models"), dict):
+            state["best_k_models"] = {(new + k[len(old):] if k.startswith(old) else k): v
+                                      for k, v in state["best_k_models"].items()}
+        state["dirpath"], changed = new, True
+    if changed:
+        tmp = path.with_name(path.name + ".moved")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
 
 
 def resumable(ckpt_path: str | Path | None, run_dir: Path) -> str | None:
-    """`ckpt_path` if a fit can continue from it; else None, with a warning, after removing the run's stale
-    checkpoints (a fresh fit in the same folder must not find them: `ModelCheckpoint` would save `best-v1`)."""
+    """`ckpt_path` if a fit can continue from it (its saved checkpoint folder updated if the run was moved);
+    else None, with a warning, after removing the run's stale checkpoints (a fresh fit in the same folder must
+    not find them: `ModelCheckpoint` would save `best-v1`)."""
     if ckpt_path is None:
         return None
-    reason = "it does not exist" if not Path(ckpt_path).is_file() else check_checkpoint(ckpt_path)
+    checkpoint, reason = (None, "it does not exist") if not Path(ckpt_path).is_file() else _load(ckpt_path)
+    checkpoints = RunFiles(run_dir).checkpoints
     if reason is None:
+        _follow_move(checkpoint, Path(ckpt_path), checkpoints)
         return str(ckpt_path)
     warnings.warn(f"cannot continue from {ckpt_path} ({reason}); training this run from scratch", stacklevel=2)
-    checkpoints = RunFiles(run_dir).checkpoints
     for stale in checkpoints.glob("*.ckpt") if checkpoints.is_dir() else []:
         stale.unlink()
     return None

@@ -28,13 +28,8 @@ def _in_job(sweep_dict: dict[str, Any]) -> SweepConfig:
 
 
 def _work_on(sweep: SweepConfig, stage: Stage, base: str | None, configs: trials.TrialConfigs) -> coord.StageStudy:
-    ss = worker._open(sweep, stage)
-    if base is not None:
-        worker._check_base(ss, base)
-    added = coord.ensure_grid(ss, sweep.retry_failed)  # several workers at once: duplicates train once (coord)
-    log.info(f"[sweep] {stage.name}: {len(stage.grid)} grid points, {added} newly enqueued by this worker")
-    worker.work(sweep, stage, base, configs, ss=ss, retry=True)
-    return ss
+    # Several workers at once: duplicates train once (coord), every rung's promotion is recorded once (schedule).
+    return worker.run_stage(sweep, stage, base, configs, retry=True)
 
 
 def work_stages(index: int, sweep: dict[str, Any]) -> int:

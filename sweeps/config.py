@@ -120,6 +120,23 @@ def candidate_name(candidate: Mapping[str, Any], where: str = "stage1.candidates
 
 
 @dataclass
+class Schedule:
+    """How a stage spends its epochs (`sweeps.schedule`).
+
+    Attributes:
+        kind: "exhaustive" (every run trains `max_epochs`) or "successive_halving": every candidate trains
+            `min_epochs`, the best 1/`eta` by the stage's selection rule (fold means under CV) go on to
+            `min_epochs * eta` epochs, and so on up to the trials' `max_epochs`.
+        min_epochs: epochs of the first rung (None: chosen by the budget, else max_epochs / eta^2, at least 1).
+        eta: the promotion factor (keep 1/eta of the candidates per rung; >= 2).
+    """
+
+    kind: Literal["exhaustive", "successive_halving"] = "exhaustive"
+    min_epochs: int | None = None
+    eta: int = 3
+
+
+@dataclass
 class Stage1:
     """The candidate architectures (study 002, 2.4.1).
 
@@ -132,6 +149,7 @@ class Stage1:
 
     candidates: list[dict] = field(default_factory=list)  # plain dicts: jsonargparse keeps {class_path: ...} raw
     defaults: dict = field(default_factory=lambda: dict(STUDY002_DEFAULTS))
+    schedule: Schedule = field(default_factory=Schedule)
 
 
 @dataclass
@@ -147,6 +165,7 @@ class Stage2:
     optimizers: list[str] = field(default_factory=lambda: ["rmsprop", "adam", "adagrad"])
     losses: list[str] = field(default_factory=lambda: ["ce", "mse", "mae"])
     overrides: dict = field(default_factory=dict)
+    schedule: Schedule = field(default_factory=Schedule)
 
 
 @dataclass
@@ -203,6 +222,42 @@ class Selection:
 
 
 @dataclass
+class FoldStopping:
+    """Early stopping across folds (`sweeps.fold_stopping`): folds run breadth-first, and a candidate whose
+    paired comparison with the current best, on at least `min_folds` folds both finished, says it is worse
+    with one-sided p < `alpha` stops its remaining folds (it cannot win).
+
+    Attributes:
+        enabled: stop clearly worse candidates early.
+        min_folds: paired folds needed before a candidate may be stopped (>= 2).
+        test: "corrected_t" (Nadeau & Bengio's corrected resampled t-test, one-sided) or "wilcoxon" (exact
+            one-sided signed-rank; its smallest p on n folds is 1/2^n, so it cannot stop below
+            log2(1/alpha) folds).
+        alpha: the one-sided p-value below which a candidate stops.
+    """
+
+    enabled: bool = False
+    min_folds: int = 2
+    test: Literal["corrected_t", "wilcoxon"] = "corrected_t"
+    alpha: float = 0.05
+
+
+@dataclass
+class Budget:
+    """A time budget for the whole sweep (`sweeps.budget`).
+
+    Attributes:
+        hours: device-hours the sweep may spend training (the sum of its trials' times: wall clock with one
+            worker); None: no budget.
+        epoch_seconds: the expected seconds of one epoch of one run, for the plan before any trial ran
+            (None: measured from this sweep's finished trials, else from its first trial).
+    """
+
+    hours: float | None = None
+    epoch_seconds: float | None = None
+
+
+@dataclass
 class CrossValidation:
     """k-fold cross-validated selection.
 
@@ -219,6 +274,7 @@ class CrossValidation:
 
     folds: int = 0
     final: Literal["refit", "ensemble"] = "refit"
+    early_stop: FoldStopping = field(default_factory=lambda: FoldStopping())
 
     @property
     def enabled(self) -> bool:
@@ -288,6 +344,8 @@ class SweepConfig:
         test_winner: evaluate the winner once on the untouched test split.
         wandb: W&B mode for every trial (None: $WANDB_MODE, else offline).
         launcher: where the workers run; `--launcher slurm` submits them as a SLURM job array (docs/clusters.md).
+        budget: device-hours the sweep may spend (`budget: {hours: 2}`): the plan is fitted to it or refused,
+            and a stage that runs out finishes with its best point so far, marked budget-limited.
     """
 
     name: str
@@ -309,6 +367,7 @@ class SweepConfig:
     test_winner: bool = True
     wandb: Literal["offline", "online", "disabled"] | None = None
     launcher: Launcher = field(default_factory=Launcher)
+    budget: Budget = field(default_factory=Budget)
 
     @property
     def out_dir(self) -> Path:
@@ -356,6 +415,31 @@ class SweepConfig:
             found.append(f"sweep cv.final must be refit or ensemble, got {self.cv.final!r}")
         if self.workers < 1:
             found.append("sweep workers must be >= 1")
+        return found + self._budget_problems()
+
+    def _budget_problems(self) -> list[str]:
+        """The schedule, fold-stopping and budget keys, each problem naming its key and what to write."""
+        found = []
+        for where, sched in (("stage1.schedule", self.stage1.schedule), ("stage2.schedule", self.stage2.schedule)):
+            if sched.kind not in ("exhaustive", "successive_halving"):
+                found.append(f"sweep {where}.kind must be exhaustive or successive_halving, got {sched.kind!r}")
+            if sched.eta < 2:
+                found.append(f"sweep {where}.eta must be >= 2 (keep 1/eta of the candidates per rung), got {sched.eta}")
+            if sched.min_epochs is not None and sched.min_epochs < 1:
+                found.append(f"sweep {where}.min_epochs must be >= 1 (or null to let the sweep choose), got {sched.min_epochs}")
+        stop = self.cv.early_stop
+        if stop.enabled and not self.cv.enabled:
+            found.append("sweep cv.early_stop.enabled needs cross-validation: set cv.folds to 2 or more, or disable it")
+        if stop.min_folds < 2:
+            found.append(f"sweep cv.early_stop.min_folds must be >= 2 (a paired test needs 2 folds), got {stop.min_folds}")
+        if not 0 < stop.alpha < 1:
+            found.append(f"sweep cv.early_stop.alpha must be between 0 and 1 (e.g. 0.05), got {stop.alpha}")
+        if stop.test not in ("corrected_t", "wilcoxon"):
+            found.append(f"sweep cv.early_stop.test must be corrected_t or wilcoxon, got {stop.test!r}")
+        if self.budget.hours is not None and self.budget.hours <= 0:
+            found.append(f"sweep budget.hours must be > 0 (or null for no budget), got {self.budget.hours}")
+        if self.budget.epoch_seconds is not None and self.budget.epoch_seconds <= 0:
+            found.append(f"sweep budget.epoch_seconds must be > 0 (or null to measure it), got {self.budget.epoch_seconds}")
         return found
 
     @classmethod
@@ -386,6 +470,12 @@ class SweepConfig:
 
     @classmethod
     def _build(cls, parser, namespace) -> SweepConfig:
+        sections = ("stage1", "stage2", "selection", "cv", "budget")
+        for name in sections:  # a section with nested sections instantiates a plain value silently as its defaults
+            value = namespace.get(name)
+            if value is not None and not hasattr(value, "items") and not hasattr(value, "__dict__"):
+                raise ConfigError(f"sweep config: `{name}: {value}` must be a mapping, e.g. `cv: {{folds: 5}}`, "
+                                  "`budget: {hours: 2}`, `selection: {rule: metric, metric: val/mcc}`.")
         try:
             init = parser.instantiate(namespace) if hasattr(parser, "instantiate") else parser.instantiate_classes(namespace)
         except TypeError as e:  # e.g. `cv: 3`: a section given as a plain value reaches its dataclass as **3

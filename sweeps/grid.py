@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sweeps.config import SweepConfig
@@ -42,6 +42,8 @@ class Stage:
         grid: the parameters of every grid point (its keys, `repeat`, and `fold` under cross-validation).
         objective: the metric told to Optuna (and reported for pruning).
         direction: "minimize" or "maximize" for `objective`.
+        rungs: under successive halving, the epochs at the end of each rung (`sweeps.schedule`); the grid
+            then holds each run's `rung`, and grows as rungs promote points.
     """
 
     name: str
@@ -49,6 +51,7 @@ class Stage:
     grid: list[dict[str, Any]]
     objective: str
     direction: str
+    rungs: list[int] = field(default_factory=list)
 
     @property
     def kind(self) -> StageKind:
@@ -79,7 +82,10 @@ class Stage:
         return tuple(params.get(k) for k in self.param_names)
 
     def search_space(self) -> dict[str, list[Any]]:
-        return {k: list(dict.fromkeys(p[k] for p in self.grid)) for k in self.param_names}
+        space = {k: list(dict.fromkeys(p[k] for p in self.grid)) for k in self.param_names}
+        if self.rungs:  # every rung from the start: Optuna keeps a parameter's choices fixed within a study
+            space["rung"] = list(range(len(self.rungs)))
+        return space
 
     def label(self, params: dict[str, Any]) -> str:
         """A grid point's name, e.g. 'resnet10t' or 'adam-ce'."""
@@ -88,7 +94,8 @@ class Stage:
     def run_label(self, params: dict[str, Any]) -> str:
         """A run's name within its stage: the grid point, its repeat and (under cross-validation) its fold."""
         fold = f"-f{params['fold']}" if params.get("fold") is not None else ""
-        return f"{self.label(params)}-r{params['repeat']}{fold}"
+        rung = f"-e{self.rungs[params['rung']]}" if params.get("rung") is not None and self.rungs else ""
+        return f"{self.label(params)}-r{params['repeat']}{fold}{rung}"
 
 
 def point_label(row: dict[str, Any], keys: tuple[str, ...] | list[str]) -> str:
@@ -115,9 +122,11 @@ def objective(sweep: SweepConfig, run_cfg: dict[str, Any]) -> tuple[str, str]:
 
 
 def runs(sweep: SweepConfig, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every run of the grid: each point once per repeat, and once per fold under cross-validation."""
+    """Every run of the grid: each point once per repeat, and once per fold under cross-validation, in the
+    order they are trained: breadth-first, fold 0 of every point, then fold 1, ..., so that every point's
+    first folds finish early and can be compared (`sweeps.fold_stopping`)."""
     folds = [{"fold": f} for f in range(sweep.cv.k)] if sweep.cv.enabled else [{}]
-    return [{**p, "repeat": r, **f} for r in range(sweep.repeats) for p in points for f in folds]
+    return [{**p, "repeat": r, **f} for r in range(sweep.repeats) for f in folds for p in points]
 
 
 def stage1(sweep: SweepConfig, candidates: list[str], shared: dict[str, Any]) -> Stage:

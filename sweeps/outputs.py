@@ -20,7 +20,7 @@ from export.model_card import write_model_card
 from runs import files
 from runs.files import RunFiles
 from runs.wandb_mode import wandb_mode
-from sweeps import compare, crossval
+from sweeps import annotate, compare, crossval
 from sweeps.config import SweepConfig
 from sweeps.grid import GRID_KEYS
 from sweeps.log import log
@@ -226,6 +226,8 @@ def _stage_section(doc: Document, sweep: SweepConfig, out: Path, result: StageRe
     samples = crossval.as_samples(result.trials, keys, sweep.cv.k, sweep.repeats)
     notes, parsimonious = compare.stage_notes(sweep.selection, samples, result.board, out, sweep.cv.k)
     for sentence in notes:  # which loss/overfit terms were ranked, incomplete points, the comparisons
+        doc.p(sentence)
+    for sentence in annotate.report_notes(result.board, keys, result.budget_limited):  # stopped, reused, rungs
         doc.p(sentence)
     doc.image(out / result.stage.plot, f"{result.stage.name} comparison")
     failed = result.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))

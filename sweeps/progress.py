@@ -145,7 +145,8 @@ class StageProgress:
 
     def trial_finished(self, seconds: float, done: int, best: str = "") -> None:
         """A trial ended after `seconds`; `done` grid points of the stage are now finished."""
-        self.durations.append(seconds)
+        if seconds > 0:  # a reused result (identical config) costs nothing and says nothing about the ETA
+            self.durations.append(seconds)
         self.done, self.current, self.epoch = done, "", ""
         self.best = best or self.best
         self._plain(self.status_line())

@@ -3,7 +3,7 @@ as the typed `StageResult` and `Winner` that the outputs read."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ import polars as pl
 from optuna.trial import FrozenTrial, TrialState
 
 from errors import SweepError
-from sweeps import compare, crossval, ranking
+from sweeps import annotate, budget, compare, crossval, ranking
 from sweeps import coordinator as coord
 from sweeps.config import SweepConfig
 from sweeps.grid import Stage
@@ -31,6 +31,7 @@ class StageResult:
     study: optuna.Study
     trials: pl.DataFrame
     board: pl.DataFrame
+    budget_limited: bool = False
 
     @property
     def best(self) -> dict[str, Any]:
@@ -66,6 +67,7 @@ class Winner:
     selection: str
     val: dict[str, float]
     winner_elsewhere: bool = False
+    budget_limited: bool = False
     cv: dict[str, Any] | None = None
     test: dict[str, Any] | None = None
     runs: pl.DataFrame = field(default_factory=pl.DataFrame, repr=False)  # its runs, best first (not in JSON)
@@ -79,6 +81,8 @@ class Winner:
                                              "run_dir", "params", "selection", "val")}
         if self.winner_elsewhere:
             out["winner_elsewhere"] = True
+        if self.budget_limited:
+            out["budget_limited"] = True
         out.update({k: getattr(self, k) for k in ("cv", "test") if getattr(self, k) is not None})
         return out
 
@@ -94,7 +98,7 @@ def _reachable_run_dir(out: Path, trial: FrozenTrial) -> str | None:
     return str(Path(elsewhere) / relative)
 
 
-def trial_frame(study: optuna.Study, stage: Stage, out: Path = Path(".")) -> pl.DataFrame:
+def trial_frame(study: optuna.Study, stage: Stage, out: Path = Path("."), rung: int | None = None) -> pl.DataFrame:
     """One row per finished (COMPLETE) trial: grid keys, repeat, fold, metrics, params, run dir (relative to
     the sweep folder `out`, or absolute for a trial trained in another folder, see `_reachable_run_dir`)."""
     rows = []
@@ -103,10 +107,29 @@ def trial_frame(study: optuna.Study, stage: Stage, out: Path = Path(".")) -> pl.
         p = coord.grid_params(t)
         if stage.key(p) not in grid:  # a trial of an earlier grid of this study (e.g. other repeats)
             continue
-        rows.append({**{k: p[k] for k in stage.keys}, "repeat": p["repeat"], "fold": p.get("fold"),
+        rows.append({**{k: p[k] for k in stage.keys}, "repeat": p["repeat"], "fold": p.get("fold"), **_rung(p),
                      "trial": t.number, "params": t.user_attrs.get("params", 0), "run_dir": _reachable_run_dir(out, t),
                      "epoch": t.user_attrs.get("epoch"), **t.user_attrs.get("metrics", {})})
-    return pl.DataFrame(rows) if rows else pl.DataFrame()
+    frame = pl.DataFrame(rows) if rows else pl.DataFrame()
+    if rung is not None and not frame.is_empty():
+        return frame.filter(pl.col("rung") == rung).drop("rung")
+    if "rung" in frame.columns:  # successive halving: each point judged by its highest rung's runs
+        frame = frame.filter(pl.col("rung") == pl.col("rung").max().over(list(stage.keys))).drop("rung")
+    return frame
+
+
+def _rung(params: dict[str, Any]) -> dict[str, int]:
+    return {"rung": int(params["rung"])} if params.get("rung") is not None else {}
+
+
+def rung_board(sweep: SweepConfig, ss: coord.StageStudy, rung: int) -> pl.DataFrame:
+    """The leaderboard of one successive-halving rung's runs (by the selection rule; fold means under CV),
+    with the fold-stopping notes: what promotion ranks."""
+    frame = trial_frame(ss.study, ss.stage, sweep.out_dir, rung=rung)
+    if frame.is_empty():
+        return frame
+    _, board = _leaderboard(sweep, ss.stage, frame, check_repeats=True)
+    return annotate.annotate(board, ss.study, ss.stage)
 
 
 def _leaderboard(sweep: SweepConfig, stage: Stage, frame: pl.DataFrame, check_repeats: bool = True
@@ -126,15 +149,22 @@ def stage_result(sweep: SweepConfig, ss: coord.StageStudy) -> StageResult:
     """
     stage = ss.stage
     frame = trial_frame(ss.study, stage, sweep.out_dir)
+    if frame.is_empty() and budget.stage_limited(ss.study):
+        raise SweepError(f"{stage.name}: the budget ran out before any run of this stage was trained, so there is no "
+                         "winner; raise budget.hours (the plan printed at the start says what the sweep needs)")
     if frame.is_empty():
         failed = [f"trial {t.number}: {t.user_attrs.get('fail_reason')}" for t in ss.study.get_trials(states=(TrialState.FAIL,))]
         raise SweepError(f"{stage.name}: no trial finished, so there is no winner. Failures:\n  " + "\n  ".join(failed[:20]))
+    limited = budget.stage_limited(ss.study)
+    if limited:  # the budget ran out mid-stage: the best point so far, ranked on the runs it finished
+        sweep = replace(sweep, selection=replace(sweep.selection, allow_incomplete=True))
     samples, board = _leaderboard(sweep, stage, frame)
+    board = annotate.annotate(board, ss.study, stage, stage.rungs or None)
     keys = list(stage.keys)
     oof = crossval.out_of_fold(frame, board, keys, stage.name, sweep.out_dir) if sweep.cv.enabled else None
     board = compare.compare_stage(samples, board, keys, sweep.selection.rule, sweep.selection.metric, sweep.out_dir,
                                   oof=oof)
-    return StageResult(stage, ss.study, frame, board)
+    return StageResult(stage, ss.study, frame, board, budget_limited=limited)
 
 
 def leader(sweep: SweepConfig, ss: coord.StageStudy) -> str:
@@ -167,7 +197,7 @@ def pick_winner(sweep: SweepConfig, first: StageResult, second: StageResult, inc
     return Winner(
         sweep=sweep.name, incomplete=incomplete, base_architecture=base, optimizer=best["optimizer"],
         loss=best["loss"], trial=int(row["trial"]), run_dir=str(row["run_dir"]), params=int(row["params"]),
-        selection=sweep.selection.rule,
+        selection=sweep.selection.rule, budget_limited=first.budget_limited or second.budget_limited,
         val={k: v for k, v in val_from.items() if k.startswith(("val/", "train/", "train_eval/")) and "±" not in k},
         runs=runs,
     )

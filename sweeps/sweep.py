@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
+from sweeps import budget, crossval, grid, jobs, outputs, schedule, selection, trials, worker
 from sweeps import coordinator as coord
-from sweeps import crossval, grid, jobs, outputs, selection, trials, worker
 from sweeps.config import SweepConfig
 from sweeps.log import log
 from sweeps.selection import Winner
@@ -42,6 +42,7 @@ def run(sweep: SweepConfig, execute: Execute | None = None,
     log.info(f"[sweep] {sweep.name}: storage {sweep.storage_url}")
     (preflight or jobs.check_in_child)(sweep)
     configs = trials.TrialConfigs(sweep)
+    sweep = budget.announce(sweep, configs, coord.make_storage(sweep.storage_url), schedule.CONTINUES)
     incomplete: list[dict[str, str]] = []
 
     stage1 = grid.stage1(sweep, list(configs.candidates), configs.shared)

@@ -20,8 +20,8 @@ from errors import ConfigError
 from runs import files, interrupts
 from runs.files import PROGRESS, RunFiles
 from runs.interrupts import Interrupted
+from sweeps import budget, fold_stopping, grid, isolation, jobs, resume, reuse, schedule, selection, trials
 from sweeps import coordinator as coord
-from sweeps import grid, isolation, jobs, resume, selection, trials
 from sweeps.config import SweepConfig, merge
 from sweeps.grid import Stage
 from sweeps.log import log
@@ -68,6 +68,9 @@ class TrialRunner:
                  progress: StageProgress, execute: Execute | None = None):
         self.sweep, self.stage, self.base, self.configs = sweep, stage, base, configs
         self.progress, self.execute = progress, execute or jobs.execute
+        self._estimated: set[str] = set()  # grid points whose cost was estimated after their first epoch
+        self._trained: dict[int, int] = {}  # trial number -> the epochs it trains (a promoted rung: its share)
+        self._in_place: set[int] = set()  # trials that continue their previous rung's run in its folder
 
     def _prepare(self, ss: coord.StageStudy, number: int, params: dict[str, Any]) -> tuple[dict, Path]:
         relative = Path("trials") / self.stage.name / f"{number:03d}-{grid.slug(self.stage.run_label(params))}"
@@ -75,6 +78,7 @@ class TrialRunner:
         if run_dir.exists():  # a retried trial number never reuses a directory, but be safe on manual edits
             shutil.rmtree(run_dir)
         cfg, tags = trial_config(self.configs, self.stage, params, self.base)
+        cfg = merge(cfg, schedule.rung_overrides(self.stage, params, _max_epochs(cfg)))  # successive halving
         if params.get("fold") is not None:
             cfg = merge(cfg, grid.fold_overrides(self.sweep, params["fold"]))
         seed = self.sweep.seed + params["repeat"]
@@ -86,13 +90,16 @@ class TrialRunner:
             ss.set_attr(number, resume.CONTINUES, previous.run_dir)
             log.info(f"[sweep] {self.stage.name} trial {number} continues trial {previous.number}'s run "
                      f"({previous.run_dir}) from its last epoch checkpoint")
+        continued = self._continue_rung(ss, number, params, cfg) if previous is None else None
+        if continued is not None:  # successive halving: in the previous rung's folder (`sweeps.schedule`)
+            relative, run_dir = Path(continued), self.sweep.out_dir / continued
         pruning = None
         if self.sweep.pruner != "none":
             pruning = {"storage": self.sweep.storage_url, "study_name": self.stage.study_name,
                        "trial_id": ss.trial_id(number), "monitor": self.stage.objective, "pruner": self.sweep.pruner,
                        "fold": params.get("fold"), "direction": self.stage.direction}
         cfg = trials.finalize(cfg, self.sweep, run_dir, self.stage.name, seed, tags, pruning)
-        if previous is not None:
+        if previous is not None or continued is not None:
             cfg["ckpt_path"] = str(RunFiles(run_dir).last_checkpoint)  # `cli.py fit`'s key; `jobs.execute` passes it on
         ss.set_attr(number, "run_dir", relative.as_posix())  # relative to the sweep folder
         ss.set_attr(number, "sweep_dir", str(self.sweep.out_dir.resolve()))  # for workers with other folders
@@ -103,14 +110,20 @@ class TrialRunner:
         trial = optuna.trial.Trial(ss.study, ss.trial_id(number))
         for name, values in self.stage.search_space().items():  # records the fixed grid point as its params
             trial.suggest_categorical(name, values)
-        cfg, run_dir = self._prepare(ss, number, params)
         label = f"trial {number} {self.stage.run_label(params)}"
+        if self._skipped(ss, number, params, label):
+            return
+        cfg, run_dir = self._prepare(ss, number, params)
+        if self._reused(ss, number, cfg, label) or self._over_budget(ss, number, cfg, label):
+            return
+        if number in self._in_place:  # a promoted rung continues in its previous rung's folder
+            schedule.start_from(run_dir)
         log.info(f"[sweep] {self.stage.name} {label} -> {run_dir} (log: fit.log)")
         self.progress.trial_started(label)
         started = time.perf_counter()
         try:
             with coord.Heartbeat(ss, number, self.sweep.heartbeat_seconds), \
-                    follow(RunFiles(run_dir) / PROGRESS, self.progress.epoch_done):
+                    follow(RunFiles(run_dir) / PROGRESS, self._on_epoch(ss, params, cfg, started)):
                 outcome = self.execute(cfg, run_dir)
         except Interrupted as e:  # its process is stopped; its files (last-epoch checkpoint) stay for the rerun
             coord.fail(ss, number, f"{coord.INTERRUPTED}: {STOPPED_BY}{e.name}")
@@ -118,6 +131,75 @@ class TrialRunner:
         seconds = time.perf_counter() - started
         self._record(ss, number, run_dir, cfg, outcome, seconds)
         self.progress.trial_finished(seconds, points_done(ss), selection.leader(self.sweep, ss))
+
+    def _continue_rung(self, ss: coord.StageStudy, number: int, params: dict[str, Any], cfg: dict) -> str | None:
+        """A promoted rung run: the previous rung's run folder to continue in (relative to the sweep folder),
+        or None (not a promoted run, or its checkpoint is not here: it trains from epoch 0). Records the
+        epochs it trains."""
+        done = schedule.rung_epochs(self.stage, params, _max_epochs(cfg))
+        if done is None:
+            return None
+        before = schedule.previous_rung(ss, self.sweep.out_dir, params)
+        start = self.stage.rungs[int(params["rung"]) - 1] if before is not None else 0
+        ss.set_attr(number, "trained_epochs", done - start)
+        self._trained[number] = done - start
+        if before is None:
+            if params["rung"]:
+                log.info(f"[sweep] {self.stage.name} trial {number}: the previous rung's checkpoint is not here; "
+                         f"training {done} epochs from epoch 0")
+            return None
+        self._in_place.add(number)  # its folder is prepared once the trial is sure to train (`__call__`)
+        log.info(f"[sweep] {self.stage.name} trial {number} continues {before} from epoch {start} to {done}")
+        return before
+
+    def _on_epoch(self, ss: coord.StageStudy, params: dict[str, Any], cfg: dict, started: float):
+        """The progress display's epoch callback; after a grid point's first epoch, its cost and the stage's ETA."""
+        point = self.stage.label(params)
+
+        def on_epoch(record: dict[str, Any]) -> None:
+            self.progress.epoch_done(record)
+            if point in self._estimated:
+                return
+            self._estimated.add(point)
+            left = sum(p.state in ("live", "missing") for p in coord.grid_status(ss))
+            runs = max(1, self.sweep.cv.k) * self.sweep.repeats
+            epochs = int(record.get("max_epochs") or (cfg.get("trainer") or {}).get("max_epochs") or 1)
+            log.info(budget.first_epoch_line(self.stage.name, point, time.perf_counter() - started, epochs, runs, left,
+                                             self.sweep.workers))
+        return on_epoch
+
+    def _skipped(self, ss: coord.StageStudy, number: int, params: dict[str, Any], label: str) -> bool:
+        """Finish the trial untrained when its point has stopped early across folds (`sweeps.fold_stopping`)."""
+        reason = fold_stopping.verdict(self.sweep, ss, params)
+        if reason is None:
+            return False
+        fold_stopping.stop(ss, number, reason)
+        log.info(f"[sweep] {self.stage.name} {label}: not trained, {self.stage.label(params)} {reason}")
+        self.progress.trial_finished(0.0, points_done(ss), selection.leader(self.sweep, ss))
+        return True
+
+    def _over_budget(self, ss: coord.StageStudy, number: int, cfg: dict, label: str) -> bool:
+        """Finish the trial untrained when what is left of the budget cannot cover it (`sweeps.budget`)."""
+        trained = self._trained.get(number) or _max_epochs(cfg)  # the epochs this run trains: a rung's share, else all
+        reason = budget.over_budget(self.sweep, ss.storage, trained)
+        if reason is None:
+            return False
+        budget.limit(ss, number, reason)
+        log.warning(f"[sweep] {self.stage.name} {label}: not trained, {reason}")
+        self.progress.trial_finished(0.0, points_done(ss), selection.leader(self.sweep, ss))
+        return True
+
+    def _reused(self, ss: coord.StageStudy, number: int, cfg: dict, label: str) -> bool:
+        """Record the config's fingerprint; finish the trial from an identical finished one if there is one."""
+        sha = reuse.fingerprint(cfg)
+        ss.set_attr(number, reuse.CONFIG_SHA, sha)
+        found = reuse.find(ss, self.sweep.name, sha, number)
+        if found is None:
+            return False
+        origin = reuse.adopt(ss, number, *found)
+        log.info(f"[sweep] {self.stage.name} {label}: reused from {origin} (identical config: same seed and fold), not trained")
+        self.progress.trial_finished(0.0, points_done(ss), selection.leader(self.sweep, ss))
+        return True
 
     def _record(self, ss: coord.StageStudy, number: int, run_dir: Path, cfg: dict, outcome: isolation.Outcome,
                 seconds: float) -> None:
@@ -154,6 +236,10 @@ class TrialRunner:
         log.info(f"{name} done in {seconds:.0f}s: {self.stage.objective}={value:.4f}")
 
 
+def _max_epochs(cfg: dict[str, Any]) -> int:
+    return int((cfg.get("trainer") or {}).get("max_epochs") or 1)
+
+
 def _open(sweep: SweepConfig, stage: Stage) -> coord.StageStudy:
     storage = coord.make_storage(sweep.storage_url, heartbeat_seconds=sweep.heartbeat_seconds)
     ss = coord.open_study(storage, stage, coord.make_pruner(sweep.pruner), sweep.seed)
@@ -167,7 +253,8 @@ GRACE_INTERVALS = 6  # heartbeats a trial may miss before another machine retrie
 def work(sweep: SweepConfig, stage: Stage, base: str | None, configs: trials.TrialConfigs,
          execute: Execute | None = None, ss: coord.StageStudy | None = None, retry: bool = False) -> None:
     """One worker: claim and train the stage's grid points until none is left (`retry`: see `coord.work`)."""
-    ss = ss or _open(sweep, stage)
+    ss = ss or _open(sweep, schedule.set_rungs(sweep, stage, configs))
+    schedule.restore(ss)
     # Several workers print plain lines side by side; a live display needs the terminal to itself.
     progress = StageProgress(stage.name, len(stage.grid), points_done(ss), sweep.workers,
                              tty=sys.stdout.isatty() and sweep.workers == 1)
@@ -235,12 +322,29 @@ def _check_folds(ss: coord.StageStudy, sweep: SweepConfig) -> None:
 
 
 def run_stage(sweep: SweepConfig, stage: Stage, base: str | None, configs: trials.TrialConfigs,
-              execute: Execute | None = None) -> coord.StageStudy:
-    """Make sure the stage's grid is enqueued, then work on it with `sweep.workers` processes."""
-    ss = _open(sweep, stage)
+              execute: Execute | None = None, retry: bool = False) -> coord.StageStudy:
+    """Make sure the stage's grid is enqueued, then work on it with `sweep.workers` processes, rung by rung
+    (successive halving; several workers or SLURM array tasks promote the same points). `retry`: see
+    `coord.work`."""
+    ss = _open(sweep, schedule.set_rungs(sweep, stage, configs))
     _check_folds(ss, sweep)
     if base is not None:
         _check_base(ss, base)
+    schedule.restore(ss)
+    for rung in range(max(1, len(stage.rungs))):
+        _run_rung(sweep, ss, base, configs, execute, retry)
+        if budget.stage_limited(ss.study):  # the budget ran out: the stage ends with its best so far
+            break
+        if rung + 1 < len(stage.rungs):
+            promoted = schedule.promote(sweep, ss, rung)
+            log.info(schedule.promotion_line(stage, rung, promoted))
+    return ss
+
+
+def _run_rung(sweep: SweepConfig, ss: coord.StageStudy, base: str | None, configs: trials.TrialConfigs,
+              execute: Execute | None, retry: bool = False) -> None:
+    """Enqueue what the stage's grid (up to its current rung) lacks and work on it until it is done."""
+    stage = ss.stage
     before = {coord.INTERRUPTED: 0, "failed": 0}
     for point in coord.grid_status(ss):
         before[point.state] = before.get(point.state, 0) + 1
@@ -253,12 +357,11 @@ def run_stage(sweep: SweepConfig, stage: Stage, base: str | None, configs: trial
     since = datetime.now()
     try:
         if sweep.workers == 1:
-            work(sweep, stage, base, configs, execute, ss)
+            work(sweep, stage, base, configs, execute, ss, retry=retry)
         else:
             _run_workers(sweep, stage, base, configs)
     except Interrupted as e:
         raise StageInterrupted(e.signum, stopped_trials(ss, since)) from None
-    return ss
 
 
 class StageInterrupted(Interrupted):  # noqa: N818 -- a stop request

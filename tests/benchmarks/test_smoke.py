@@ -20,7 +20,7 @@ RATIO_LINES = {
     "bench_data.py": [r"ratio\s+:\s+[\d.]+x", r"growth -?\d+ MiB = [\d.]+ x the", r"network's training .* MiB"],
     "bench_framework.py": [r"ratio of the fastest runs:\s+[\d.]+"],
     "bench_gpu.py": [r"bf16 \+ channels_last vs fp32: [\d.]+x"],
-    "bench_pruning.py": [r"epochs saved : -?\d+%; same winner: (yes|NO)"],
+    "bench_pruning.py": [r"both together: \d+% of exhaustive epochs; exhaustive winner or indistinguishable in \d+/\d+ seeds"],
     "bench_selection.py": [r"single train/val split: winners .* test accuracy of the chosen models: mean [\d.]+",
                            r"2-fold cross-validation: winners .* test accuracy of the chosen models: mean [\d.]+"],
     "bench_serve.py": [r"/predict\s+: +[\d.]+ requests/s", r"/predict\?heatmap=true: +[\d.]+ requests/s",

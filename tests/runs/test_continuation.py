@@ -70,6 +70,28 @@ def test_a_truncated_checkpoint_is_refused_and_a_trial_falls_back_to_training_fr
     assert not list(cut.parent.glob("*.ckpt"))  # a fresh fit must not find the stale best/last checkpoints
 
 
+def test_a_moved_run_keeps_its_best_score_when_it_continues(trained_run, tmp_path):
+    """A sweep's retry takes over the interrupted attempt's folder under a new name: the checkpoint's saved
+    folder follows it, so ModelCheckpoint restores its best score instead of forgetting it (and letting the
+    first epoch after continuing replace a better best.ckpt)."""
+    import os
+    import shutil
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    moved = tmp_path / "trial-7"
+    shutil.copytree(trained_run / "checkpoints", moved / "checkpoints")
+    last = moved / "checkpoints" / "last.ckpt"
+    assert resumable(last, moved) == str(last)
+    states = torch.load(last, map_location="cpu", weights_only=True)["callbacks"]
+    saved = [v for k, v in states.items() if k.startswith("ModelCheckpoint") and v.get("best_model_score") is not None]
+    assert saved and all(v["dirpath"] == os.path.realpath(moved / "checkpoints") for v in saved)
+    assert all(v["best_model_path"].startswith(os.path.realpath(moved)) for v in saved)
+    callback = ModelCheckpoint(dirpath=moved / "checkpoints", monitor=saved[0]["monitor"])
+    callback.load_state_dict(saved[0])
+    assert callback.best_model_score == saved[0]["best_model_score"]
+
+
 def test_fit_refuses_an_unreadable_ckpt_path_with_one_line(tmp_path, capsys):
     bad = tmp_path / "last.ckpt"
     bad.write_bytes(b"PK\x03\x04 cut short")

@@ -59,12 +59,14 @@ class FakeTrials:
     """Callable like `jobs.execute`: records each config and writes a finished run.
 
     Args:
-        outcomes: network name -> a list of outcomes to return instead of training, one per call
-            ("interrupted" runs a child killed by SIGKILL; "failed" an error), then it trains normally.
+        outcomes: network name -> a list of outcomes, one per call ("ok" trains; "interrupted" runs a child
+            killed by SIGKILL; "failed" an error), then it trains normally.
+        fold_loss: (network, fold) -> an amount added to its validation loss on that fold.
     """
 
-    def __init__(self, outcomes: dict[str, list[str]] | None = None):
+    def __init__(self, outcomes: dict[str, list[str]] | None = None, fold_loss: dict[tuple[str, int], float] | None = None):
         self.outcomes = {k: list(v) for k, v in (outcomes or {}).items()}
+        self.fold_loss = fold_loss or {}  # (network, fold) -> added to its validation loss on that fold
         self.calls: list[tuple[str, str, str]] = []
         self.configs: list[dict] = []
 
@@ -75,19 +77,22 @@ class FakeTrials:
         self.configs.append(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         pending = self.outcomes.get(name) or []
-        if pending:
-            kind = pending.pop(0)
-            if kind == "interrupted":
-                return killed_by_sigkill(run_dir)
+        kind = pending.pop(0) if pending else "ok"  # "ok": this call trains normally
+        if kind == "interrupted":
+            return killed_by_sigkill(run_dir)
+        if kind != "ok":
             return isolation.Outcome("failed", "ValueError: this network always fails")
-        epochs = cfg["trainer"]["max_epochs"]
-        val_loss = LOSS[name] + OPT[opt] + CRITERION[loss]
+        epochs = (cfg.get("run") or {}).get("until_epoch") or cfg["trainer"]["max_epochs"]
+        fold = ((cfg.get("data") or {}).get("split") or {}).get("fold")
+        val_loss = LOSS[name] + OPT[opt] + CRITERION[loss] + self.fold_loss.get((name, fold), 0.0)
         rows = [{"epoch": e, "step": e, "val/loss": val_loss + 0.1 * (epochs - 1 - e), "val/acc": 1 - val_loss,
                  "val/sensitivity": 0.5, "val/specificity": 0.5, "train/acc": 1 - val_loss, "val/overfit": 0.0} for e in range(epochs)]
         run = RunFiles(run_dir)
         pl.DataFrame(rows).write_csv(run.metrics)
         run.write_json(run.model_info.name, {"num_parameters": 1000})
         run.config.write_text(yaml.safe_dump(cfg))
+        run.checkpoints.mkdir(exist_ok=True)
+        run.last_checkpoint.write_bytes(b"")  # continued from by a promoted rung (`sweeps.schedule`)
         with open(run / PROGRESS, "a") as fh:
             for r in rows:
                 fh.write(json.dumps({"epoch": r["epoch"], "max_epochs": epochs, "metrics": {"val/loss": r["val/loss"]}}) + "\n")

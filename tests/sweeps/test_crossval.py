@@ -30,8 +30,12 @@ def test_every_grid_point_trains_once_per_fold_then_the_winner_is_refit(cv_sweep
     sweep, fake, summary = cv_sweep
     assert sweep_mod.exit_code(sweep, summary) == 0
     splits = [c["data"]["split"] for c in fake.configs]
-    assert len(fake.calls) == 2 * 3 + 4 * 3 + 1  # 2 candidates and 2x2 pairs, 3 folds each; one refit
-    for stage, (lo, hi) in {"stage1": (0, 6), "stage2": (6, 18)}.items():
+    # 2 candidates and 2x2 pairs, 3 folds each, less the 3 fold runs of adam + ce on resnet10t (stage 1's own
+    # config: reused, `sweeps.reuse`); one refit
+    assert len(fake.calls) == 2 * 3 + 3 * 3 + 1
+    # breadth-first: fold 0 of every point, then fold 1, then fold 2
+    assert [s["fold"] for s in splits[:6]] == [0, 0, 1, 1, 2, 2] and [s["fold"] for s in splits[6:15]] == [0] * 3 + [1] * 3 + [2] * 3
+    for stage, (lo, hi) in {"stage1": (0, 6), "stage2": (6, 15)}.items():
         runs = Counter((call, s["fold"]) for call, s in zip(fake.calls[lo:hi], splits[lo:hi], strict=True))
         assert set(runs.values()) == {1} and len(runs) == hi - lo, stage
     assert all(s["folds"] == 3 for s in splits)
@@ -128,7 +132,7 @@ def test_an_interrupted_fold_is_retried_alone_on_rerun(tmp_path, no_plots):
     second = sweep_mod.run(sweep, execute=again, preflight=no_preflight)
     assert sweep_mod.exit_code(sweep, second) == 0
     assert again.calls[0] == ("ctnet10", "Adam", "ce") and again.configs[0]["data"]["split"]["fold"] == 0
-    assert len(again.calls) == 1 + 4 * 2 + 1  # the interrupted fold, stage 2's folds, the refit
+    assert len(again.calls) == 1 + 3 * 2 + 1  # the interrupted fold, stage 2's folds (adam + ce reused), the refit
 
 
 def test_a_refit_is_reused_only_for_the_same_winner(tmp_path):

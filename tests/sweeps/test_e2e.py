@@ -174,7 +174,9 @@ def test_two_workers_on_one_sqlite_study(tmp_path, shared_artifacts):
     s1, s2 = studies(tmp_path)
     assert_each_grid_point_once(s1, 3)
     assert_each_grid_point_once(s2, 4)
-    per_stage = [{t.user_attrs["pid"] for t in s.get_trials(states=(TrialState.COMPLETE,))} for s in (s1, s2)]
+    # (stage 2's adam + ce is stage 1's winner's own config: reused, trained by no worker)
+    per_stage = [{t.user_attrs["pid"] for t in s.get_trials(states=(TrialState.COMPLETE,)) if not t.user_attrs.get("reused_from")}
+                 for s in (s1, s2)]
     assert all(len(p) <= 2 for p in per_stage) and max(map(len, per_stage)) == 2, per_stage  # both workers trained
 
 
@@ -362,3 +364,39 @@ def test_cross_validated_sweep_on_covid_ct(tmp_path, covid_ct, shared_artifacts)
     assert winner["test"]["n_images"] == refit_counts["test"]
     assert "5-fold cross-validation" in report and "Evaluation of the winner" in report
     assert_verdicts(out, report)
+
+
+def test_halving_and_fold_stopping_with_two_workers_on_covid_ct(tmp_path, covid_ct, shared_artifacts):
+    """Issue 20 on real data with 2 workers: 3 candidates x 3 folds breadth-first at rung 1 (1 epoch), the best
+    by fold means continued from its checkpoints to 3 epochs; fold early stopping on; stage 2's adam + ce (with
+    stage 1's lr: the `adam` preset alone would reset it to 1e-3, another config) is the stage-1 winner's own
+    config and is reused, not trained."""
+    path = covid_sweep(tmp_path, covid_ct, shared_artifacts, "covid_sh", epochs=3, size=32, data={"num_workers": 0},
+                       stage2={"optimizers": ["adam"], "losses": ["ce"], "overrides": {"lr": 0.002}},  # = stage 1's
+                       cv={"folds": 3, "final": "ensemble",
+                       "early_stop": {"enabled": True, "min_folds": 2, "alpha": 0.05}}, workers=2, test_winner=False,
+                       selection={"rule": "metric", "metric": "val/loss", "direction": "minimize"})
+    cfg = yaml.safe_load(path.read_text())
+    cfg["stage1"]["schedule"] = {"kind": "successive_halving", "min_epochs": 1, "eta": 3}
+    path.write_text(yaml.safe_dump(cfg))
+    proc = run_cli("sweep", "--config", str(path), timeout=2400)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "[plan] stage1: 3 grid points x 3 runs; successive halving (eta 3): 9 runs to epoch 1, 3 runs to epoch 3" in proc.stdout
+    s1, s2 = studies(tmp_path, "covid_sh")
+    done = [t for t in s1.get_trials() if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.user_attrs.get("duplicate_of") is None]
+    assert Counter(grid_key(t) for t in done).most_common(1)[0][1] == 1  # every (point, fold, rung) once
+    promoted = s1.user_attrs["rung1_promoted"]
+    assert len(promoted) == 1
+    last = [t for t in s1.get_trials(states=(TrialState.COMPLETE,)) if t.params["rung"] == 1]
+    assert len(last) == 3 and {t.params["candidate"] for t in last} == {promoted[0][0]}
+    for t in last:  # continued from the rung-1 checkpoint: 2 new epochs, metrics.csv covering all 3
+        assert t.user_attrs["trained_epochs"] == 2 and t.user_attrs["epochs_run"] == 3
+        log = (tmp_path / "sweeps" / "covid_sh" / t.user_attrs["run_dir"] / "fit.log").read_text()
+        assert "continuing from the checkpoint of epoch" in log
+    pids = {r: {t.user_attrs["pid"] for t in s1.get_trials() if t.user_attrs.get("pid") and t.params["rung"] == r} for r in (0, 1)}
+    assert [len(p) for p in pids.values()] == [2, 2]  # each rung's 2 workers (started per rung) both trained
+    board = pl.read_parquet(tmp_path / "sweeps" / "covid_sh" / "stage1_leaderboard.parquet")
+    assert board["candidate"][0] == promoted[0][0] and board["rung"].to_list()[0] == 2
+    assert all(n.startswith(("rung 1/2", "stopped")) or "rung 1/2" in n for n in board["note"].to_list()[1:])
+    assert [t.user_attrs.get("reused_from") for t in s2.get_trials(states=(TrialState.COMPLETE,))] == \
+        [f"stage1/{promoted[0][0]}-r0-f{k}" for k in range(3)]

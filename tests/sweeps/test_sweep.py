@@ -34,12 +34,16 @@ def finished_sweep(tmp_path_factory):
 def test_two_stages_pick_the_winner_and_write_relative_paths(finished_sweep):
     sweep, fake, summary = finished_sweep
     assert sweep_mod.exit_code(sweep, summary) == 0 and not summary["incomplete"]
-    assert len(fake.calls) == 2 + 4  # 2 candidates, then 2 optimizers x 2 losses on the winner
+    # 2 candidates, then 2 optimizers x 2 losses on the winner, less adam + ce: the stage-1 winner's own config
+    # (stage 1's defaults are adam + ce), whose result and run are reused
+    assert len(fake.calls) == 2 + 3
     assert summary["base_architecture"] == "resnet10t" and (summary["optimizer"], summary["loss"]) == ("adam", "ce")
-    assert all(call[0] == "resnet10t" for call in fake.calls[2:])
+    assert all(call[0] == "resnet10t" for call in fake.calls[2:]) and ("resnet10t", "Adam", "ce") not in fake.calls[2:]
     out = sweep.out_dir
     winner = json.loads((out / files.WINNER).read_text())
-    assert not winner["run_dir"].startswith("/") and winner["run_dir"].startswith("trials/stage2/")
+    assert not winner["run_dir"].startswith("/") and winner["run_dir"].startswith("trials/stage1/000-resnet10t")
+    assert "reused from stage1/resnet10t-r0" in (out / "stage2_leaderboard.md").read_text()
+    assert "reused from stage1/resnet10t-r0" in (out / "report.md").read_text()
     assert files.winner_run_dir(out) == out / winner["run_dir"] and files.winner_run_dir(out).is_dir()
     s1, s2 = studies(sweep)
     assert all(not t.user_attrs["run_dir"].startswith("/") for t in s1.get_trials() + s2.get_trials())
