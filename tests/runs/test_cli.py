@@ -229,11 +229,11 @@ def test_only_a_ddp_child_rank_inherits_the_run_directory(tmp_path, monkeypatch)
     assert resolve_run_dir(RunConfig(root=str(tmp_path))) == tmp_path / "launcher-run"
 
 
-def test_a_fold_trains_on_the_other_folds_and_fold_all_refits_without_validation(tmp_path):
+def test_a_fold_trains_on_the_other_folds_and_fold_all_refits_without_validation(tmp_path, shared_artifacts):
     """`data.split.folds/fold` in a single fit: fold 1 validates on its fold; "all" trains on every non-test
     image with no validation pass, and its last epoch is the checkpoint."""
     for fold in ("1", "all"):  # the refit also steps a plateau scheduler on the training loss
-        args = small_fit_args(tmp_path / "a", tmp_path / f"runs-{fold}", "--data.split.folds=3", f"--data.split.fold={fold}",
+        args = small_fit_args(shared_artifacts, tmp_path / f"runs-{fold}", "--data.split.folds=3", f"--data.split.fold={fold}",
                               "--model.lr_scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau", epochs=2)
         assert cli_in_process("fit", *args) == 0
     (fold1,), (refit,) = run_dirs(tmp_path / "runs-1"), run_dirs(tmp_path / "runs-all")
@@ -247,13 +247,13 @@ def test_a_fold_trains_on_the_other_folds_and_fold_all_refits_without_validation
     assert json.loads((fold1 / "split.json").read_text())["file"] == json.loads((refit / "split.json").read_text())["file"]
 
 
-def test_a_config_dict_with_fold_all_fits_without_validation_as_a_sweep_refit_does(tmp_path):
+def test_a_config_dict_with_fold_all_fits_without_validation_as_a_sweep_refit_does(tmp_path, shared_artifacts):
     """The sweep's refit goes through `MedselCLI(args=<dict>, run=False)` (no subcommand), not argv."""
     import yaml
 
     from runs.cli import MedselCLI
 
-    args = small_fit_args(tmp_path / "a", tmp_path / "runs", "--data.split.folds=3", "--data.split.fold=all")
+    args = small_fit_args(shared_artifacts, tmp_path / "runs", "--data.split.folds=3", "--data.split.fold=all")
     cfg = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     for arg in args[2:]:  # --key=value -> nested dict
         key, value = arg[2:].split("=", 1)
