@@ -3,7 +3,6 @@ fail-fast checks, and a worker that SLURM signals before its time limit requeuei
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -17,14 +16,6 @@ from errors import ConfigError
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def partition() -> str:
-    name = os.environ.get("MEDSEL_TEST_SLURM_PARTITION")
-    if not name:
-        pytest.skip("no SLURM here: run `eval \"$(bash .ci/start_slurm.sh)\"` first (CI does)")
-    return name
 
 
 @pytest.fixture

@@ -24,14 +24,6 @@ pytestmark = pytest.mark.slow
 FAST = {"run": {"early_stopping_patience": None}, "trainer": {"enable_model_summary": False}}
 
 
-@pytest.fixture(scope="module")
-def partition() -> str:
-    name = os.environ.get("MEDSEL_TEST_SLURM_PARTITION")
-    if not name:
-        pytest.skip("no SLURM here: run `eval \"$(bash .ci/start_slurm.sh)\"` first (CI does)")
-    return name
-
-
 def write_sweep(folder: Path, artifacts: Path, epochs: int = 1, **changes) -> Path:
     """2 candidates, then 2 optimizers x 1 loss: 4 trials."""
     cfg = {
