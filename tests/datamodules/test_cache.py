@@ -82,6 +82,7 @@ def _resolve_in_process(args):
     return view.open()[slots].sum()
 
 
+@pytest.mark.slow  # four processes each importing the data stack: ~8 s on 2 cores
 def test_concurrent_processes_build_one_consistent_cache(tmp_path):
     root = make_folder(tmp_path / "data", per_class=20)
     paths = sorted(str(p) for p in root.rglob("*.png"))

@@ -216,6 +216,7 @@ def test_report_with_partial_patient_ids_resamples_missing_ids_as_single_patient
     assert "stratified by class" in (run_dir / "report.md").read_text()
 
 
+@pytest.mark.slow  # the test job in its own process (forkserver start, torch import): ~10 s on 2 cores
 def test_a_copied_run_is_tested_into_its_own_folder(trained_run, tmp_path):
     """A sweep folder moved or copied elsewhere: its winner's test writes into the copy, never into the run
     directory that the copied config.yaml recorded."""

@@ -229,6 +229,7 @@ def test_only_a_ddp_child_rank_inherits_the_run_directory(tmp_path, monkeypatch)
     assert resolve_run_dir(RunConfig(root=str(tmp_path))) == tmp_path / "launcher-run"
 
 
+@pytest.mark.slow  # two fits through the CLI: ~10 s on 2 cores (the in-process fold-all fit below stays fast)
 def test_a_fold_trains_on_the_other_folds_and_fold_all_refits_without_validation(tmp_path, shared_artifacts):
     """`data.split.folds/fold` in a single fit: fold 1 validates on its fold; "all" trains on every non-test
     image with no validation pass, and its last epoch is the checkpoint."""
