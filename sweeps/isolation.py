@@ -218,8 +218,24 @@ def run_in_process(target: Callable[[Any], None], payload: Any, workdir: Path, n
         raise
     finally:
         _CHILDREN.discard(proc.pid)
+        stopped = proc.pid in _STOPPED
         _STOPPED.discard(proc.pid)
-    return outcome_of(result_file, proc.exitcode, log)
+    if proc.exitcode == 255:  # "status unknown": the forkserver died (SLURM signals a whole job), not the child
+        _wait_gone(proc.pid, GRACE_SECONDS)  # which may still be writing its result
+    return outcome_of(result_file, proc.exitcode, log, stopped)
+
+
+def _wait_gone(pid: int, seconds: float) -> None:
+    """Wait until process `pid` (not our child: the forkserver's) has ended, at most `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:  # the pid was reused by another user's process: ours has ended
+            return
+        time.sleep(0.1)
 
 
 def run_command(command: list[str], log: Path, env: dict[str, str] | None = None) -> Outcome:
@@ -237,10 +253,11 @@ def run_command(command: list[str], log: Path, env: dict[str, str] | None = None
             raise
         finally:
             _CHILDREN.discard(proc.pid)
+            stopped = proc.pid in _STOPPED
             _STOPPED.discard(proc.pid)
     if proc.returncode == 0:
         return Outcome("ok")
-    return outcome_of(None, proc.returncode, log)
+    return outcome_of(None, proc.returncode, log, stopped)
 
 
 def _waited(proc: subprocess.Popen, seconds: float) -> bool:
@@ -257,13 +274,21 @@ def _reason_from_log(log: Path, code: int | None) -> str:
     return (error_lines[-1] if error_lines else f"exit code {code}")[:2000]
 
 
-def outcome_of(result_file: Path | None, exitcode: int | None, log: Path) -> Outcome:
-    """How a trial process ended: its own result file if it wrote one; else a death by a signal
-    (negative exit code) is an interruption, anything else a failure with the log's last error line."""
+def outcome_of(result_file: Path | None, exitcode: int | None, log: Path, stopped: bool = False) -> Outcome:
+    """How a trial process ended: its own result file if it wrote one; else a stop this process asked for
+    (`stopped`: `stop_children`) or a death by a signal (negative exit code) is an interruption, anything
+    else a failure with the log's last error line.
+
+    Exit code 255 is multiprocessing's "status unknown": the forkserver that reports a child's status died
+    first, as it does when SLURM signals every process of a job (`scancel`, preemption). The child's own
+    "interrupted:" line then tells what happened.
+    """
     if result_file is not None and result_file.exists():
         data = json.loads(result_file.read_text())
         return Outcome(data["status"], data.get("reason", ""))
-    if exitcode is not None and exitcode in (130, 143, 129) and log.exists() and "interrupted: " in log.read_text(errors="replace"):
+    if stopped and exitcode != 0:
+        return Outcome("interrupted", f"stopped on this worker's stop request (exit code {exitcode})")
+    if exitcode in (130, 143, 129, 255) and log.exists() and "interrupted: " in log.read_text(errors="replace"):
         return Outcome("interrupted", f"stopped (exit code {exitcode})")
     if exitcode is not None and exitcode < 0:
         sig = -exitcode

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
@@ -13,3 +14,22 @@ def partition() -> str:
     if not name:
         pytest.skip("no SLURM here: run `eval \"$(bash .ci/start_slurm.sh)\"` first (CI does)")
     return name
+
+
+def _queued() -> set[str]:
+    out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30).stdout
+    return set(out.split())
+
+
+@pytest.fixture(autouse=True)
+def cancel_what_a_test_left_queued():
+    """A real-SLURM test that fails mid-way leaves its jobs queued; they would change the queue that the next
+    test reads. Cancel what the test added (only where the real SLURM runs)."""
+    if not os.environ.get("MEDSEL_TEST_SLURM_PARTITION"):
+        yield
+        return
+    before = _queued()
+    yield
+    left = _queued() - before
+    if left:
+        subprocess.run(["scancel", *sorted(left)], check=False)

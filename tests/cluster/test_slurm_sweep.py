@@ -200,5 +200,7 @@ def test_refused_settings_are_one_error_line_and_nothing_is_submitted(partition,
     env = {"PATH": change["PATH"]} if "PATH" in change else None
     proc = run_cli("sweep", "--config", str(cfg), *args, env=env, timeout=120)
     lines = proc.stdout.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), proc.stdout
+    errors = [line for line in lines if line.startswith("error:")]
+    assert proc.returncode == 2 and errors == lines[-1:] and errors[0].startswith(message), proc.stdout
+    assert all(line.startswith("[sweep] ") for line in lines[:-1]), proc.stdout  # (the storage it would use)
     assert queued() <= before and not (tmp_path / "sweeps" / "t" / "launch.json").exists()

@@ -60,3 +60,16 @@ def test_an_interrupt_stops_the_child_which_records_itself_interrupted(tmp_path)
     assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
     outcome = isolation.outcome_of(tmp_path / ".job_result.json", None, tmp_path / "job.log")
     assert (outcome.status, outcome.reason) == ("interrupted", "stopped by SIGTERM")
+
+
+def test_a_child_whose_status_the_dead_forkserver_lost_is_interrupted_when_it_said_so(tmp_path):
+    """`scancel` signals every process of a SLURM job: the forkserver can die before it reports the trial's
+    exit status, which multiprocessing then gives as 255. The child's own line (or this worker's stop request)
+    tells an interruption from a crash."""
+    log = tmp_path / "fit.log"
+    log.write_text("[rank: 0] Received SIGTERM: 15\ninterrupted: this process stopped by SIGTERM (exit code 143)\n")
+    assert isolation.outcome_of(None, 255, log).status == "interrupted"
+    log.write_text("Traceback (most recent call last):\nRuntimeError: boom\n")
+    assert isolation.outcome_of(None, 255, log).status == "failed"
+    assert isolation.outcome_of(None, 255, log, stopped=True).status == "interrupted"
+    assert isolation.outcome_of(None, 1, log, stopped=True).reason.startswith("stopped on this worker's stop request")
