@@ -122,7 +122,7 @@ def test_a_cancelled_and_a_preempted_worker_mid_trial_and_the_sweep_still_comple
     """Both workers mid-trial: one is cancelled (`scancel`), the other gets the signal SLURM sends before the time
     limit or on preemption (USR2) and requeues itself; the requeued worker continues both interrupted trials."""
     url = f"journal://{tmp_path / 'shared' / 't.log'}"
-    cfg = write_sweep(tmp_path, shared_artifacts, epochs=3, storage=url, launcher=slurm(partition),
+    cfg = write_sweep(tmp_path, shared_artifacts, epochs=5, storage=url, launcher=slurm(partition),  # both workers mid-trial at once
                       stage2={"optimizers": ["adam"], "losses": ["ce"]})
     proc = run_cli("sweep", "--config", str(cfg), "--detach", timeout=300)
     assert proc.returncode == 0 and "detached; follow with `python cli.py sweep" in proc.stdout, proc.stdout[-3000:]
