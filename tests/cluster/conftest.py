@@ -16,20 +16,21 @@ def partition() -> str:
     return name
 
 
-def _queued() -> set[str]:
+def queued() -> set[str]:
+    """The ids of the jobs in the SLURM queue."""
     out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30).stdout
     return set(out.split())
 
 
 @pytest.fixture(autouse=True)
-def cancel_what_a_test_left_queued():
+def cancel_what_a_test_leftqueued():
     """A real-SLURM test that fails mid-way leaves its jobs queued; they would change the queue that the next
     test reads. Cancel what the test added (only where the real SLURM runs)."""
     if not os.environ.get("MEDSEL_TEST_SLURM_PARTITION"):
         yield
         return
-    before = _queued()
+    before = queued()
     yield
-    left = _queued() - before
+    left = queued() - before
     if left:
         subprocess.run(["scancel", *sorted(left)], check=False)

@@ -18,6 +18,7 @@ import yaml
 from optuna.trial import TrialState
 
 from sweeps import coordinator as coord
+from tests.cluster.conftest import queued
 from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow
@@ -191,9 +192,6 @@ def test_two_process_ddp_trial_inside_one_slurm_worker(partition, tmp_path, shar
 ])
 def test_refused_settings_are_one_error_line_and_nothing_is_submitted(partition, tmp_path, shared_artifacts, change,
                                                                       message):
-    def queued() -> set[str]:
-        return set(subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split())
-
     cfg = write_sweep(tmp_path, shared_artifacts, storage=f"journal://{tmp_path / 't.log'}", launcher=slurm(partition))
     before = queued()
     args = [f"--launcher.partition={change['launcher.partition']}"] if "launcher.partition" in change else []
