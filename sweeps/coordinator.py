@@ -269,7 +269,7 @@ def _stale_reason(ss: StageStudy, trial: FrozenTrial, own_heartbeat: bool, now: 
     """Why a RUNNING trial's worker is gone (None: it may be alive). Same host: its pid. Other hosts, on a
     storage without Optuna's heartbeat: its `alive_at` record (or its start) older than the grace period."""
     ua = trial.user_attrs
-    if ua.get("host") == HOST:
+    if ua.get("host") == HOST and ua.get("pid"):
         return None if _alive(ua.get("pid"), ua.get("pid_start")) else f"worker {HOST}:{ua.get('pid')} stopped"
     if not own_heartbeat:
         return None  # Optuna's fail_stale_trials judges it
@@ -328,10 +328,21 @@ def claim(ss: StageStudy) -> FrozenTrial | None:
             tid = ss.trial_id(t.number)
             try:
                 if ss.storage.set_trial_state_values(tid, TrialState.RUNNING):
+                    _mark_owner(ss.storage, tid)
                     return ss.storage.get_trial(tid)
             except UpdateFinishedTrialError:
                 continue
     return None
+
+
+def _mark_owner(storage: optuna.storages.BaseStorage, trial_id: int) -> None:
+    """Record which process owns a claimed trial, at once (preparing it can take a while). `host` is written
+    last: a worker on this host that reads `host` also reads the pid it judges liveness by (`_stale_reason`)."""
+    owner = {"pid_start": _process_start(os.getpid()), "pid": os.getpid()}
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):  # which array task trains it: `scancel` / `sacct` need its id
+        owner["slurm_job"] = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+    for key, value in (*owner.items(), ("host", HOST)):
+        storage.set_trial_user_attr(trial_id, key, value)
 
 
 @contextmanager
@@ -364,17 +375,12 @@ def duplicate_of(ss: StageStudy, trial: FrozenTrial) -> int | None:
 
 
 class Heartbeat:
-    """Marks a claimed trial as alive: its host and pid, and every `seconds` Optuna's storage heartbeat (RDB
-    storages opened with one) or else its own `alive_at` record (journal storage, which Optuna gives no heartbeat)."""
+    """Marks a claimed trial (its owner recorded by `claim`) as alive every `seconds`: Optuna's storage heartbeat
+    (RDB storages opened with one) or else its own `alive_at` record (journal storage, which Optuna gives no heartbeat)."""
 
     def __init__(self, ss: StageStudy, number: int, seconds: float):
         self.storage, self.trial_id, self.seconds = ss.storage, ss.trial_id(number), seconds
         self._stop = threading.Event()
-        for key, value in (("host", HOST), ("pid", os.getpid()), ("pid_start", _process_start(os.getpid()))):
-            self.storage.set_trial_user_attr(self.trial_id, key, value)
-        if os.environ.get("SLURM_ARRAY_JOB_ID"):  # which array task trains it: `scancel` / `sacct` need its id
-            job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
-            self.storage.set_trial_user_attr(self.trial_id, "slurm_job", job)
         self._optuna = has_optuna_heartbeat(self.storage)
         self._own = isinstance(self.storage, optuna.storages.JournalStorage)
         self._record()

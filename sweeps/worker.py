@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from errors import ConfigError
@@ -129,7 +130,12 @@ class TrialRunner:
             coord.fail(ss, number, f"{coord.INTERRUPTED}: {STOPPED_BY}{e.name}")
             raise
         seconds = time.perf_counter() - started
-        self._record(ss, number, run_dir, cfg, outcome, seconds)
+        try:
+            self._record(ss, number, run_dir, cfg, outcome, seconds)
+        except UpdateFinishedTrialError:  # another worker judged it stopped meanwhile and enqueued it again
+            log.warning(f"[sweep] {self.stage.name} {label}: another worker recorded this trial as interrupted while "
+                        f"it ran (its liveness record went stale); its retry decides the grid point, {run_dir} stays")
+            return
         self.progress.trial_finished(seconds, points_done(ss), selection.leader(self.sweep, ss))
 
     def _continue_rung(self, ss: coord.StageStudy, number: int, params: dict[str, Any], cfg: dict) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import threading
+import os
 import time
 
 import optuna
@@ -73,6 +74,18 @@ def test_running_trial_of_a_dead_process_is_recovered(tmp_path):
     assert old.state == TrialState.FAIL and coord.is_interrupted(old)
     waiting = ss.study.get_trials(states=(TrialState.WAITING,))
     assert [coord.grid_params(t)["candidate"] for t in waiting].count("a") == 1
+
+
+def test_a_claimed_trial_names_its_owner_at_once_and_is_not_judged_stopped_while_being_marked(tmp_path):
+    """Another worker on this host reads the trial between the claim and the run: the owner is already there;
+    a record with the host but not yet its pid (written in that order by older versions) is not judged stopped."""
+    ss = open_stage(tmp_path)
+    coord.ensure_grid(ss)
+    trial = coord.claim(ss)
+    assert (trial.user_attrs["host"], trial.user_attrs["pid"]) == (coord.HOST, os.getpid())
+    other = coord.claim(ss)
+    ss.storage.set_trial_user_attr(ss.trial_id(other.number), "pid", None)
+    assert coord.recover_stale(ss) == []
 
 
 def test_duplicate_enqueue_trains_once(tmp_path):
