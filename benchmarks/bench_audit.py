@@ -14,7 +14,8 @@ Everything runs on one thread (`OMP/OPENBLAS/MKL_NUM_THREADS=1`, `cv2.setNumThre
      (with the label-conflict stops they would cause under 3 random grades), generated scans each with a
      twin deformed smoothly by ~4 px (`copies.deformed`, a stand-in for the next slice);
   3. images/s of the whole audit (hashes, digests, candidates, pixel check, clusters) on the same images,
-     new and today's, and their ratio; and the candidate search alone for `--hashes` images.
+     new and today's, and their ratio; the first audit of COVID-CT's files as a user runs it (decoding
+     included); and the candidate search alone for `--hashes` images.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ from datamodules.duplicates import (  # noqa: E402
     pixel_digest,
     variant_hashes,
 )
-from datamodules.images import resize  # noqa: E402
+from datamodules.duplicate_audit import fine_loader, stored_sides  # noqa: E402
+from datamodules.images import load_image, resize  # noqa: E402
 
 SIZE = (64, 64)
 # Copies in COVID-CT beyond today's 7 clusters, each checked by eye (docs/duplicates.md shows them): one
@@ -214,6 +216,34 @@ def look_alikes(covid_images: list[np.ndarray], covid_names: list[str], allowed:
     return lines
 
 
+def from_files(covid: Path, limit: int | None) -> str:
+    """The first audit of a folder as a user runs it: every file decoded to the 64 px audit image (the decode
+    cache's first fill), then hashes, digests and clusters, new (with the header reads and the 256 px reads of
+    the fine check) and today's; CPU seconds of one core."""
+    files = sorted(p for p in covid.glob("CT_*/*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    files = files[:: max(1, len(files) // limit)][:limit] if limit else files
+    paths = [str(p) for p in files]
+    c0 = time.process_time()
+    pool = np.stack([load_image(p, SIZE, channels=1) for p in paths])
+    decode = time.process_time() - c0
+    c0 = time.process_time()
+    uniq = {}
+    for k, im in enumerate(pool):
+        uniq.setdefault(pixel_digest(im), k)
+    first = np.array(list(uniq.values()))
+    read = fine_loader([paths[k] for k in first])
+    cluster_images(pool[first], variant_hashes(pool[first]), 10, 0.9, sides=stored_sides([paths[k] for k in first]),
+                   fine=read)
+    new = time.process_time() - c0
+    c0 = time.process_time()
+    run_today(pool)
+    old = time.process_time() - c0
+    n = len(paths)
+    return (f"first audit of {n} COVID-CT files (decode to 64 px {decode:.1f} s, shared): new {n / (decode + new):,.0f} "
+            f"images/s ({new:.1f} s after decoding), today's {n / (decode + old):,.0f} images/s ({old:.1f} s after "
+            f"decoding); ratio new/today {(decode + old) / (decode + new):.2f} (CPU seconds of one core)")
+
+
 def candidate_search(n: int) -> str:
     """Seconds to find the candidate pairs of `n` images (the audit's `TRIMS` hashes each, 5% planted near
     copies), on one core, against today's search (one whole-image hash each)."""
@@ -253,6 +283,8 @@ def main() -> None:
     covid = [(im, n) for im, n in zip(sources, names, strict=True) if n.startswith("CT_")]
     for line in look_alikes([im for im, _ in covid], [n for _, n in covid], allowed, args.smoke):
         print(line, flush=True)
+    if not args.smoke and Path(args.covid).is_dir():
+        print(from_files(Path(args.covid), args.limit), flush=True)
     print(candidate_search(10_000 if args.smoke else args.hashes), flush=True)
     print(f"benchmark wall time {time.perf_counter() - t0:.0f} s")
 

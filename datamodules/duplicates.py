@@ -22,6 +22,7 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 from scipy import sparse
+from threadpoolctl import threadpool_limits
 
 from datamodules.duplicate_check import (
     FINE_MIN_SIDE,
@@ -342,7 +343,11 @@ def cluster_images(
         chosen = _worth_registering(i, j, scores, keep, hash_distances(hashes, i, j))
         if fine is not None and sides is not None:  # the shift check's links of large images: the fine check too
             chosen += np.flatnonzero(keep & (np.minimum(sides[i], sides[j]) >= FINE_SIZE)).tolist()
-        decided = _register_pairs(images, i, j, chosen, min_confirmed, fine, sides, keep)
+        # One BLAS thread: the checks' dot products and fits are a few thousand values each, and OpenBLAS's
+        # thread pool costs more than it saves there (a 256 px line fit: 0.3 ms on one thread, 24 ms with
+        # the pool while other processes load the cores, as training beside the audit does).
+        with threadpool_limits(limits=1, user_api="blas"):
+            decided = _register_pairs(images, i, j, chosen, min_confirmed, fine, sides, keep)
         for k, linked in decided.items():
             keep[k] = linked
         i, j = i[keep], j[keep]
