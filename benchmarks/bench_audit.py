@@ -40,6 +40,7 @@ import _baseline_duplicates as today  # noqa: E402
 
 from audit import copies  # noqa: E402
 from datamodules import phantoms  # noqa: E402
+from datamodules.duplicate_audit import fine_loader, stored_sides  # noqa: E402
 from datamodules.duplicate_check import FINE_SIZE  # noqa: E402
 from datamodules.duplicates import (  # noqa: E402
     TRIMS,
@@ -48,7 +49,6 @@ from datamodules.duplicates import (  # noqa: E402
     pixel_digest,
     variant_hashes,
 )
-from datamodules.duplicate_audit import fine_loader, stored_sides  # noqa: E402
 from datamodules.images import load_image, resize  # noqa: E402
 
 SIZE = (64, 64)
