@@ -60,6 +60,10 @@ KNOWN = [
     ("CT_NonCOVID/1330.png", "CT_NonCOVID/1331.png", "CT_NonCOVID/1332.png"),
     ("CT_COVID/2020.03.22.20040782-p24-1533-6.png", "CT_COVID/2020.03.22.20040782-p25-1543.png"),
     ("CT_COVID/2020.03.22.20040782-p24-1533-7.png", "CT_COVID/2020.03.22.20040782-p25-1546.png"),
+    # The same paper's other re-exported figures, at a scale (~1.3x) beyond the range: not linked
+    # between the originals, but a transformed copy can bring one within it.
+    ("CT_COVID/2020.03.22.20040782-p24-1533-1.png", "CT_COVID/2020.03.22.20040782-p25-1542.png"),
+    ("CT_COVID/2020.03.22.20040782-p24-1533-5.png", "CT_COVID/2020.03.22.20040782-p25-1544.png"),
 ]
 
 

@@ -262,6 +262,12 @@ class FineCheck:
     def is_copy(self, min_score: float) -> bool:
         return self.score >= min_score and self.masked <= FINE_MAX_MASKED and self.shift <= FINE_MAX_SHIFT
 
+    def is_other_image(self) -> bool:
+        """Moves non-rigidly and differs widely at once: an adjacent slice, whatever its score (COVID-CT's
+        1099/1100 and 39%3/39%6 score 0.90-0.91 at 64 px once one is re-encoded; at 256 px their tiles move
+        0.7-1.4 px and they differ over 16-19% of the pixels; no copy in the benchmark fails both)."""
+        return self.shift > FINE_MAX_SHIFT and self.masked > FINE_MAX_MASKED
+
 
 def _upscaled(warp: np.ndarray, factor: float) -> np.ndarray:
     """The 2x3 map `warp` of 64 px images expressed for images `factor` times larger (pixel centres kept)."""

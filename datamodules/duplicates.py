@@ -272,7 +272,9 @@ def _worth_registering(i: np.ndarray, j: np.ndarray, scores: np.ndarray, linked:
 #   check), is linked unless its 256 px detail falls below FINE_FLOOR: a look-alike can agree at 64 px and
 #   not at 256 px (a generated scan deformed smoothly by ~4 px: up to 0.92 at 64 px, 0.39-0.65 at 256 px),
 #   while copies keep >= 0.75 (COVID-CT, all four transforms combined) and >= 0.63 on generated
-#   noise-textured scans, whose detail resampling decorrelates most (so the floor cannot be higher).
+#   noise-textured scans, whose detail resampling decorrelates most (so the floor cannot be higher);
+#   and unless it moves non-rigidly and differs widely at once (`FineCheck.is_other_image`: adjacent slices
+#   that a re-encode lifts to 0.91 at 64 px).
 FINE_GATE = 0.8
 FINE_MIN = 0.78
 FINE_FLOOR = 0.6
@@ -302,7 +304,7 @@ def _register_pairs(images: np.ndarray, i: np.ndarray, j: np.ndarray, chosen: li
             pair = load(a), load(b)
             if pair[0] is not None and pair[1] is not None:  # else a file that cannot be read: the 64 px decision
                 found = confirm_fine(*pair, warp)
-                out[k] = found.score >= FINE_FLOOR if out[k] else found.is_copy(FINE_MIN)
+                out[k] = found.score >= FINE_FLOOR and not found.is_other_image() if out[k] else found.is_copy(FINE_MIN)
     return out
 
 
@@ -336,9 +338,10 @@ def cluster_images(
     flat = low_detail(images, sides) if len(images) else np.zeros(0, bool)
     stats = {"candidates": len(i), "low_detail": int(flat.sum()), "flat": flat}
     i, j = i[~(flat[i] | flat[j])], j[~(flat[i] | flat[j])]  # a low-detail image: identical pixels only
+    details = detail(images) if min_similarity is not None and len(i) else None
     if min_similarity is not None and len(i):
         # Equal hashes are checked too: distinct look-alikes (the phantoms) can share all 64 bits.
-        scores = shifted_scores(detail(images), i, j)
+        scores = shifted_scores(details, i, j)
         keep = scores >= min_similarity
         chosen = _worth_registering(i, j, scores, keep, hash_distances(hashes, i, j))
         if fine is not None and sides is not None:  # the shift check's links of large images: the fine check too
@@ -352,4 +355,37 @@ def cluster_images(
             keep[k] = linked
         i, j = i[keep], j[keep]
     stats["rejected"] = stats["candidates"] - len(i)
-    return star_clusters(len(images), i, j), stats
+    labels = star_clusters(len(images), i, j)
+    if details is not None and len(i):
+
+        def decide(a: int, b: int) -> bool:
+            """The pair check above, for one pair."""
+            pair = np.array([min(a, b)]), np.array([max(a, b)])
+            linked = shifted_scores(details, *pair) >= min_similarity
+            large = fine is not None and sides is not None and min(sides[a], sides[b]) >= FINE_SIZE
+            if linked[0] and not large:
+                return True
+            with threadpool_limits(limits=1, user_api="blas"):
+                return _register_pairs(images, *pair, [0], min_confirmed, fine, sides, linked)[0]
+
+        labels = rejoin_stranded(labels, i, j, decide)
+    return labels, stats
+
+
+def rejoin_stranded(labels: np.ndarray, i: np.ndarray, j: np.ndarray, decide: Callable[[int, int], bool]) -> np.ndarray:
+    """Give a star to the images `star_clusters` left alone although they have confirmed copies: each such copy
+    went to another star (the source of a copy, taken by a third copy of it, as in a series of re-exports).
+    The image joins the star of one of them when `decide` confirms it a copy of that star's representative
+    too, so every member is still confirmed against the common image (the rule that keeps look-alikes from
+    chaining); otherwise it stays alone and its link is not counted."""
+    n = len(labels)
+    adj = sparse.coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(n, n))
+    adj = (adj + adj.T).tocsr()
+    sizes = np.bincount(labels, minlength=n)
+    for s in np.flatnonzero((sizes[labels] == 1) & (np.diff(adj.indptr) > 0)):
+        reps, counts = np.unique(labels[adj.indices[adj.indptr[s] : adj.indptr[s + 1]]], return_counts=True)
+        for rep in reps[np.argsort(-counts, kind="stable")]:
+            if rep != s and decide(int(s), int(rep)):
+                labels[s] = rep
+                break
+    return labels

@@ -17,6 +17,7 @@ from datamodules.duplicates import (
     low_detail,
     near_pairs,
     popcount,
+    rejoin_stranded,
     star_clusters,
     variant_hashes,
 )
@@ -180,6 +181,18 @@ def test_star_clusters_do_not_chain_look_alikes():
 def test_star_cluster_takes_every_copy_of_the_most_copied_image():
     labels = star_clusters(5, np.array([0, 0, 0, 3]), np.array([1, 2, 3, 4]))
     assert labels[0] == labels[1] == labels[2] == labels[3] and labels[4] != labels[0]
+
+
+def test_a_stranded_copy_joins_a_star_only_when_confirmed_against_its_representative():
+    # 0 has copies 1, 2, 3; 4 is a copy of 3 alone: the star of 0 takes 3, leaving 4 with no cluster.
+    i, j = np.array([0, 0, 0, 3]), np.array([1, 2, 3, 4])
+    labels = star_clusters(6, i, j)
+    assert labels[4] == 4 and labels[3] == 0
+    asked = []
+    joined = rejoin_stranded(labels.copy(), i, j, lambda a, b: asked.append((a, b)) or True)
+    assert asked == [(4, 0)] and joined[4] == 0 and joined[5] == 5
+    refused = rejoin_stranded(labels.copy(), i, j, lambda a, b: False)
+    assert refused[4] == 4  # not confirmed against 0: stays alone, however close to 3
 
 
 def test_multi_index_search_equals_brute_force():
