@@ -25,8 +25,9 @@ from datamodules.duplicates import LOW_DETAIL_SIDE, cluster_images, pixel_digest
 from datamodules.images import ImageDecodeError, load_image
 
 CATEGORIES = ("label_conflict", "leakage", "cross_patient", "redundant")
-AUDIT_VERSION = 4  # 2: hashes of centred crops, registration check, star clusters, low-detail images; 3: fine
-# check at 256 px; 4: 16 one-sided crops, each image's whole-image hash looked up among the others' crops
+AUDIT_VERSION = 5  # 2: hashes of centred crops, registration check, star clusters, low-detail images; 3: fine
+# check at 256 px; 4: 16 one-sided crops, each image's whole-image hash looked up among the others' crops;
+# 5: fine check from 100 px, stranded copies rejoin a star, non-rigid and widely differing pairs refused
 # The audit decodes its own 64x64 grayscale copy of every image (one more entry of the decode cache, shared
 # by every training size): `duplicates.similarity` compares detail at a fixed fraction of the image, and at
 # 32 px distinct phantoms become indistinguishable while at 128 px JPEG and resampling wash the detail out.

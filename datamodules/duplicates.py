@@ -32,6 +32,7 @@ from datamodules.duplicate_check import (
     detail,
     gray,
     highpass,
+    scaled_scores,
     shifted_scores,
 )
 
@@ -247,7 +248,8 @@ def hash_distances(hashes: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarr
 def _worth_registering(i: np.ndarray, j: np.ndarray, scores: np.ndarray, linked: np.ndarray,
                        distances: np.ndarray) -> list[int]:
     """Indices of the unlinked candidate pairs to register: for each image, its `REGISTER_PER_IMAGE` // 2
-    best pairs by shift-check score and as many by hash distance. Each ranking finds copies the other misses:
+    best pairs by shift-check score (the best over the scale hypotheses, `scaled_scores`) and as many by hash
+    distance. Each ranking finds copies the other misses:
     a marked copy of a phantom scores high but its hash is no closer than its look-alikes' (by distance
     alone: 48% of them found), a cropped copy of a CT slice has the closer hash but scores no higher than the
     neighbouring slices (by score alone: 98.5% of COVID-CT's crops found; by both: 100%)."""
@@ -343,7 +345,8 @@ def cluster_images(
         # Equal hashes are checked too: distinct look-alikes (the phantoms) can share all 64 bits.
         scores = shifted_scores(details, i, j)
         keep = scores >= min_similarity
-        chosen = _worth_registering(i, j, scores, keep, hash_distances(hashes, i, j))
+        ranking = np.maximum(scores, scaled_scores(images, details, i, j))  # a cropped copy ranks high here
+        chosen = _worth_registering(i, j, ranking, keep, hash_distances(hashes, i, j))
         if fine is not None and sides is not None:  # the shift check's links of large images: the fine check too
             chosen += np.flatnonzero(keep & (np.minimum(sides[i], sides[j]) >= FINE_SIZE)).tolist()
         # One BLAS thread: the checks' dot products and fits are a few thousand values each, and OpenBLAS's
