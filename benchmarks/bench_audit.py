@@ -64,6 +64,7 @@ KNOWN = [
     # between the originals, but a transformed copy can bring one within it.
     ("CT_COVID/2020.03.22.20040782-p24-1533-1.png", "CT_COVID/2020.03.22.20040782-p25-1542.png"),
     ("CT_COVID/2020.03.22.20040782-p24-1533-5.png", "CT_COVID/2020.03.22.20040782-p25-1544.png"),
+    ("CT_COVID/2020.03.22.20040782-p24-1533-2.png", "CT_COVID/2020.03.22.20040782-p25-1541.png"),
 ]
 
 

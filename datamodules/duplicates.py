@@ -270,13 +270,13 @@ def _worth_registering(i: np.ndarray, j: np.ndarray, scores: np.ndarray, linked:
 # - a near miss at 64 px (FINE_GATE up to `min_confirmed`: cropped and marked copies score down to ~0.83 there,
 #   and so do adjacent CT slices, up to 0.90) is linked when the fine check finds a copy (detail >= FINE_MIN,
 #   rigid, few pixels differing);
-# - a pair at or above `min_confirmed` at 64 px, of images stored at >= FINE_SIZE px (not upsampled for the
-#   check), is linked unless its 256 px detail falls below FINE_FLOOR: a look-alike can agree at 64 px and
+# - a pair at or above `min_confirmed` at 64 px is linked unless it moves non-rigidly and differs widely at
+#   once (`FineCheck.is_other_image`: adjacent slices that a re-encode lifts to 0.90-0.91 at 64 px, stored
+#   at 146-512 px), and, for images stored at >= FINE_SIZE px (not upsampled for the check), unless its 256 px
+#   detail falls below FINE_FLOOR: a look-alike can agree at 64 px and
 #   not at 256 px (a generated scan deformed smoothly by ~4 px: up to 0.92 at 64 px, 0.39-0.65 at 256 px),
 #   while copies keep >= 0.75 (COVID-CT, all four transforms combined) and >= 0.63 on generated
-#   noise-textured scans, whose detail resampling decorrelates most (so the floor cannot be higher);
-#   and unless it moves non-rigidly and differs widely at once (`FineCheck.is_other_image`: adjacent slices
-#   that a re-encode lifts to 0.91 at 64 px).
+#   noise-textured scans, whose detail resampling decorrelates most (so the floor cannot be higher).
 FINE_GATE = 0.8
 FINE_MIN = 0.78
 FINE_FLOOR = 0.6
@@ -301,12 +301,14 @@ def _register_pairs(images: np.ndarray, i: np.ndarray, j: np.ndarray, chosen: li
         score, warp = confirm(images[a], images[b])
         side = min(sides[a], sides[b]) if fine is not None and sides is not None else 0
         out[k] = bool(linked[k]) or score >= min_confirmed
-        check = side >= FINE_SIZE if out[k] else side >= FINE_MIN_SIDE and score >= FINE_GATE
-        if check and warp is not None:
+        if side >= FINE_MIN_SIDE and (out[k] or score >= FINE_GATE) and warp is not None:
             pair = load(a), load(b)
             if pair[0] is not None and pair[1] is not None:  # else a file that cannot be read: the 64 px decision
                 found = confirm_fine(*pair, warp)
-                out[k] = found.score >= FINE_FLOOR and not found.is_other_image() if out[k] else found.is_copy(FINE_MIN)
+                if out[k]:
+                    out[k] = not found.is_other_image() and (side < FINE_SIZE or found.score >= FINE_FLOOR)
+                else:
+                    out[k] = found.is_copy(FINE_MIN)
     return out
 
 
@@ -348,7 +350,7 @@ def cluster_images(
         ranking = np.maximum(scores, scaled_scores(images, details, i, j))  # a cropped copy ranks high here
         chosen = _worth_registering(i, j, ranking, keep, hash_distances(hashes, i, j))
         if fine is not None and sides is not None:  # the shift check's links of large images: the fine check too
-            chosen += np.flatnonzero(keep & (np.minimum(sides[i], sides[j]) >= FINE_SIZE)).tolist()
+            chosen += np.flatnonzero(keep & (np.minimum(sides[i], sides[j]) >= FINE_MIN_SIDE)).tolist()
         # One BLAS thread: the checks' dot products and fits are a few thousand values each, and OpenBLAS's
         # thread pool costs more than it saves there (a 256 px line fit: 0.3 ms on one thread, 24 ms with
         # the pool while other processes load the cores, as training beside the audit does).
@@ -365,7 +367,7 @@ def cluster_images(
             """The pair check above, for one pair."""
             pair = np.array([min(a, b)]), np.array([max(a, b)])
             linked = shifted_scores(details, *pair) >= min_similarity
-            large = fine is not None and sides is not None and min(sides[a], sides[b]) >= FINE_SIZE
+            large = fine is not None and sides is not None and min(sides[a], sides[b]) >= FINE_MIN_SIDE
             if linked[0] and not large:
                 return True
             with threadpool_limits(limits=1, user_api="blas"):
