@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import cv2
+import numpy as np
 import polars as pl
 import pytest
 
 from datamodules.datamodule import ImageDataModule
+from datamodules.duplicate_check import FINE_SIZE, confirm, confirm_fine
+from datamodules.images import resize
 from errors import DataError
 
 
@@ -51,3 +55,18 @@ def test_covid_ct_audit_keeps_every_known_cluster_and_finds_the_marked_and_resca
     # the issue's adjacent slices stay apart
     assert not any({"CT_COVID/2020.02.22.20024927-p19-68%1.png", "CT_NonCOVID/30%1.jpg"} <= c for c in clusters)
     assert max(len(c) for c in clusters) <= 3  # no chains
+
+
+@pytest.mark.slow
+def test_adjacent_slices_that_a_reencode_lifts_over_the_threshold_are_vetoed_and_copies_are_not(covid_ct):
+    """39%3 and 39%6 (146 px, adjacent slices) score 0.90 at 64 px once one is re-encoded; at 256 px they move
+    non-rigidly and differ widely, which no copy does (1330 and 1332: one slice, arrows burnt in on one)."""
+    def pair(a: str, b: str):
+        files = [cv2.imread(str(covid_ct / name), cv2.IMREAD_GRAYSCALE) for name in (a, b)]
+        small = [resize(f[..., None], (64, 64)) for f in files]
+        _, warp = confirm(*small)
+        return confirm_fine(*(resize(f[..., None], (FINE_SIZE, FINE_SIZE))[..., 0].astype(np.float32) for f in files), warp)
+
+    assert pair("CT_NonCOVID/39%3.jpg", "CT_NonCOVID/39%6.jpg").is_other_image()
+    assert pair("CT_NonCOVID/1099.png", "CT_NonCOVID/1100.png").is_other_image()
+    assert not pair("CT_NonCOVID/1330.png", "CT_NonCOVID/1332.png").is_other_image()
