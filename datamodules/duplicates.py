@@ -342,39 +342,52 @@ def cluster_images(
     flat = low_detail(images, sides) if len(images) else np.zeros(0, bool)
     stats = {"candidates": len(i), "low_detail": int(flat.sum()), "flat": flat}
     i, j = i[~(flat[i] | flat[j])], j[~(flat[i] | flat[j])]  # a low-detail image: identical pixels only
-    details = detail(images) if min_similarity is not None and len(i) else None
-    if min_similarity is not None and len(i):
+    if min_similarity is None or not len(i):
+        stats["rejected"] = stats["candidates"] - len(i)
+        return star_clusters(len(images), i, j), stats
+    check = _PairCheck(images, min_similarity, min_confirmed, sides, fine)
+    # One BLAS thread: the checks' dot products and fits are a few thousand values each, and OpenBLAS's
+    # thread pool costs more than it saves there (a 256 px line fit: 0.3 ms on one thread, 24 ms with
+    # the pool while other processes load the cores, as training beside the audit does).
+    with threadpool_limits(limits=1, user_api="blas"):
+        keep = check.candidates(i, j, hashes)
+        i, j = i[keep], j[keep]
+        stats["rejected"] = stats["candidates"] - len(i)
+        return rejoin_stranded(star_clusters(len(images), i, j), i, j, check.pair), stats
+
+
+class _PairCheck:
+    """The pixel check of `cluster_images`: all candidate pairs at once (`candidates`), or one pair (`pair`)."""
+
+    def __init__(self, images: np.ndarray, min_similarity: float, min_confirmed: float, sides: np.ndarray | None,
+                 fine: Callable[[int], np.ndarray | None] | None):
+        self.images, self.details = images, detail(images)
+        self.min_similarity, self.min_confirmed = min_similarity, min_confirmed
+        self.sides, self.fine = sides, fine
+
+    def candidates(self, i: np.ndarray, j: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+        """(P,) bool: the candidate pairs (i, j) confirmed as copies."""
         # Equal hashes are checked too: distinct look-alikes (the phantoms) can share all 64 bits.
-        scores = shifted_scores(details, i, j)
-        keep = scores >= min_similarity
-        ranking = np.maximum(scores, scaled_scores(images, details, i, j))  # a cropped copy ranks high here
+        scores = shifted_scores(self.details, i, j)
+        keep = scores >= self.min_similarity
+        ranking = scores.copy()  # a cropped copy ranks high at its scale (`scaled_scores`)
+        ranking[~keep] = np.maximum(scores[~keep], scaled_scores(self.images, self.details, i[~keep], j[~keep]))
         chosen = _worth_registering(i, j, ranking, keep, hash_distances(hashes, i, j))
-        if fine is not None and sides is not None:  # the shift check's links of large images: the fine check too
-            chosen += np.flatnonzero(keep & (np.minimum(sides[i], sides[j]) >= FINE_MIN_SIDE)).tolist()
-        # One BLAS thread: the checks' dot products and fits are a few thousand values each, and OpenBLAS's
-        # thread pool costs more than it saves there (a 256 px line fit: 0.3 ms on one thread, 24 ms with
-        # the pool while other processes load the cores, as training beside the audit does).
-        with threadpool_limits(limits=1, user_api="blas"):
-            decided = _register_pairs(images, i, j, chosen, min_confirmed, fine, sides, keep)
+        if self.fine is not None and self.sides is not None:  # the shift check's links: the fine check's veto too
+            chosen += np.flatnonzero(keep & (np.minimum(self.sides[i], self.sides[j]) >= FINE_MIN_SIDE)).tolist()
+        decided = _register_pairs(self.images, i, j, chosen, self.min_confirmed, self.fine, self.sides, keep)
         for k, linked in decided.items():
             keep[k] = linked
-        i, j = i[keep], j[keep]
-    stats["rejected"] = stats["candidates"] - len(i)
-    labels = star_clusters(len(images), i, j)
-    if details is not None and len(i):
+        return keep
 
-        def decide(a: int, b: int) -> bool:
-            """The pair check above, for one pair."""
-            pair = np.array([min(a, b)]), np.array([max(a, b)])
-            linked = shifted_scores(details, *pair) >= min_similarity
-            large = fine is not None and sides is not None and min(sides[a], sides[b]) >= FINE_MIN_SIDE
-            if linked[0] and not large:
-                return True
-            with threadpool_limits(limits=1, user_api="blas"):
-                return _register_pairs(images, *pair, [0], min_confirmed, fine, sides, linked)[0]
-
-        labels = rejoin_stranded(labels, i, j, decide)
-    return labels, stats
+    def pair(self, a: int, b: int) -> bool:
+        """Whether images a and b are confirmed copies, by the same rules."""
+        i, j = np.array([min(a, b)]), np.array([max(a, b)])
+        linked = shifted_scores(self.details, i, j) >= self.min_similarity
+        large = self.fine is not None and self.sides is not None and min(self.sides[a], self.sides[b]) >= FINE_MIN_SIDE
+        if linked[0] and not large:
+            return True
+        return _register_pairs(self.images, i, j, [0], self.min_confirmed, self.fine, self.sides, linked)[0]
 
 
 def rejoin_stranded(labels: np.ndarray, i: np.ndarray, j: np.ndarray, decide: Callable[[int, int], bool]) -> np.ndarray:

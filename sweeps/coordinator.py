@@ -74,6 +74,7 @@ class StageStudy:
 
 JOURNAL = "journal://"
 ALIVE_AT = "alive_at"  # the liveness record of a trial on storages without Optuna's heartbeat (journal)
+OWNER = "owner"  # {trial, host, pid, pid_start} of the worker process that claimed a trial
 
 
 def journal_path(url: str) -> str:
@@ -266,11 +267,16 @@ def fail(ss: StageStudy, number: int, reason: str, state: TrialState = TrialStat
 
 
 def _stale_reason(ss: StageStudy, trial: FrozenTrial, own_heartbeat: bool, now: float) -> str | None:
-    """Why a RUNNING trial's worker is gone (None: it may be alive). Same host: its pid. Other hosts, on a
-    storage without Optuna's heartbeat: its `alive_at` record (or its start) older than the grace period."""
+    """Why a RUNNING trial's worker is gone (None: it may be alive). Its owner on this host: its pid. Otherwise
+    (another host, or no owner recorded for this trial yet), on a storage without Optuna's heartbeat: its
+    `alive_at` record (or its start) older than the grace period."""
     ua = trial.user_attrs
-    if ua.get("host") == HOST and ua.get("pid"):
-        return None if _alive(ua.get("pid"), ua.get("pid_start")) else f"worker {HOST}:{ua.get('pid')} stopped"
+    owner = ua.get(OWNER) or {}
+    # The owner must name this trial: Optuna's RetryHeartbeatStaleTrialCallback copies the failed trial's
+    # user attrs, its dead worker's owner included, into the retry.
+    if owner.get("trial") == trial.number and owner.get("host") == HOST:
+        pid = owner.get("pid")
+        return None if _alive(pid, owner.get("pid_start")) else f"worker {HOST}:{pid} stopped"
     if not own_heartbeat:
         return None  # Optuna's fail_stale_trials judges it
     last = ua.get(ALIVE_AT)
@@ -328,21 +334,27 @@ def claim(ss: StageStudy) -> FrozenTrial | None:
             tid = ss.trial_id(t.number)
             try:
                 if ss.storage.set_trial_state_values(tid, TrialState.RUNNING):
-                    _mark_owner(ss.storage, tid)
+                    _mark_owner(ss.storage, tid, t.number)
                     return ss.storage.get_trial(tid)
             except UpdateFinishedTrialError:
                 continue
     return None
 
 
-def _mark_owner(storage: optuna.storages.BaseStorage, trial_id: int) -> None:
-    """Record which process owns a claimed trial, at once (preparing it can take a while). `host` is written
-    last: a worker on this host that reads `host` also reads the pid it judges liveness by (`_stale_reason`)."""
-    owner = {"pid_start": _process_start(os.getpid()), "pid": os.getpid()}
+def _mark_owner(storage: optuna.storages.BaseStorage, trial_id: int, number: int) -> None:
+    """Record at once which process owns a claimed trial (one attribute, so that no worker reads half of it;
+    preparing the trial can take a while) and its first sign of life; `Heartbeat` keeps it alive while it trains."""
+    owner = {"trial": number, "host": HOST, "pid": os.getpid(), "pid_start": _process_start(os.getpid())}
+    storage.set_trial_user_attr(trial_id, OWNER, owner)
+    for key in ("host", "pid"):  # for people and tools reading the study
+        storage.set_trial_user_attr(trial_id, key, owner[key])
     if os.environ.get("SLURM_ARRAY_JOB_ID"):  # which array task trains it: `scancel` / `sacct` need its id
-        owner["slurm_job"] = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
-    for key, value in (*owner.items(), ("host", HOST)):
-        storage.set_trial_user_attr(trial_id, key, value)
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+        storage.set_trial_user_attr(trial_id, "slurm_job", job)
+    if has_optuna_heartbeat(storage):
+        storage.record_heartbeat(trial_id)
+    elif isinstance(storage, optuna.storages.JournalStorage):
+        storage.set_trial_user_attr(trial_id, ALIVE_AT, time.time())
 
 
 @contextmanager
@@ -450,7 +462,11 @@ def work(
             ss.set_attr(trial.number, "duplicate_of", owner)
             ss.study.tell(trial.number, state=TrialState.PRUNED)
             continue
-        run_trial(ss, trial)
+        try:
+            run_trial(ss, trial)
+        except UpdateFinishedTrialError:  # another worker judged it stopped meanwhile (its liveness went stale)
+            log.warning(f"[sweep] {ss.stage.name} trial {trial.number}: another worker recorded it as interrupted "
+                        "while it ran; its retry decides the grid point")
 
 
 def finished(study: optuna.Study, states: Iterable[TrialState] = (TrialState.COMPLETE,)) -> list[FrozenTrial]:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from errors import ConfigError
@@ -130,12 +129,7 @@ class TrialRunner:
             coord.fail(ss, number, f"{coord.INTERRUPTED}: {STOPPED_BY}{e.name}")
             raise
         seconds = time.perf_counter() - started
-        try:
-            self._record(ss, number, run_dir, cfg, outcome, seconds)
-        except UpdateFinishedTrialError:  # another worker judged it stopped meanwhile and enqueued it again
-            log.warning(f"[sweep] {self.stage.name} {label}: another worker recorded this trial as interrupted while "
-                        f"it ran (its liveness record went stale); its retry decides the grid point, {run_dir} stays")
-            return
+        self._record(ss, number, run_dir, cfg, outcome, seconds)
         self.progress.trial_finished(seconds, points_done(ss), selection.leader(self.sweep, ss))
 
     def _continue_rung(self, ss: coord.StageStudy, number: int, params: dict[str, Any], cfg: dict) -> str | None:
@@ -231,14 +225,14 @@ class TrialRunner:
         for key in ("metrics", "params", "epoch", "epochs_run"):
             ss.set_attr(number, key, summary[key])
         if RunFiles(run_dir).pruned.exists():
-            ss.study.tell(number, state=TrialState.PRUNED)
+            ss.study.tell(number, state=TrialState.PRUNED, skip_if_finished=True)
             log.info(f"{name} pruned after {summary['epochs_run']} epochs")
             return
         value = summary["metrics"].get(self.stage.objective)
         if value is None:
             coord.fail(ss, number, f"objective '{self.stage.objective}' was not logged")
             return
-        ss.study.tell(number, value)
+        ss.study.tell(number, value, skip_if_finished=True)
         log.info(f"{name} done in {seconds:.0f}s: {self.stage.objective}={value:.4f}")
 
 

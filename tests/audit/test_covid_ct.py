@@ -65,6 +65,7 @@ def test_adjacent_slices_that_a_reencode_lifts_over_the_threshold_are_vetoed_and
         files = [cv2.imread(str(covid_ct / name), cv2.IMREAD_GRAYSCALE) for name in (a, b)]
         small = [resize(f[..., None], (64, 64)) for f in files]
         _, warp = confirm(*small)
+        assert warp is not None, f"{a} and {b} did not register at 64 px"
         return confirm_fine(*(resize(f[..., None], (FINE_SIZE, FINE_SIZE))[..., 0].astype(np.float32) for f in files), warp)
 
     assert pair("CT_NonCOVID/39%3.jpg", "CT_NonCOVID/39%6.jpg").is_other_image()

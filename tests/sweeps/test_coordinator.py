@@ -67,8 +67,7 @@ def test_running_trial_of_a_dead_process_is_recovered(tmp_path):
     proc = mp.get_context("fork").Process(target=lambda: None)
     proc.start()
     proc.join()  # a pid that no longer runs, on this host
-    for key, value in (("host", coord.HOST), ("pid", proc.pid), ("pid_start", None)):
-        ss.set_attr(trial.number, key, value)
+    ss.set_attr(trial.number, coord.OWNER, {"trial": trial.number, "host": coord.HOST, "pid": proc.pid, "pid_start": None})
     assert coord.recover_stale(ss) == [trial.number]
     old = ss.study.get_trials()[trial.number]
     assert old.state == TrialState.FAIL and coord.is_interrupted(old)
@@ -76,16 +75,24 @@ def test_running_trial_of_a_dead_process_is_recovered(tmp_path):
     assert [coord.grid_params(t)["candidate"] for t in waiting].count("a") == 1
 
 
-def test_a_claimed_trial_names_its_owner_at_once_and_is_not_judged_stopped_while_being_marked(tmp_path):
-    """Another worker on this host reads the trial between the claim and the run: the owner is already there;
-    a record with the host but not yet its pid (written in that order by older versions) is not judged stopped."""
+def test_a_claimed_trial_names_its_owner_at_once_and_a_copied_owner_is_not_trusted(tmp_path):
+    """Another worker on this host reads the trial between the claim and the run: its owner is already there.
+    A retry that carries its failed predecessor's owner (Optuna's RetryHeartbeatStaleTrialCallback copies the
+    user attrs) is not judged by that dead pid while its own owner is being written."""
     ss = open_stage(tmp_path)
     coord.ensure_grid(ss)
     trial = coord.claim(ss)
-    assert (trial.user_attrs["host"], trial.user_attrs["pid"]) == (coord.HOST, os.getpid())
+    assert trial.user_attrs[coord.OWNER] == {"trial": trial.number, "host": coord.HOST, "pid": os.getpid(),
+                                             "pid_start": coord._process_start(os.getpid())}
+    proc = mp.get_context("fork").Process(target=lambda: None)
+    proc.start()
+    proc.join()  # a pid that no longer runs, on this host
     other = coord.claim(ss)
-    ss.storage.set_trial_user_attr(ss.trial_id(other.number), "pid", None)
+    copied = {"trial": other.number - 1, "host": coord.HOST, "pid": proc.pid, "pid_start": None}
+    ss.set_attr(other.number, coord.OWNER, copied)  # its predecessor's, as if copied before its own was written
     assert coord.recover_stale(ss) == []
+    ss.set_attr(other.number, coord.OWNER, {**copied, "trial": other.number})  # its own owner, now dead
+    assert coord.recover_stale(ss) == [other.number]
 
 
 def test_duplicate_enqueue_trains_once(tmp_path):
@@ -103,7 +110,7 @@ def test_trial_of_another_host_whose_heartbeat_stopped_is_failed_and_retried(tmp
     coord.ensure_grid(ss)
     trial = coord.claim(ss)
     with coord.Heartbeat(ss, trial.number, seconds=1):
-        ss.set_attr(trial.number, "host", "another-machine")  # its pid means nothing here
+        ss.set_attr(trial.number, coord.OWNER, {"trial": trial.number, "host": "another-machine", "pid": 1})  # its pid means nothing here
     assert coord.recover_stale(ss) == []  # its heartbeat is fresh
     time.sleep(2.1)  # past the 1 s grace period (heartbeats are stored to the second)
     assert coord.recover_stale(ss) == [trial.number]
@@ -150,7 +157,7 @@ def test_journal_trial_of_another_host_is_retried_once_its_own_liveness_record_i
         return ss.study.get_trials()[trial.number].user_attrs[coord.ALIVE_AT]
 
     with coord.Heartbeat(ss, trial.number, seconds=0.1):
-        ss.set_attr(trial.number, "host", "another-node")
+        ss.set_attr(trial.number, coord.OWNER, {"trial": trial.number, "host": "another-node", "pid": 1})
         first = alive_at()
         time.sleep(0.35)
         assert alive_at() > first  # refreshed while the trial runs
