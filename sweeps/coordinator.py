@@ -351,6 +351,12 @@ def _mark_owner(storage: optuna.storages.BaseStorage, trial_id: int, number: int
     if os.environ.get("SLURM_ARRAY_JOB_ID"):  # which array task trains it: `scancel` / `sacct` need its id
         job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
         storage.set_trial_user_attr(trial_id, "slurm_job", job)
+    record_alive(storage, trial_id)
+
+
+def record_alive(storage: optuna.storages.BaseStorage, trial_id: int) -> None:
+    """One sign of life of a running trial: Optuna's storage heartbeat (RDB storages opened with one), else its own
+    `alive_at` record (journal storage, which Optuna gives no heartbeat); nothing on other storages."""
     if has_optuna_heartbeat(storage):
         storage.record_heartbeat(trial_id)
     elif isinstance(storage, optuna.storages.JournalStorage):
@@ -387,27 +393,18 @@ def duplicate_of(ss: StageStudy, trial: FrozenTrial) -> int | None:
 
 
 class Heartbeat:
-    """Marks a claimed trial (its owner recorded by `claim`) as alive every `seconds`: Optuna's storage heartbeat
-    (RDB storages opened with one) or else its own `alive_at` record (journal storage, which Optuna gives no heartbeat)."""
+    """Marks a claimed trial (its owner recorded by `claim`) as alive every `seconds` (`record_alive`) while it runs."""
 
     def __init__(self, ss: StageStudy, number: int, seconds: float):
         self.storage, self.trial_id, self.seconds = ss.storage, ss.trial_id(number), seconds
         self._stop = threading.Event()
-        self._optuna = has_optuna_heartbeat(self.storage)
-        self._own = isinstance(self.storage, optuna.storages.JournalStorage)
-        self._record()
+        record_alive(self.storage, self.trial_id)
         self._thread = threading.Thread(target=self._beat, daemon=True)
-
-    def _record(self) -> None:
-        if self._optuna:
-            self.storage.record_heartbeat(self.trial_id)
-        elif self._own:
-            self.storage.set_trial_user_attr(self.trial_id, ALIVE_AT, time.time())
 
     def _beat(self) -> None:
         while not self._stop.wait(self.seconds):
             try:
-                self._record()
+                record_alive(self.storage, self.trial_id)
             except Exception:  # noqa: BLE001 -- a missed beat must not kill the trial; staleness has a grace
                 pass
 
