@@ -60,14 +60,20 @@ def shifted_scores(detail_images: np.ndarray, i: np.ndarray, j: np.ndarray, max_
     """
     spectra = np.fft.rfft2(detail_images)  # (N, H, W//2+1)
     h, w = detail_images.shape[1:]
-    near = np.zeros((h, w), bool)
-    near[np.r_[0 : max_shift + 1, h - max_shift : h][:, None], np.r_[0 : max_shift + 1, w - max_shift : w]] = True
+    near = _near_shifts(h, w, max_shift)
     out = np.empty(len(i), np.float32)
     for s in range(0, len(i), chunk):
         a, b = i[s : s + chunk], j[s : s + chunk]
         xcorr = np.fft.irfft2(spectra[a] * np.conj(spectra[b]), s=(h, w))  # (B, H, W)
         out[s : s + chunk] = xcorr[:, near].max(axis=1) if len(a) else 0
     return out
+
+
+def _near_shifts(h: int, w: int, max_shift: int) -> np.ndarray:
+    """(h, w) bool: the entries of a circular cross-correlation that are shifts of at most `max_shift` px."""
+    near = np.zeros((h, w), bool)
+    near[np.r_[0 : max_shift + 1, h - max_shift : h][:, None], np.r_[0 : max_shift + 1, w - max_shift : w]] = True
+    return near
 
 
 def scaled_scores(images: np.ndarray, detail_images: np.ndarray, i: np.ndarray, j: np.ndarray, max_shift: int = 4,
@@ -83,8 +89,7 @@ def scaled_scores(images: np.ndarray, detail_images: np.ndarray, i: np.ndarray, 
     h, w = detail_images.shape[1:]
     if h != w:
         raise ValueError(f"scaled_scores needs square audit images, got {h}x{w}")
-    near = np.zeros((h, w), bool)
-    near[np.r_[0 : max_shift + 1, h - max_shift : h][:, None], np.r_[0 : max_shift + 1, w - max_shift : w]] = True
+    near = _near_shifts(h, w, max_shift)
     warps = [_scaled(sx, sy, size=h) for sx in _SCALES for sy in _SCALES if not sx == sy == 1.0]
     order = np.argsort(j, kind="stable")
     best = np.full(len(i), -1.0, np.float32)

@@ -345,12 +345,12 @@ def cluster_images(
     if min_similarity is None or not len(i):
         stats["rejected"] = stats["candidates"] - len(i)
         return star_clusters(len(images), i, j), stats
-    check = _PairCheck(images, min_similarity, min_confirmed, sides, fine)
+    check = _PairCheck(images, hashes, min_similarity, min_confirmed, sides, fine)
     # One BLAS thread: the checks' dot products and fits are a few thousand values each, and OpenBLAS's
     # thread pool costs more than it saves there (a 256 px line fit: 0.3 ms on one thread, 24 ms with
     # the pool while other processes load the cores, as training beside the audit does).
     with threadpool_limits(limits=1, user_api="blas"):
-        keep = check.candidates(i, j, hashes)
+        keep = check.candidates(i, j)
         i, j = i[keep], j[keep]
         stats["rejected"] = stats["candidates"] - len(i)
         return rejoin_stranded(star_clusters(len(images), i, j), i, j, check.pair), stats
@@ -359,20 +359,20 @@ def cluster_images(
 class _PairCheck:
     """The pixel check of `cluster_images`: all candidate pairs at once (`candidates`), or one pair (`pair`)."""
 
-    def __init__(self, images: np.ndarray, min_similarity: float, min_confirmed: float, sides: np.ndarray | None,
-                 fine: Callable[[int], np.ndarray | None] | None):
-        self.images, self.details = images, detail(images)
+    def __init__(self, images: np.ndarray, hashes: np.ndarray, min_similarity: float, min_confirmed: float,
+                 sides: np.ndarray | None, fine: Callable[[int], np.ndarray | None] | None):
+        self.images, self.hashes, self.details = images, hashes, detail(images)
         self.min_similarity, self.min_confirmed = min_similarity, min_confirmed
         self.sides, self.fine = sides, fine
 
-    def candidates(self, i: np.ndarray, j: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    def candidates(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         """(P,) bool: the candidate pairs (i, j) confirmed as copies."""
         # Equal hashes are checked too: distinct look-alikes (the phantoms) can share all 64 bits.
         scores = shifted_scores(self.details, i, j)
         keep = scores >= self.min_similarity
         ranking = scores.copy()  # a cropped copy ranks high at its scale (`scaled_scores`)
         ranking[~keep] = np.maximum(scores[~keep], scaled_scores(self.images, self.details, i[~keep], j[~keep]))
-        chosen = _worth_registering(i, j, ranking, keep, hash_distances(hashes, i, j))
+        chosen = _worth_registering(i, j, ranking, keep, hash_distances(self.hashes, i, j))
         if self.fine is not None and self.sides is not None:  # the shift check's links: the fine check's veto too
             chosen += np.flatnonzero(keep & (np.minimum(self.sides[i], self.sides[j]) >= FINE_MIN_SIDE)).tolist()
         decided = _register_pairs(self.images, i, j, chosen, self.min_confirmed, self.fine, self.sides, keep)
@@ -381,13 +381,8 @@ class _PairCheck:
         return keep
 
     def pair(self, a: int, b: int) -> bool:
-        """Whether images a and b are confirmed copies, by the same rules."""
-        i, j = np.array([min(a, b)]), np.array([max(a, b)])
-        linked = shifted_scores(self.details, i, j) >= self.min_similarity
-        large = self.fine is not None and self.sides is not None and min(self.sides[a], self.sides[b]) >= FINE_MIN_SIDE
-        if linked[0] and not large:
-            return True
-        return _register_pairs(self.images, i, j, [0], self.min_confirmed, self.fine, self.sides, linked)[0]
+        """Whether images a and b are confirmed copies: `candidates` for the one pair."""
+        return bool(self.candidates(np.array([min(a, b)]), np.array([max(a, b)]))[0])
 
 
 def rejoin_stranded(labels: np.ndarray, i: np.ndarray, j: np.ndarray, decide: Callable[[int, int], bool]) -> np.ndarray:
