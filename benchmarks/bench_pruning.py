@@ -56,7 +56,7 @@ def sweep_config(tmp: Path, variant: str, seed: int, args) -> dict:
                       "model": {"network": {"pretrained": False, "pool": None, "hidden": None, "dropout": None},
                                 **args.model},
                       "run": {"early_stopping_patience": None}},
-        "stage1": stage1, "stage2": {"optimizers": ["adam"], "losses": ["ce"]}, "cv": cv, "seed": seed,
+        "stage1": stage1, "stage2": {"optimizers": ["adam"], "losses": ["ce"], "overrides": {"lr": 0.002}}, "cv": cv, "seed": seed,
         "selection": {"rule": "metric", "metric": "val/loss", "direction": "minimize"},
         "pruner": keys.get("pruner", "none"), "test_winner": False, "wandb": "disabled",
     }
@@ -146,7 +146,11 @@ def main() -> None:
               f"stopping after 2 folds at p < {args.alpha}; seeds {42}..{42 + args.seeds - 1}", flush=True)
         results = {}
         for seed in range(42, 42 + args.seeds):
-            results[seed] = {v: run(Path(tmp), v, seed, args) for v in variants}
+            results[seed] = {}
+            for v in variants:  # each sweep's line as it ends: a long run that is stopped still says something
+                results[seed][v] = r = run(Path(tmp), v, seed, args)
+                print(f"  seed {seed} {TITLES[v]}: {r['epochs']} epochs, winner {r['winner']}, sweep wall "
+                      f"{r['wall']:.0f} s", flush=True)
     report(results, variants)
 
 

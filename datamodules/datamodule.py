@@ -7,7 +7,9 @@ same files back on every process, so every DDP rank and every rerun trains on id
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -71,6 +73,16 @@ class CachedImageDataset(Dataset):
         if not (image.flags.writeable and image.flags.c_contiguous):
             image = np.array(image)  # copy out of the map (when no transform already made a new array)
         return torch.from_numpy(image), int(self.labels[i])
+
+
+def _worker_context() -> mp.context.BaseContext | None:
+    """Loader workers fork on Linux, whatever the process's default start method is. A sweep's trial runs in a
+    child of the sweep's forkserver, where the default is forkserver (and Python 3.14 makes it the default on
+    Linux): every loader, the eval-mode pass at fit end included, then started its workers through a new
+    forkserver that imported torch, albumentations and the data modules again, 4 s per loader and 13 s per
+    trial at 32 px on COVID-CT (`benchmarks/bench_trials.py`). Forked workers share the parent's imports and
+    its memory-mapped cache. Elsewhere (macOS, Windows) the platform's default stays: fork is unsafe there."""
+    return mp.get_context("fork") if sys.platform.startswith("linux") else None
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -392,6 +404,7 @@ class ImageDataModule(LightningDataModule):
             batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             worker_init_fn=_seed_worker if self.num_workers > 0 else None,
+            multiprocessing_context=_worker_context() if self.num_workers > 0 else None,
         )
         if train:
             world = getattr(getattr(self, "trainer", None), "world_size", 1) or 1
