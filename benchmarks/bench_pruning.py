@@ -121,6 +121,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first_seed", type=int, default=42, help="seeds first_seed .. first_seed + seeds - 1")
     ap.add_argument("--candidates", type=int, default=len(CANDIDATES), help="the first N of the six candidates")
     ap.add_argument("--min_epochs", type=int, default=2, help="successive halving's first rung")
     ap.add_argument("--eta", type=int, default=3)
@@ -143,9 +144,9 @@ def main() -> None:
             args.model, dataset = {"positive_class": CLASSES[1]}, "tiny generated data (smoke)"
         print(f"stage 1 on {dataset}: {len(args.candidates)} candidates, {args.folds}-fold CV, {args.epochs} epochs at "
               f"{args.size}x{args.size}; successive halving min_epochs {args.min_epochs}, eta {args.eta}; fold early "
-              f"stopping after 2 folds at p < {args.alpha}; seeds {42}..{42 + args.seeds - 1}", flush=True)
+              f"stopping after 2 folds at p < {args.alpha}; seeds {args.first_seed}..{args.first_seed + args.seeds - 1}", flush=True)
         results = {}
-        for seed in range(42, 42 + args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             results[seed] = {}
             for v in variants:  # each sweep's line as it ends: a long run that is stopped still says something
                 results[seed][v] = r = run(Path(tmp), v, seed, args)

@@ -1,6 +1,7 @@
 """Trial overhead: what a sweep spends outside training steps.
 
     python benchmarks/bench_trials.py [--config configs/sweep_demo.yaml]
+    python benchmarks/bench_trials.py --num_workers 2   # with loader workers, as the study configs have
     python benchmarks/bench_trials.py --smoke     # that sweep shrunk: tiny generated data, 4 trials of 1 epoch
 
 Runs the sweep from scratch (a fresh name and storage) and prints, from the trials' own timing records:
@@ -45,10 +46,14 @@ def main() -> None:
     ap.add_argument("-v", action="store_true", help="also print the sweep's own timeline")
     ap.add_argument("--smoke", action="store_true", help="the sweep on tiny generated data, 2 candidates and 2 "
                                                          "stage-2 pairs of 1 epoch: checks the code path")
+    ap.add_argument("--num_workers", type=int, help="data.num_workers of every trial (the demo sweep sets 0; "
+                                                    "the study configs 2-4)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = yaml.safe_load(Path(args.config).read_text())
         cfg.update({"name": "bench", "root": tmp, "storage": None, "wandb": cfg.get("wandb")})
+        if args.num_workers is not None:
+            cfg.setdefault("overrides", {}).setdefault("data", {})["num_workers"] = args.num_workers
         if args.smoke:
             shrink(cfg, Path(tmp))
         path = Path(tmp) / "sweep.yaml"
