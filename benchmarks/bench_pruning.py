@@ -56,7 +56,8 @@ def sweep_config(tmp: Path, variant: str, seed: int, args) -> dict:
                       "model": {"network": {"pretrained": False, "pool": None, "hidden": None, "dropout": None},
                                 **args.model},
                       "run": {"early_stopping_patience": None}},
-        "stage1": stage1, "stage2": {"optimizers": ["adam"], "losses": ["ce"], "overrides": {"lr": 0.002}}, "cv": cv, "seed": seed,
+        "stage1": stage1, "cv": cv, "seed": seed,
+        "stage2": {"optimizers": ["adam"], "losses": ["ce"], "overrides": {"lr": 0.002}},  # = stage 1's: reused
         "selection": {"rule": "metric", "metric": "val/loss", "direction": "minimize"},
         "pruner": keys.get("pruner", "none"), "test_winner": False, "wandb": "disabled",
     }
@@ -144,7 +145,8 @@ def main() -> None:
             args.model, dataset = {"positive_class": CLASSES[1]}, "tiny generated data (smoke)"
         print(f"stage 1 on {dataset}: {len(args.candidates)} candidates, {args.folds}-fold CV, {args.epochs} epochs at "
               f"{args.size}x{args.size}; successive halving min_epochs {args.min_epochs}, eta {args.eta}; fold early "
-              f"stopping after 2 folds at p < {args.alpha}; seeds {args.first_seed}..{args.first_seed + args.seeds - 1}", flush=True)
+              f"stopping after 2 folds at p < {args.alpha}; seeds {args.first_seed}..{args.first_seed + args.seeds - 1}",
+              flush=True)
         results = {}
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             results[seed] = {}
