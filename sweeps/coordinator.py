@@ -320,7 +320,8 @@ def recover_stale(ss: StageStudy) -> list[int]:
 def claim(ss: StageStudy) -> FrozenTrial | None:
     """Atomically take the lowest-numbered WAITING trial (WAITING -> RUNNING), or None.
 
-    Checked against Optuna 5.0.0. Exactly-once claiming rests on one documented storage contract:
+    Exactly-once claiming rests on one documented storage contract (`BaseStorage.set_trial_state_values`;
+    read in Optuna 5.0.0 and 5.1.0, and tested on whichever Optuna is installed):
     `set_trial_state_values(id, RUNNING)` returns False when the trial is RUNNING already and raises
     `UpdateFinishedTrialError` when it has finished; the RDB storage does the check and the update under a
     row lock. `Study.ask` pops WAITING trials the same way, but creates a new, sampled trial when none is

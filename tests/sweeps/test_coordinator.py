@@ -7,7 +7,8 @@ import os
 import threading
 import time
 
-import optuna
+import pytest
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from sweeps import coordinator as coord
@@ -41,9 +42,13 @@ def test_claim_is_exactly_once_across_workers_and_never_creates_trials(tmp_path)
     assert coord.claim(ss) is None
     assert len(ss.study.get_trials()) == 8  # claiming never samples a new trial
     assert all(t.state == TrialState.RUNNING for t in ss.study.get_trials())
-    # `claim` rests on a storage contract checked against one Optuna version: another installed version
-    # fails here until the contract is checked again and the docstring updated.
-    assert f"Checked against Optuna {optuna.__version__}." in coord.claim.__doc__
+    # The contract itself, on the installed Optuna (a new release that changed it fails here, whatever its
+    # version): a claimed trial cannot be claimed again, a finished one raises.
+    first = ss.study.get_trials()[0]
+    assert ss.storage.set_trial_state_values(ss.trial_id(first.number), TrialState.RUNNING) is False
+    ss.storage.set_trial_state_values(ss.trial_id(first.number), TrialState.COMPLETE, [0.5])
+    with pytest.raises(UpdateFinishedTrialError):
+        ss.storage.set_trial_state_values(ss.trial_id(first.number), TrialState.RUNNING)
 
 
 def test_interrupted_points_are_enqueued_again_failed_ones_only_on_request(tmp_path):
