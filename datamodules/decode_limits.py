@@ -142,17 +142,27 @@ def jpeg_problem(data: bytes) -> str | None:
 
 
 def _tiff_tag(img: Any, tag: int) -> int | None:
+    """A tile or strip size tag as an int, or None when absent. Raises ValueError when a damaged header gives
+    it another type (the fuzzer found RowsPerStrip as the bytes b' ')."""
     value = img.tag_v2.get(tag)
     if isinstance(value, tuple):
         value = value[0] if value else None
-    return int(value) if value is not None else None
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"TIFF tag {tag} holds {value!r}, not a whole number") from None
 
 
 def tiff_problem(img: Any, max_pixels: int) -> str | None:
     """A reason to refuse an opened (not yet loaded) PIL TIFF whose tiles or strips cost more than the image
     may (libtiff allocates one whole tile or strip per read, whatever the image's own size), or None."""
     width, height = img.size
-    tile_w, tile_h = _tiff_tag(img, 322), _tiff_tag(img, 323)  # TileWidth, TileLength
+    try:  # TileWidth, TileLength, RowsPerStrip
+        tile_w, tile_h, strip_rows = (_tiff_tag(img, t) for t in (322, 323, 278))
+    except ValueError as e:
+        return f"damaged TIFF header ({e}): re-save the TIFF"
     if tile_w is not None or tile_h is not None:
         tw, th = max(tile_w or 1, 1), max(tile_h or 1, 1)
         grid = -(-width // tw) * tw * (-(-height // th) * th)
@@ -160,7 +170,7 @@ def tiff_problem(img: Any, max_pixels: int) -> str | None:
             return (f"TIFF tiles of {tw}x{th} pixels for a {width}x{height} image cover {grid:,} pixels, over the "
                     f"limit of {max_pixels:,}: re-save the TIFF with tiles of at most the image's size")
         return None
-    rows = min(_tiff_tag(img, 278) or height, height)  # RowsPerStrip, clamped to the image as libtiff does
+    rows = min(strip_rows or height, height)  # clamped to the image as libtiff does
     if rows * width > max_pixels:
         return f"TIFF strips of {width}x{rows} pixels, over the limit of {max_pixels:,}"
     return None

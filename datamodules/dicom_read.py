@@ -271,6 +271,13 @@ def _has_decoder(syntax) -> bool:
     return True
 
 
+def _is_panic(e: BaseException) -> bool:
+    """pylibjpeg-rle is Rust: on some corrupt RLE segments it panics (the heavy fuzz found an index out of
+    bounds), and pyo3 raises `pyo3_runtime.PanicException`, a BaseException so that `except Exception` does
+    not swallow it. That module exists only once a pyo3 extension is loaded, hence the name test."""
+    return type(e).__name__ == "PanicException" and type(e).__module__ == "pyo3_runtime"
+
+
 def decode_frame(ds, index: int | None):
     """Stored values of one frame (or the only one), decoded by the plugin the transfer syntax needs.
 
@@ -292,7 +299,9 @@ def decode_frame(ds, index: int | None):
     try:
         ds.pixel_array_options(index=index, decoding_plugin=plugin)
         return ds.pixel_array
-    except Exception as e:  # pydicom raises RuntimeError/NotImplementedError/ValueError/AttributeError by plugin
+    except BaseException as e:  # pydicom raises RuntimeError/NotImplementedError/ValueError/AttributeError by plugin
+        if not isinstance(e, Exception) and not _is_panic(e):
+            raise  # KeyboardInterrupt, SystemExit
         if not installed:
             raise DicomDecodeError(f"compressed DICOM ({syntax.name}) needs a decoder that is not installed: "
                                    f"pip install {package}") from None

@@ -4,6 +4,7 @@ decoder spends memory or time on them, in the data layer and as a training folde
 from __future__ import annotations
 
 import io
+import struct
 import time
 import zlib
 
@@ -104,6 +105,29 @@ def test_an_ordinary_progressive_jpeg_and_tiled_tiff_still_decode():
     assert decode(buf.getvalue()).shape == (200, 300, 3)
     tiled = hostile.tiff_tile_bomb(100, 100, tile=256)  # one 256 x 256 tile around a 100 x 100 image
     assert decode(tiled, 1).shape == (100, 100, 1)
+
+
+def test_a_tiff_whose_strip_size_is_not_a_number_is_refused_not_a_crash():
+    """Found by the heavy fuzz: a damaged RowsPerStrip reached `int()` and raised ValueError, not ImageDecodeError."""
+    buf = io.BytesIO()
+    Image.new("L", (24, 16)).save(buf, "TIFF")
+    data = bytearray(buf.getvalue())
+    ifd = struct.unpack("<I", data[4:8])[0]
+    for at in range(ifd + 2, ifd + 2 + 12 * struct.unpack("<H", data[ifd : ifd + 2])[0], 12):
+        if struct.unpack("<H", data[at : at + 2])[0] == 278:  # RowsPerStrip, rewritten as the FLOAT NaN
+            data[at + 2 : at + 12] = struct.pack("<HI4s", 11, 1, struct.pack("<f", float("nan")))
+    with pytest.raises(ImageDecodeError, match="TIFF tag 278 holds nan, not a whole number"):
+        decode(bytes(data), 1)
+
+
+def test_an_rle_frame_that_panics_its_rust_decoder_is_a_bad_image():
+    """Found by the heavy fuzz: Rows 1 on a 16-row RLE frame makes pylibjpeg-rle panic (pyo3's PanicException
+    is a BaseException, which `except Exception` let through the data layer and the server)."""
+    data = bytearray(hostile.rle_dicom(16, 24, 1, 16))
+    at = data.find(b"\x28\x00\x10\x00US\x02\x00") + 8  # (0028,0010) Rows, explicit VR US, 2 bytes
+    data[at : at + 2] = (1).to_bytes(2, "little")
+    with pytest.raises(ImageDecodeError, match="RLE Lossless pixel data cannot be decoded .*index out of bounds"):
+        decode(bytes(data), 1)
 
 
 def test_a_jpeg_with_one_scan_too_many_is_refused():
