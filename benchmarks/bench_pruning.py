@@ -57,7 +57,8 @@ def sweep_config(tmp: Path, variant: str, seed: int, args) -> dict:
                                 **args.model},
                       "run": {"early_stopping_patience": None}},
         "stage1": stage1, "cv": cv, "seed": seed,
-        "stage2": {"optimizers": ["adam"], "losses": ["ce"], "overrides": {"lr": 0.002}},  # = stage 1's: reused
+        # Stage 2 sets the optimizer with its default lr: carry stage 1's, so its one pair is stage 1's config, reused
+        "stage2": {"optimizers": ["adam"], "losses": ["ce"], "overrides": {"lr": stage1["defaults"]["lr"]}},
         "selection": {"rule": "metric", "metric": "val/loss", "direction": "minimize"},
         "pruner": keys.get("pruner", "none"), "test_winner": False, "wandb": "disabled",
     }
